@@ -1,0 +1,385 @@
+//! The tinyvmm virtual machine monitor: one VM with its vCPUs, guest RAM, legacy devices
+//! and event loop, booted through the Linux 64-bit boot protocol.
+//!
+//! [`Vmm::new`] builds the VM (KVM VM with in-kernel irqchip and PIT, guest RAM, kernel,
+//! initrd, boot parameters, configured vCPUs, devices on the port bus); [`Vmm::run`] starts
+//! the vCPU threads and runs the event loop (serial input, signals, exit requests) until
+//! the guest resets, a signal or the API asks to stop, or a vCPU hits an exit the VMM
+//! cannot handle; it returns the [`ExitReason`], from which the process exit status comes.
+
+#![warn(missing_docs)]
+
+pub mod boot;
+pub mod memory;
+mod signals;
+pub mod vcpu;
+pub mod x86_64;
+
+use std::io::Write;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use tinyvmm_devices::bus::Sink;
+use tinyvmm_devices::cmos::{Cmos, CMOS_BASE, CMOS_LEN};
+use tinyvmm_devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
+use tinyvmm_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
+use tinyvmm_devices::serial::{SerialDevice, SerialInput, COM1_BASE, COM1_IRQ, UART_LEN};
+use tinyvmm_devices::PioBus;
+use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use boot::{BootInfo, BootSpec, KernelFormat, KernelSource};
+pub use memory::MemoryPolicy;
+pub use tinyvmm_devices::serial::Stdout as SerialStdout;
+pub use tinyvmm_devices::{ExitReason, ExitSignal};
+
+use x86_64::cpuid::{filter_cpuid, CpuidContext};
+use x86_64::layout::KVM_TSS_ADDRESS;
+
+/// The default kernel command line.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodules i8042.noaux i8042.nomux i8042.nopnp i8042.dumbkbd";
+/// The most vCPUs a VM may have.
+pub const MAX_VCPUS: u8 = x86_64::mptable::MAX_SUPPORTED_CPUS;
+
+/// What to build.
+pub struct VmConfig {
+    /// Kernel, initrd, command line.
+    pub boot: BootSpec,
+    /// Guest RAM in bytes.
+    pub mem_size: u64,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// How guest RAM is offered for merging.
+    pub memory_policy: MemoryPolicy,
+    /// Track guest writes with KVM's dirty log on every RAM slot.
+    pub dirty_log: bool,
+    /// Where guest serial output goes.
+    pub serial_out: Box<dyn Write + Send>,
+    /// Where guest serial input comes from (a pollable fd), if anywhere.
+    pub serial_in: Option<std::os::fd::RawFd>,
+}
+
+impl std::fmt::Debug for VmConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmConfig")
+            .field("boot", &self.boot)
+            .field("mem_size", &self.mem_size)
+            .field("vcpus", &self.vcpus)
+            .field("memory_policy", &self.memory_policy)
+            .field("dirty_log", &self.dirty_log)
+            .finish()
+    }
+}
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// `/dev/kvm` is missing or unusable.
+    #[error("cannot open /dev/kvm: {0} (is KVM available and are you allowed to use it?)")]
+    Kvm(kvm_ioctls::Error),
+    /// A KVM ioctl failed.
+    #[error("{what} failed: {source}")]
+    KvmIoctl {
+        /// The operation.
+        what: &'static str,
+        /// The error from KVM.
+        source: kvm_ioctls::Error,
+    },
+    /// A bad vCPU count.
+    #[error("invalid vCPU count {0}: must be 1 to {MAX_VCPUS}")]
+    VcpuCount(u8),
+    /// Guest RAM could not be created.
+    #[error(transparent)]
+    Memory(#[from] memory::MemoryError),
+    /// Loading the kernel failed.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// Setting up vCPU registers failed.
+    #[error("vCPU setup: {0}")]
+    Regs(#[from] x86_64::regs::RegsError),
+    /// Writing the MP table failed.
+    #[error(transparent)]
+    Mptable(#[from] x86_64::mptable::MptableError),
+    /// A host resource (eventfd, thread, epoll, signal) failed.
+    #[error("{what}: {source}")]
+    Host {
+        /// The operation.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Devices could not be placed on the bus.
+    #[error("device setup: {0}")]
+    Bus(#[from] tinyvmm_devices::bus::BusError),
+}
+
+fn host(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
+    move |source| VmmError::Host { what, source }
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::KvmIoctl { what, source }
+}
+
+/// One guest RAM slot as KVM sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct RamSlot {
+    /// KVM memory slot number.
+    pub slot: u32,
+    /// Guest-physical start.
+    pub gpa: u64,
+    /// Host virtual address of the start.
+    pub hva: u64,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+/// A subscriber the caller adds to the VMM's event loop (API socket, merge agent, ...).
+pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// A built, not yet running, VM.
+pub struct Vmm {
+    vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    slots: Vec<RamSlot>,
+    vcpus: Vec<VcpuFd>,
+    bus: Arc<PioBus>,
+    exit: ExitSignal,
+    serial_input: Option<SerialInput>,
+    boot: BootInfo,
+    created: Instant,
+    // Keeps /dev/kvm open for the VM's lifetime.
+    _kvm: Kvm,
+}
+
+impl std::fmt::Debug for Vmm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vmm")
+            .field("slots", &self.slots)
+            .field("vcpus", &self.vcpus.len())
+            .field("boot", &self.boot)
+            .finish()
+    }
+}
+
+impl Vmm {
+    /// Builds the VM described by `cfg`: nothing runs until [`Vmm::run`].
+    pub fn new(cfg: VmConfig) -> Result<Self, VmmError> {
+        let created = Instant::now();
+        if cfg.vcpus == 0 || cfg.vcpus > MAX_VCPUS {
+            return Err(VmmError::VcpuCount(cfg.vcpus));
+        }
+        memory::validate_size(cfg.mem_size)?;
+        let kvm = Kvm::new().map_err(VmmError::Kvm)?;
+        let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+        vm.set_tss_address(KVM_TSS_ADDRESS as usize)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        let pit = kvm_pit_config {
+            flags: KVM_PIT_SPEAKER_DUMMY,
+            ..Default::default()
+        };
+        vm.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+
+        let mem = memory::create_guest_memory(cfg.mem_size, cfg.memory_policy)?;
+        let mut slots = Vec::new();
+        for (i, region) in mem.iter().enumerate() {
+            let slot = RamSlot {
+                slot: i as u32,
+                gpa: region.start_addr().raw_value(),
+                hva: region.as_ptr() as u64,
+                len: region.len(),
+            };
+            let flags = if cfg.dirty_log {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            };
+            let kvm_region = kvm_userspace_memory_region {
+                slot: slot.slot,
+                flags,
+                guest_phys_addr: slot.gpa,
+                memory_size: slot.len,
+                userspace_addr: slot.hva,
+            };
+            // SAFETY: the region is a live mapping owned by `mem`, which `Vmm` keeps for as
+            // long as the VM exists; slots do not overlap.
+            unsafe { vm.set_user_memory_region(kvm_region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            slots.push(slot);
+        }
+
+        let boot = boot::load(&mem, &cfg.boot)?;
+        tracing::info!(
+            format = ?boot.format,
+            entry = format_args!("{:#x}", boot.entry),
+            kernel_end = format_args!("{:#x}", boot.kernel_end),
+            initrd = ?boot.initrd,
+            "kernel {} loaded", cfg.boot.kernel
+        );
+        x86_64::regs::write_boot_tables(&mem)?;
+        x86_64::mptable::setup_mptable(&mem, cfg.vcpus)?;
+
+        // Devices.
+        let exit = ExitSignal::new().map_err(host("exit eventfd"))?;
+        let mut bus = PioBus::new();
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host("serial irq eventfd"))?;
+        vm.register_irqfd(&serial_irq, COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (serial)"))?;
+        let (serial, buffer_empty) =
+            SerialDevice::new(serial_irq, cfg.serial_out).map_err(host("serial device"))?;
+        let serial = Arc::new(Mutex::new(serial));
+        bus.insert(serial.clone(), COM1_BASE, UART_LEN)?;
+        bus.insert(
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            I8042_BASE,
+            I8042_LEN,
+        )?;
+        bus.insert(Arc::new(Mutex::new(Cmos::new())), CMOS_BASE, CMOS_LEN)?;
+        bus.insert(
+            Arc::new(Mutex::new(DebugExit::new(exit.clone()))),
+            DEBUG_EXIT_PORT,
+            1,
+        )?;
+        // POST code port: Linux writes it as an I/O delay.
+        bus.insert(Arc::new(Mutex::new(Sink)), 0x80, 1)?;
+        let serial_input = cfg
+            .serial_in
+            .map(|fd| SerialInput::new(serial, fd, buffer_empty));
+
+        // vCPUs.
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        let mut vcpus = Vec::new();
+        for index in 0..cfg.vcpus {
+            let fd = vm
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let cpuid = filter_cpuid(
+                &supported,
+                CpuidContext {
+                    cpu_index: index,
+                    cpu_count: cfg.vcpus,
+                    tsc_khz: fd.get_tsc_khz().ok(),
+                },
+            );
+            fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+            x86_64::regs::setup_msrs(&fd)?;
+            x86_64::regs::setup_regs(&fd, boot.entry)?;
+            x86_64::regs::setup_fpu(&fd)?;
+            x86_64::regs::setup_sregs(&fd)?;
+            x86_64::regs::setup_lint(&fd)?;
+            vcpus.push(fd);
+        }
+        tracing::debug!(
+            elapsed_us = created.elapsed().as_micros() as u64,
+            "VM built"
+        );
+
+        Ok(Self {
+            vm: Arc::new(vm),
+            mem,
+            slots,
+            vcpus,
+            bus: Arc::new(bus),
+            exit,
+            serial_input,
+            boot,
+            created,
+            _kvm: kvm,
+        })
+    }
+
+    /// Guest RAM.
+    pub fn guest_memory(&self) -> &GuestMemoryMmap {
+        &self.mem
+    }
+
+    /// The RAM slots registered with KVM.
+    pub fn ram_slots(&self) -> &[RamSlot] {
+        &self.slots
+    }
+
+    /// The KVM VM.
+    pub fn vm_fd(&self) -> Arc<VmFd> {
+        self.vm.clone()
+    }
+
+    /// Where the kernel went.
+    pub fn boot_info(&self) -> &BootInfo {
+        &self.boot
+    }
+
+    /// A handle that stops the VM when an exit is requested on it.
+    pub fn exit_signal(&self) -> ExitSignal {
+        self.exit.clone()
+    }
+
+    /// Total guest RAM in bytes.
+    pub fn mem_size(&self) -> u64 {
+        self.mem.iter().map(|r| r.len()).sum()
+    }
+
+    /// Starts the vCPUs and runs the event loop, with `extra` subscribers, until the VM
+    /// stops. SIGINT, SIGTERM and SIGHUP stop it cleanly.
+    pub fn run(self, extra: Vec<Subscriber>) -> Result<ExitReason, VmmError> {
+        let signals = signals::SignalWatcher::new(self.exit.clone()).map_err(host("signalfd"))?;
+        vcpu::install_kick_handler().map_err(host("vCPU kick signal handler"))?;
+        let mut em = EventManager::<Subscriber>::new().map_err(|e| VmmError::Host {
+            what: "event manager",
+            source: std::io::Error::other(format!("{e:?}")),
+        })?;
+        em.add_subscriber(Arc::new(Mutex::new(signals)));
+        em.add_subscriber(Arc::new(Mutex::new(signals::ExitWatcher::new(
+            self.exit.clone(),
+        ))));
+        if let Some(input) = self.serial_input {
+            em.add_subscriber(Arc::new(Mutex::new(input)));
+        }
+        for s in extra {
+            em.add_subscriber(s);
+        }
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for (index, fd) in self.vcpus.into_iter().enumerate() {
+            let vcpu = vcpu::Vcpu::new(
+                fd,
+                index as u8,
+                self.bus.clone(),
+                self.exit.clone(),
+                stop.clone(),
+            );
+            let t = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || vcpu.run())
+                .map_err(host("spawn vCPU thread"))?;
+            threads.push(t);
+        }
+        tracing::info!(
+            setup_ms = format_args!("{:.2}", self.created.elapsed().as_secs_f64() * 1e3),
+            "guest started"
+        );
+
+        let reason = loop {
+            if let Some(r) = self.exit.reason() {
+                break r;
+            }
+            if let Err(e) = em.run_with_timeout(1000) {
+                tracing::warn!("event loop: {e:?}");
+            }
+        };
+        vcpu::stop_vcpus(&stop, threads, Duration::from_secs(2));
+        let _ = std::io::stdout().flush();
+        Ok(reason)
+    }
+}

@@ -1,0 +1,7 @@
+//! x86_64 specifics: memory layout, boot-time registers, CPUID, MSRs, LAPIC, MP table.
+
+pub mod cpuid;
+pub mod gdt;
+pub mod layout;
+pub mod mptable;
+pub mod regs;
