@@ -1,5 +1,6 @@
 //! `tinyvmm`: the command-line front end.
 
+mod daemon;
 mod size;
 
 use std::path::PathBuf;
@@ -28,6 +29,24 @@ enum Command {
     Run(RunArgs),
     /// Write the built-in test guest kernel to a file.
     GuestImage(GuestImageArgs),
+    /// Run the merge daemon (the user-space ksmd) in the foreground.
+    Merged(MergedArgs),
+}
+
+#[derive(Args, Debug)]
+struct MergedArgs {
+    /// Socket that VM processes register on.
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Pages visited per wake-up, across all guests.
+    #[arg(long)]
+    pages_to_scan: Option<u32>,
+    /// Sleep between wake-ups, ms.
+    #[arg(long)]
+    sleep_ms: Option<u32>,
+    /// 0 stop, 1 run (default).
+    #[arg(long)]
+    run: Option<u8>,
 }
 
 #[derive(Args, Debug)]
@@ -52,6 +71,19 @@ struct RunArgs {
     /// daemon, `--share-memory=kernel` marks it MADV_MERGEABLE for the host's ksmd.
     #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "tinyvmm", require_equals = true)]
     share_memory: Option<ShareMode>,
+    /// The merge daemon's socket (default: the run directory's merged.sock).
+    #[arg(long)]
+    merge_socket: Option<PathBuf>,
+    /// Share group (merge domain): guests in different groups never share a frame.
+    #[arg(long, default_value = "default")]
+    share_group: String,
+    /// Mappings (VMAs) merged runs may use in this process (default: what vm.max_map_count
+    /// leaves).
+    #[arg(long)]
+    vma_budget: Option<u32>,
+    /// Do not start a merge daemon when none is running.
+    #[arg(long)]
+    no_daemon_autostart: bool,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -112,11 +144,10 @@ fn run(args: RunArgs) -> ExitCode {
     let policy = match args.share_memory {
         None => MemoryPolicy::Private,
         Some(ShareMode::Kernel) => MemoryPolicy::KernelMergeable,
-        Some(ShareMode::Tinyvmm) => {
-            eprintln!("tinyvmm: error: --share-memory (the tinyvmm merge daemon) is not available in this build yet; use --share-memory=kernel");
-            return ExitCode::from(2);
-        }
+        Some(ShareMode::Tinyvmm) => MemoryPolicy::Shareable,
     };
+    let share = args.share_memory == Some(ShareMode::Tinyvmm);
+    let kernel_name = args.kernel.clone();
     let cfg = VmConfig {
         boot: BootSpec {
             kernel: kernel_source(&args.kernel),
@@ -126,7 +157,7 @@ fn run(args: RunArgs) -> ExitCode {
         mem_size: args.mem,
         vcpus: args.vcpus,
         memory_policy: policy,
-        dirty_log: false,
+        dirty_log: share,
         serial_out: Box::new(tinyvmm_vmm::SerialStdout),
         serial_in: Some(libc::STDIN_FILENO),
     };
@@ -137,6 +168,33 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    if share {
+        let agent = tinyvmm_vmm::share::AgentConfig {
+            socket: args
+                .merge_socket
+                .clone()
+                .unwrap_or_else(daemon::default_merge_socket),
+            share_group: args.share_group.clone(),
+            name: kernel_name,
+            vma_budget: args.vma_budget,
+            autostart: if args.no_daemon_autostart {
+                None
+            } else {
+                std::env::current_exe().ok()
+            },
+        };
+        let ram = match tinyvmm_vmm::share::SharedRam::new(vmm.ram_ranges()) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("tinyvmm: error: cannot enrol guest memory for merging: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        if let Err(e) = tinyvmm_vmm::share::spawn_agent(agent, ram, Some(vmm.dirty_source())) {
+            eprintln!("tinyvmm: error: cannot start the merge agent: {e}");
+            return ExitCode::from(1);
+        }
+    }
     match vmm.run(Vec::new()) {
         Ok(reason) => {
             match &reason {
@@ -173,11 +231,59 @@ fn guest_image(args: GuestImageArgs) -> ExitCode {
     }
 }
 
+fn merged(args: MergedArgs) -> ExitCode {
+    let mut knobs = tinyvmm_merge::Knobs::default();
+    let upd = tinyvmm_merge::KnobsUpdate {
+        pages_to_scan: args.pages_to_scan,
+        sleep_millisecs: args.sleep_ms,
+        run: match args.run.map(tinyvmm_merge::RunMode::try_from) {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(e)) => {
+                eprintln!("tinyvmm: error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+        ..Default::default()
+    };
+    knobs = match knobs.updated(&upd) {
+        Ok(k) => k,
+        Err(e) => {
+            eprintln!("tinyvmm: error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cfg = daemon::DaemonConfig {
+        socket: args.socket.unwrap_or_else(daemon::default_merge_socket),
+        knobs,
+    };
+    let d = match daemon::Daemon::bind(cfg) {
+        Ok(d) => d,
+        Err(e @ daemon::DaemonError::AlreadyRunning(_)) => {
+            eprintln!("tinyvmm: {e}");
+            return ExitCode::from(0);
+        }
+        Err(e) => {
+            eprintln!("tinyvmm: error: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let stop = daemon::termination_flag();
+    match d.run(&|| stop.load(std::sync::atomic::Ordering::Relaxed)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tinyvmm: error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     match cli.command {
         Command::Run(args) => run(args),
         Command::GuestImage(args) => guest_image(args),
+        Command::Merged(args) => merged(args),
     }
 }

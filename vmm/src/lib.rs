@@ -12,6 +12,7 @@
 pub mod boot;
 pub mod memory;
 mod signals;
+pub mod share;
 pub mod vcpu;
 pub mod x86_64;
 
@@ -143,6 +144,25 @@ pub struct RamSlot {
 
 /// A subscriber the caller adds to the VMM's event loop (API socket, merge agent, ...).
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+/// KVM's dirty log over the VM's RAM slots.
+struct KvmDirtyLog {
+    vm: Arc<VmFd>,
+    slots: Vec<(RamSlot, u64)>,
+}
+
+impl share::DirtySource for KvmDirtyLog {
+    fn collect(&mut self, into: &mut share::bitmap::Bitmap) -> std::io::Result<()> {
+        for (slot, first) in &self.slots {
+            let bits = self
+                .vm
+                .get_dirty_log(slot.slot, slot.len as usize)
+                .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+            into.or_bits(*first, &bits);
+        }
+        Ok(())
+    }
+}
 
 /// A built, not yet running, VM.
 pub struct Vmm {
@@ -322,6 +342,36 @@ impl Vmm {
     /// A handle that stops the VM when an exit is requested on it.
     pub fn exit_signal(&self) -> ExitSignal {
         self.exit.clone()
+    }
+
+    /// The KVM dirty log of every RAM slot, in page-index order (slot 0's pages first),
+    /// as a source for the merge agent. Needs `dirty_log` in the config.
+    pub fn dirty_source(&self) -> Box<dyn share::DirtySource> {
+        let mut first = 0;
+        let slots = self
+            .slots
+            .iter()
+            .map(|s| {
+                let f = first;
+                first += s.len / 4096;
+                (*s, f)
+            })
+            .collect();
+        Box::new(KvmDirtyLog {
+            vm: self.vm.clone(),
+            slots,
+        })
+    }
+
+    /// Guest RAM as ranges for the merge agent, in the same page-index order.
+    pub fn ram_ranges(&self) -> Vec<share::RamRange> {
+        self.slots
+            .iter()
+            .map(|s| share::RamRange {
+                hva: s.hva,
+                len: s.len,
+            })
+            .collect()
     }
 
     /// Total guest RAM in bytes.

@@ -1,0 +1,261 @@
+//! The daemon's side of `MergeHost`: each call is a request/reply round trip to one
+//! guest's agent over its Unix socket; pool operations act on the domain's memfd.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use tinyvmm_merge::host::{
+    DomainId, FrameId, Gfn, GuestId, HostError, MergeHost, MergeOp, MergeResult, PageDigest,
+    PageRun, UnmergeOutcome, ZeroOutcome, PAGE_SIZE,
+};
+use tinyvmm_merge::protocol::{self, AgentMsg, AgentStats, DaemonMsg, Hello, Reply, Request};
+
+/// How long an agent may take to answer one request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Virtual size of each pool file (sparse: only populated frames use memory).
+pub const POOL_LEN: u64 = 256 << 30;
+
+/// One registered guest's connection.
+#[derive(Debug)]
+pub struct Conn {
+    pub stream: UnixStream,
+    pub hello: Hello,
+    pub domain: DomainId,
+}
+
+/// A merge domain's pool of frames: a memfd.
+#[derive(Debug)]
+pub struct Pool {
+    pub file: File,
+    pub name: String,
+}
+
+impl Pool {
+    pub fn create(name: &str) -> std::io::Result<Self> {
+        let cname = std::ffi::CString::new(format!("tinyvmm-pool-{name}"))
+            .map_err(|_| std::io::Error::other("share group name contains NUL"))?;
+        // SAFETY: a valid C string; memfd_create has no other preconditions.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` is a new descriptor owned by nothing else.
+        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        file.set_len(POOL_LEN)?;
+        Ok(Self {
+            file,
+            name: name.to_string(),
+        })
+    }
+
+    /// Bytes of frames resident in the pool.
+    pub fn resident_bytes(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.file.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+
+    fn punch(&self, frames: &[FrameId]) -> std::io::Result<()> {
+        let mut sorted = frames.to_vec();
+        sorted.sort_unstable();
+        let mut i = 0;
+        while i < sorted.len() {
+            let mut n = 1;
+            while i + n < sorted.len() && sorted[i + n] == sorted[i] + n as u32 {
+                n += 1;
+            }
+            // SAFETY: fallocate on our own memfd; the range is inside the file.
+            let rc = unsafe {
+                libc::fallocate(
+                    self.file.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    i64::from(sorted[i]) * PAGE_SIZE as i64,
+                    n as i64 * PAGE_SIZE as i64,
+                )
+            };
+            if rc != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            i += n;
+        }
+        Ok(())
+    }
+}
+
+/// All guests and pools: the engine's host.
+#[derive(Debug, Default)]
+pub struct Fleet {
+    pub conns: HashMap<GuestId, Conn>,
+    pub pools: HashMap<DomainId, Pool>,
+    pub domains: HashMap<String, DomainId>,
+    next_request: u64,
+    /// Guests whose connection failed during a call; the daemon removes them after the
+    /// round.
+    pub dead: Vec<GuestId>,
+    /// Latest statistics per agent.
+    pub agent_stats: HashMap<GuestId, AgentStats>,
+}
+
+impl Fleet {
+    /// The domain of a share group, created (with its pool) on first use.
+    pub fn domain(&mut self, group: &str) -> std::io::Result<DomainId> {
+        if let Some(d) = self.domains.get(group) {
+            return Ok(*d);
+        }
+        let id = DomainId(self.domains.len() as u32);
+        self.pools.insert(id, Pool::create(group)?);
+        self.domains.insert(group.to_string(), id);
+        Ok(id)
+    }
+
+    /// Sends `request` to `guest` and returns its reply.
+    pub fn call(&mut self, guest: GuestId, request: Request) -> Result<Reply, HostError> {
+        let id = self.next_request;
+        self.next_request += 1;
+        let conn = self
+            .conns
+            .get_mut(&guest)
+            .ok_or(HostError::GuestGone { guest })?;
+        let gone = |dead: &mut Vec<GuestId>, e: &dyn std::fmt::Display| {
+            tracing::warn!(guest = guest.0, "agent connection failed: {e}");
+            dead.push(guest);
+            HostError::GuestGone { guest }
+        };
+        if let Err(e) = protocol::send(&mut conn.stream, &DaemonMsg::Request { id, request }, None)
+        {
+            return Err(gone(&mut self.dead, &e));
+        }
+        match protocol::recv::<AgentMsg>(&mut conn.stream) {
+            Ok((AgentMsg::Reply { id: rid, reply }, None)) if rid == id => match reply {
+                Reply::Error(e) => {
+                    tracing::warn!(guest = guest.0, "agent could not do the work: {e}");
+                    self.dead.push(guest);
+                    Err(HostError::Protocol { guest, reason: e })
+                }
+                r => Ok(r),
+            },
+            Ok((other, _)) => {
+                tracing::warn!(guest = guest.0, "agent answered out of turn: {other:?}");
+                self.dead.push(guest);
+                Err(HostError::Protocol {
+                    guest,
+                    reason: "unexpected message".into(),
+                })
+            }
+            Err(e) => Err(gone(&mut self.dead, &e)),
+        }
+    }
+
+    fn mismatch(&mut self, guest: GuestId, what: &str) -> HostError {
+        tracing::warn!(guest = guest.0, "agent protocol error: {what}");
+        self.dead.push(guest);
+        HostError::Protocol {
+            guest,
+            reason: what.to_string(),
+        }
+    }
+
+    /// Asks an agent for its statistics.
+    pub fn refresh_stats(&mut self, guest: GuestId) {
+        if let Ok(Reply::Stats(s)) = self.call(guest, Request::Stats) {
+            self.agent_stats.insert(guest, s);
+        }
+    }
+}
+
+impl MergeHost for Fleet {
+    fn digest(
+        &mut self,
+        guest: GuestId,
+        runs: &[PageRun],
+        out: &mut Vec<PageDigest>,
+    ) -> Result<(), HostError> {
+        out.clear();
+        let want: u64 = runs.iter().map(|r| u64::from(r.len)).sum();
+        match self.call(guest, Request::Digest(runs.to_vec()))? {
+            Reply::Digests(d) if d.len() as u64 == want => {
+                *out = d;
+                Ok(())
+            }
+            _ => Err(self.mismatch(guest, "digest reply does not match the request")),
+        }
+    }
+
+    fn digest_dirty(
+        &mut self,
+        guest: GuestId,
+        max: u32,
+        out: &mut Vec<(Gfn, PageDigest)>,
+    ) -> Result<bool, HostError> {
+        out.clear();
+        match self.call(guest, Request::DigestDirty(max))? {
+            Reply::DirtyDigests(d, more) if d.len() <= max as usize => {
+                *out = d;
+                Ok(more)
+            }
+            _ => Err(self.mismatch(guest, "dirty digest reply does not match the request")),
+        }
+    }
+
+    fn merge(
+        &mut self,
+        guest: GuestId,
+        ops: &[MergeOp],
+        out: &mut Vec<MergeResult>,
+    ) -> Result<(), HostError> {
+        out.clear();
+        let want: u64 = ops.iter().map(|o| u64::from(o.len)).sum();
+        match self.call(guest, Request::Merge(ops.to_vec()))? {
+            Reply::Merged(r) if r.len() as u64 == want => {
+                *out = r;
+                Ok(())
+            }
+            _ => Err(self.mismatch(guest, "merge reply does not match the request")),
+        }
+    }
+
+    fn reclaim_zero(
+        &mut self,
+        guest: GuestId,
+        gfns: &[Gfn],
+        out: &mut Vec<ZeroOutcome>,
+    ) -> Result<(), HostError> {
+        out.clear();
+        match self.call(guest, Request::ReclaimZero(gfns.to_vec()))? {
+            Reply::Zero(r) if r.len() == gfns.len() => {
+                *out = r;
+                Ok(())
+            }
+            _ => Err(self.mismatch(guest, "zero reply does not match the request")),
+        }
+    }
+
+    fn unmerge(
+        &mut self,
+        guest: GuestId,
+        gfns: &[Gfn],
+        out: &mut Vec<UnmergeOutcome>,
+    ) -> Result<(), HostError> {
+        out.clear();
+        match self.call(guest, Request::Unmerge(gfns.to_vec()))? {
+            Reply::Unmerged(r) if r.len() == gfns.len() => {
+                *out = r;
+                Ok(())
+            }
+            _ => Err(self.mismatch(guest, "unmerge reply does not match the request")),
+        }
+    }
+
+    fn free_frames(&mut self, domain: DomainId, frames: &[FrameId]) -> Result<(), HostError> {
+        let pool = self.pools.get(&domain).ok_or_else(|| HostError::Pool {
+            domain,
+            reason: "no such pool".into(),
+        })?;
+        pool.punch(frames).map_err(|e| HostError::Pool {
+            domain,
+            reason: e.to_string(),
+        })
+    }
+}

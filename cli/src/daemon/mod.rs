@@ -1,0 +1,460 @@
+//! `tinyvmm merged`: the merge daemon (the user-space ksmd).
+//!
+//! Threads:
+//! - the **scanner** (the caller's thread) owns the [`Engine`] and the [`Fleet`] of agent
+//!   connections; it wakes every `sleep_millisecs` for one round, and between rounds
+//!   applies commands from the channel: new registrations, and typed requests from the
+//!   control API. Nothing else touches engine state.
+//! - the **acceptor** reads each new connection's `Hello` (with a deadline), validates
+//!   it, and hands the connection to the scanner.
+//! - the control API (REST over a Unix socket) runs on its own thread and talks to the
+//!   scanner through [`Control`].
+//!
+//! One daemon per run directory: it holds an exclusive `flock` on `merged.lock` for its
+//! lifetime, so racing starts (two guests starting at once) leave exactly one daemon.
+
+mod fleet;
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use tinyvmm_merge::host::GuestId;
+use tinyvmm_merge::protocol::{self, AgentMsg, DaemonMsg, Hello, PROTOCOL_VERSION};
+use tinyvmm_merge::{Counters, Engine, GuestCounters, GuestSpec, Knobs, KnobsUpdate};
+
+pub use fleet::POOL_LEN;
+use fleet::{Conn, Fleet};
+
+/// Largest guest the daemon registers (pages of 4 KiB: 4 TiB).
+const MAX_GUEST_PAGES: u64 = 1 << 30;
+/// How long a new connection has to say hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The directory holding the daemon's sockets and lock: `$TINYVMM_RUN_DIR`, else
+/// `/run/tinyvmm` for root, else `$XDG_RUNTIME_DIR/tinyvmm`, else `/tmp/tinyvmm-$UID`.
+pub fn run_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TINYVMM_RUN_DIR") {
+        return PathBuf::from(d);
+    }
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return PathBuf::from("/run/tinyvmm");
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
+        return PathBuf::from(d).join("tinyvmm");
+    }
+    PathBuf::from(format!("/tmp/tinyvmm-{uid}"))
+}
+
+/// The default socket agents register on.
+pub fn default_merge_socket() -> PathBuf {
+    run_dir().join("merged.sock")
+}
+
+/// Errors starting the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// Another daemon holds the lock.
+    #[error("a merge daemon is already running for {0}")]
+    AlreadyRunning(PathBuf),
+    /// Setting up the run directory, lock or socket failed.
+    #[error("{what} {path}: {source}")]
+    Setup {
+        /// The operation.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Bad knobs on the command line.
+    #[error("invalid settings: {0}")]
+    Knobs(#[from] tinyvmm_merge::KnobError),
+}
+
+/// A snapshot of the daemon's state, for the control API.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// The knobs.
+    pub knobs: Knobs,
+    /// Fleet-wide counters.
+    pub counters: Counters,
+    /// Bytes of frames resident in all pools.
+    pub pool_bytes: u64,
+    /// Per guest.
+    pub guests: Vec<GuestSnapshot>,
+}
+
+/// One guest, for the control API.
+#[derive(Debug, Clone)]
+pub struct GuestSnapshot {
+    /// Engine counters.
+    pub counters: GuestCounters,
+    /// From its registration.
+    pub hello: Hello,
+    /// Its agent's statistics (write-protect stalls, VMAs).
+    pub agent: tinyvmm_merge::protocol::AgentStats,
+}
+
+enum Cmd {
+    Register(Box<UnixStream>, Hello),
+    Snapshot(Sender<Snapshot>),
+    Update(KnobsUpdate, Sender<Result<Snapshot, String>>),
+}
+
+/// A handle to send typed commands to the scanner thread.
+#[derive(Clone)]
+pub struct Control {
+    tx: Sender<Cmd>,
+}
+
+impl Control {
+    /// The current state.
+    pub fn snapshot(&self) -> Option<Snapshot> {
+        let (tx, rx) = mpsc::channel();
+        self.tx.send(Cmd::Snapshot(tx)).ok()?;
+        rx.recv_timeout(Duration::from_secs(30)).ok()
+    }
+
+    /// Applies a knob update atomically; the error says what was refused.
+    pub fn update(&self, upd: KnobsUpdate) -> Result<Snapshot, String> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Cmd::Update(upd, tx))
+            .map_err(|_| "the daemon is stopping".to_string())?;
+        rx.recv_timeout(Duration::from_secs(120))
+            .map_err(|_| "the daemon did not answer".to_string())?
+    }
+}
+
+/// Settings of one daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Where agents register.
+    pub socket: PathBuf,
+    /// Initial knobs.
+    pub knobs: Knobs,
+}
+
+/// A daemon that is set up (lock held, socket bound) but not yet scanning.
+pub struct Daemon {
+    cfg: DaemonConfig,
+    _lock: std::fs::File,
+    listener: UnixListener,
+    rx: Receiver<Cmd>,
+    tx: Sender<Cmd>,
+}
+
+fn setup<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
+    move |source| DaemonError::Setup {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Daemon {
+    /// Takes the lock and binds the socket (mode 0600).
+    pub fn bind(cfg: DaemonConfig) -> Result<Self, DaemonError> {
+        cfg.knobs.validate()?;
+        let dir = cfg
+            .socket
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        std::fs::create_dir_all(&dir).map_err(setup("cannot create", &dir))?;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        let lock_path = cfg.socket.with_extension("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(setup("cannot open", &lock_path))?;
+        // SAFETY: flock on a file we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(DaemonError::AlreadyRunning(cfg.socket.clone()));
+        }
+        // We hold the lock: any socket file left there is stale.
+        let _ = std::fs::remove_file(&cfg.socket);
+        // SAFETY: umask only changes this process's file creation mask.
+        let old = unsafe { libc::umask(0o177) };
+        let listener = UnixListener::bind(&cfg.socket);
+        // SAFETY: as above, restoring it.
+        unsafe { libc::umask(old) };
+        let listener = listener.map_err(setup("cannot bind", &cfg.socket))?;
+        std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(setup("cannot chmod", &cfg.socket))?;
+        let (tx, rx) = mpsc::channel();
+        Ok(Self {
+            cfg,
+            _lock: lock,
+            listener,
+            rx,
+            tx,
+        })
+    }
+
+    /// A handle for the control API.
+    pub fn control(&self) -> Control {
+        Control {
+            tx: self.tx.clone(),
+        }
+    }
+
+    /// Runs until `stop` returns true (checked between rounds).
+    pub fn run(self, stop: &dyn Fn() -> bool) -> Result<(), DaemonError> {
+        let listener = self
+            .listener
+            .try_clone()
+            .map_err(setup("cannot clone", &self.cfg.socket))?;
+        let tx = self.tx.clone();
+        std::thread::Builder::new()
+            .name("merged-accept".into())
+            .spawn(move || accept_loop(listener, tx))
+            .map_err(setup("cannot start acceptor for", &self.cfg.socket))?;
+        let mut engine = Engine::new(self.cfg.knobs)?;
+        let mut fleet = Fleet::default();
+        let mut next_round = Instant::now();
+        let mut rounds: u64 = 0;
+        tracing::info!(socket = %self.cfg.socket.display(), "merge daemon ready");
+        while !stop() {
+            let now = Instant::now();
+            let wait = next_round.saturating_duration_since(now).min(Duration::from_millis(200));
+            match self.rx.recv_timeout(wait) {
+                Ok(cmd) => {
+                    handle(cmd, &mut engine, &mut fleet);
+                    continue;
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() < next_round {
+                continue;
+            }
+            reap(&mut engine, &mut fleet);
+            let start = cpu_time();
+            let report = engine.scan_round(&mut fleet);
+            let cpu = cpu_time().saturating_sub(start);
+            engine.advise(cpu, &report);
+            rounds += 1;
+            if report.pages_visited > 0 || report.merges > 0 || report.splits > 0 {
+                tracing::debug!(round = rounds, ?report, "merge round");
+            }
+            remove_dead(&mut engine, &mut fleet);
+            next_round = Instant::now() + engine.sleep();
+        }
+        Ok(())
+    }
+}
+
+/// CPU time of this thread.
+fn cpu_time() -> Duration {
+    // SAFETY: a zeroed timespec is valid; clock_gettime writes it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer; CLOCK_THREAD_CPUTIME_ID always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+fn snapshot(engine: &Engine, fleet: &mut Fleet) -> Snapshot {
+    let ids: Vec<GuestId> = fleet.conns.keys().copied().collect();
+    for id in ids {
+        fleet.refresh_stats(id);
+    }
+    remove_dead_quietly(fleet);
+    let guests = engine
+        .guests()
+        .into_iter()
+        .filter_map(|c| {
+            let conn = fleet.conns.get(&c.id)?;
+            Some(GuestSnapshot {
+                counters: c,
+                hello: conn.hello.clone(),
+                agent: fleet.agent_stats.get(&c.id).cloned().unwrap_or_default(),
+            })
+        })
+        .collect();
+    Snapshot {
+        knobs: engine.knobs(),
+        counters: engine.counters(),
+        pool_bytes: fleet.pools.values().map(|p| p.resident_bytes()).sum(),
+        guests,
+    }
+}
+
+fn remove_dead_quietly(fleet: &mut Fleet) {
+    // Dead connections found while snapshotting are removed from the engine on the next
+    // round by `remove_dead`; keep them listed until then.
+    fleet.dead.sort_unstable();
+    fleet.dead.dedup();
+}
+
+fn handle(cmd: Cmd, engine: &mut Engine, fleet: &mut Fleet) {
+    match cmd {
+        Cmd::Register(stream, hello) => register(*stream, hello, engine, fleet),
+        Cmd::Snapshot(reply) => {
+            let _ = reply.send(snapshot(engine, fleet));
+        }
+        Cmd::Update(upd, reply) => {
+            let res = engine.set_knobs(upd, fleet).map_err(|e| e.to_string());
+            remove_dead(engine, fleet);
+            let _ = reply.send(res.map(|_| snapshot(engine, fleet)));
+        }
+    }
+}
+
+fn register(mut stream: UnixStream, hello: Hello, engine: &mut Engine, fleet: &mut Fleet) {
+    let refuse = |stream: &mut UnixStream, why: String| {
+        tracing::warn!(pid = hello.pid, "registration refused: {why}");
+        let _ = protocol::send(stream, &DaemonMsg::Refused(why), None);
+    };
+    let domain = match fleet.domain(&hello.share_group) {
+        Ok(d) => d,
+        Err(e) => return refuse(&mut stream, format!("cannot create the pool: {e}")),
+    };
+    let id = GuestId(next_guest_id());
+    let spec = GuestSpec {
+        id,
+        pages: hello.pages,
+        domain,
+        vma_budget: hello.vma_budget.max(1),
+        has_dirty_source: hello.dirty_source,
+    };
+    if let Err(e) = engine.add_guest(spec) {
+        return refuse(&mut stream, e.to_string());
+    }
+    let pool_fd = fleet.pools[&domain].file.as_raw_fd();
+    let welcome = DaemonMsg::Welcome {
+        guest: id.0,
+        pool_len: POOL_LEN,
+    };
+    if let Err(e) = protocol::send(&mut stream, &welcome, Some(pool_fd)) {
+        tracing::warn!(pid = hello.pid, "cannot welcome the agent: {e}");
+        let _ = engine.remove_guest(id, fleet);
+        return;
+    }
+    let _ = stream.set_read_timeout(Some(fleet::REQUEST_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(fleet::REQUEST_TIMEOUT));
+    tracing::info!(
+        guest = id.0,
+        pid = hello.pid,
+        pages = hello.pages,
+        group = %hello.share_group,
+        "guest registered"
+    );
+    fleet.conns.insert(
+        id,
+        Conn {
+            stream,
+            hello,
+            domain,
+        },
+    );
+}
+
+fn next_guest_id() -> u32 {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Finds agents that hung up while idle: agents only speak when asked, so a readable (or
+/// hung-up) socket between requests means the VM process is gone.
+fn reap(engine: &mut Engine, fleet: &mut Fleet) {
+    for (id, conn) in &fleet.conns {
+        let mut pfd = libc::pollfd {
+            fd: conn.stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if n > 0 && pfd.revents != 0 {
+            fleet.dead.push(*id);
+        }
+    }
+    remove_dead(engine, fleet);
+}
+
+fn remove_dead(engine: &mut Engine, fleet: &mut Fleet) {
+    let mut dead = std::mem::take(&mut fleet.dead);
+    dead.sort_unstable();
+    dead.dedup();
+    for id in dead {
+        if let Some(conn) = fleet.conns.remove(&id) {
+            tracing::info!(guest = id.0, pid = conn.hello.pid, "guest left; dropping its references");
+        }
+        fleet.agent_stats.remove(&id);
+        let _ = engine.remove_guest(id, fleet);
+    }
+}
+
+fn accept_loop(listener: UnixListener, tx: Sender<Cmd>) {
+    for stream in listener.incoming() {
+        let Ok(mut stream) = stream else { continue };
+        let tx = tx.clone();
+        // A slow or hostile client must not hold up the next registration.
+        let _ = std::thread::Builder::new()
+            .name("merged-hello".into())
+            .spawn(move || {
+                let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
+                match protocol::recv::<AgentMsg>(&mut stream) {
+                    Ok((AgentMsg::Hello(h), None)) => {
+                        if h.version != PROTOCOL_VERSION {
+                            let why = format!(
+                                "protocol version {} not supported (daemon speaks {PROTOCOL_VERSION})",
+                                h.version
+                            );
+                            tracing::warn!("registration refused: {why}");
+                            let _ = protocol::send(&mut stream, &DaemonMsg::Refused(why), None);
+                        } else if h.pages == 0 || h.pages > MAX_GUEST_PAGES {
+                            let why = format!("guest size of {} pages is out of range", h.pages);
+                            tracing::warn!("registration refused: {why}");
+                            let _ = protocol::send(&mut stream, &DaemonMsg::Refused(why), None);
+                        } else {
+                            let _ = tx.send(Cmd::Register(Box::new(stream), h));
+                        }
+                    }
+                    Ok((other, _)) => {
+                        tracing::warn!("connection closed: expected a hello, got {other:?}");
+                    }
+                    Err(e) => tracing::warn!("connection closed: bad hello: {e}"),
+                }
+            });
+    }
+}
+
+/// A flag set by SIGINT/SIGTERM, checked by the scanner between rounds.
+pub fn termination_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // Registration only fails for forbidden signals, which these are not.
+        let _ = signal_hook_register(sig, flag.clone());
+    }
+    flag
+}
+
+fn signal_hook_register(
+    sig: libc::c_int,
+    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::io::Result<()> {
+    static FLAG: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
+        std::sync::OnceLock::new();
+    let _ = FLAG.set(flag);
+    extern "C" fn on_signal(_: libc::c_int) {
+        if let Some(f) = FLAG.get() {
+            f.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    let prev = unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
+    if prev == libc::SIG_ERR {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,208 @@
+//! The host interface: the page work the engine asks a guest's agent to do.
+//!
+//! Every method is one round trip to one guest's agent (or, for [`MergeHost::free_frames`],
+//! one operation on one domain's pool) and carries a whole batch of pages. The exact
+//! semantics below are what the real agent implements with userfaultfd write-protect,
+//! `memcmp`, `mmap(MAP_FIXED)` of the pool memfd and `MADV_DONTNEED`, and what
+//! [`crate::sim`] models.
+
+use serde::{Deserialize, Serialize};
+
+/// Size of a guest page and of a pool frame.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Guest frame number: the page's index in the guest's merge-eligible RAM.
+pub type Gfn = u64;
+
+/// Index of a frame in a domain's pool (byte offset `frame * PAGE_SIZE` in the pool memfd).
+pub type FrameId = u32;
+
+/// Identifies a guest (one VM process) to the engine and to the host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct GuestId(pub u32);
+
+impl std::fmt::Display for GuestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "guest {}", self.0)
+    }
+}
+
+/// A merge domain (share group). Pages are never merged across domains; each domain has
+/// its own pool of frames.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct DomainId(pub u32);
+
+/// A run of consecutive guest pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    /// First page of the run.
+    pub gfn: Gfn,
+    /// Number of pages.
+    pub len: u32,
+}
+
+/// What the host reports about one page when asked for its digest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct PageDigest {
+    /// xxh3-64 (or the host's hash) of the page's current 4 KiB content.
+    pub hash: u64,
+    /// The page reads as all zeros.
+    pub zero: bool,
+    /// The page's mapping is a pool frame, but the page holds a private copy: it was merged
+    /// and the guest has since written it (kernel COW). Reported for as long as it is true;
+    /// the engine acts on it once.
+    pub split: bool,
+    /// With a dirty-page source: whether the page was written since it was last digested
+    /// (for the first digest: since the guest registered). `None` without a dirty source.
+    pub dirty: Option<bool>,
+}
+
+/// How a [`MergeOp`] maps pool frames over guest pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpKind {
+    /// For each page: write-protect it, copy its bytes into the fresh (never mapped) pool
+    /// frame, map the frame over the page (`MAP_PRIVATE`, copy-on-write), unprotect.
+    /// The result carries the hash of the bytes copied.
+    Populate,
+    /// Write-protect the run, byte-compare each page with its frame, map the frames over
+    /// the equal pages (one `mmap` per run of equal pages), unprotect.
+    Join,
+}
+
+/// One run of a merge request: pages `gfn..gfn+len` onto frames `frame..frame+len`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeOp {
+    /// First guest page.
+    pub gfn: Gfn,
+    /// Number of pages; page `gfn + k` maps frame `frame + k`.
+    pub len: u32,
+    /// Pool frame of the first page.
+    pub frame: FrameId,
+    /// Populate new frames or join existing ones.
+    pub kind: OpKind,
+}
+
+/// Outcome for one page of a [`MergeOp`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MergeOutcome {
+    /// The frame is now mapped over the page.
+    Merged,
+    /// The page's content differs from the frame (it changed, or a hash collision): the page
+    /// stays private and untouched.
+    Mismatch,
+    /// `mmap` failed with ENOMEM (the process's mapping limit): the page stays private,
+    /// nothing lost.
+    NoVmaBudget,
+}
+
+/// Result for one page of a [`MergeOp`], in op order, page by page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeResult {
+    /// What happened to the page.
+    pub outcome: MergeOutcome,
+    /// For `Populate`: the hash of the bytes copied into the frame (the page's content at
+    /// the time of the copy). Zero for `Join`.
+    pub hash: u64,
+}
+
+/// Outcome for one page of [`MergeHost::reclaim_zero`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ZeroOutcome {
+    /// Verified zero under write protection and dropped with `MADV_DONTNEED`.
+    Reclaimed,
+    /// Not zero any more: left alone.
+    NotZero,
+}
+
+/// Outcome for one page of [`MergeHost::unmerge`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UnmergeOutcome {
+    /// The page is private anonymous memory again, with its content.
+    Unmerged,
+    /// The anonymous remap failed with ENOMEM: the page is as it was.
+    NoVmaBudget,
+}
+
+/// A host operation failed. For a guest this means its agent is gone or misbehaved: the
+/// engine marks that guest failed and carries on with the others.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostError {
+    /// The guest's agent no longer answers (its VM process exited or the socket closed).
+    #[error("{guest}: its agent is gone")]
+    GuestGone {
+        /// The guest.
+        guest: GuestId,
+    },
+    /// The agent answered something that does not fit the request.
+    #[error("{guest}: agent protocol error: {reason}")]
+    Protocol {
+        /// The guest.
+        guest: GuestId,
+        /// What was wrong.
+        reason: String,
+    },
+    /// An operation on a domain's pool (punching a hole) failed.
+    #[error("pool of domain {}: {reason}", domain.0)]
+    Pool {
+        /// The domain.
+        domain: DomainId,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// The page work, carried out on guests' memory by their agents.
+///
+/// Each call is one batched round trip. Results are appended to `out` (cleared by the
+/// callee first), one per page, in request order.
+pub trait MergeHost {
+    /// Digests every page of `runs` of `guest` (see [`PageDigest`]); clears the dirty state
+    /// of the pages digested.
+    fn digest(
+        &mut self,
+        guest: GuestId,
+        runs: &[PageRun],
+        out: &mut Vec<PageDigest>,
+    ) -> Result<(), HostError>;
+
+    /// With a dirty-page source: digests of at most `max` pages written since their last
+    /// digest (split pages included, they were written), in ascending gfn order, clearing
+    /// their dirty state. Returns `true` if more dirty pages remain.
+    fn digest_dirty(
+        &mut self,
+        guest: GuestId,
+        max: u32,
+        out: &mut Vec<(Gfn, PageDigest)>,
+    ) -> Result<bool, HostError>;
+
+    /// Carries out merge runs on `guest` (see [`OpKind`]); one [`MergeResult`] per page.
+    fn merge(
+        &mut self,
+        guest: GuestId,
+        ops: &[MergeOp],
+        out: &mut Vec<MergeResult>,
+    ) -> Result<(), HostError>;
+
+    /// Verifies each page is all zero under write protection, then `MADV_DONTNEED`s it.
+    /// CAUTION: a page whose mapping is a pool frame (merged once, split since) then reads
+    /// that pool offset again, not zeros: the engine only sends anonymously mapped pages.
+    fn reclaim_zero(
+        &mut self,
+        guest: GuestId,
+        gfns: &[Gfn],
+        out: &mut Vec<ZeroOutcome>,
+    ) -> Result<(), HostError>;
+
+    /// Gives pages private anonymous memory again with their current content (copy out,
+    /// remap anonymous, copy back, under write protection).
+    fn unmerge(
+        &mut self,
+        guest: GuestId,
+        gfns: &[Gfn],
+        out: &mut Vec<UnmergeOutcome>,
+    ) -> Result<(), HostError>;
+
+    /// Releases frames of `domain`'s pool (`fallocate(PUNCH_HOLE)`); no page maps them.
+    /// Their indices may be reused by later `Populate` ops.
+    fn free_frames(&mut self, domain: DomainId, frames: &[FrameId]) -> Result<(), HostError>;
+}

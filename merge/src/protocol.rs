@@ -1,0 +1,263 @@
+//! The wire protocol between a VM process's merge agent and the merge daemon.
+//!
+//! A Unix stream socket carries frames: a little-endian `u32` length, then a postcard-encoded
+//! message of at most [`MAX_FRAME`] bytes. The agent opens with [`AgentMsg::Hello`] (the
+//! analogue of `madvise(MADV_SHAREABLE)` over its whole RAM); the daemon answers
+//! [`DaemonMsg::Welcome`] with the domain's pool memfd attached (`SCM_RIGHTS`), or
+//! [`DaemonMsg::Refused`]. From then on the daemon sends [`DaemonMsg::Request`]s and the agent
+//! answers each with one [`AgentMsg::Reply`] carrying the same id; agents never speak
+//! unprompted, so a readable socket between requests means the peer went away.
+//! Anything malformed closes the connection.
+
+use std::io::{Read, Write};
+use std::os::fd::{OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+use crate::host::{
+    Gfn, MergeOp, MergeResult, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome,
+};
+
+/// Bumped on any incompatible change.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame either side accepts (a digest batch of 64 Ki pages is ~1.5 MiB).
+pub const MAX_FRAME: usize = 16 << 20;
+
+/// What a VM process tells the daemon when it registers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Hello {
+    /// [`PROTOCOL_VERSION`] of the agent.
+    pub version: u32,
+    /// The VM process.
+    pub pid: u32,
+    /// A name for humans (the kernel path, or `--name`).
+    pub name: String,
+    /// Pages of merge-eligible guest RAM.
+    pub pages: u64,
+    /// The share group (merge domain) to join.
+    pub share_group: String,
+    /// Mappings this process may still create for merged runs.
+    pub vma_budget: u32,
+    /// Whether the agent tracks guest writes (KVM dirty log).
+    pub dirty_source: bool,
+}
+
+/// Work the daemon asks of an agent: one batched round trip each (see `MergeHost`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum Request {
+    /// Digest these runs.
+    Digest(Vec<PageRun>),
+    /// Digest at most this many pages written since their last digest.
+    DigestDirty(u32),
+    /// Merge runs.
+    Merge(Vec<MergeOp>),
+    /// Reclaim these zero pages.
+    ReclaimZero(Vec<Gfn>),
+    /// Give these pages private memory again.
+    Unmerge(Vec<Gfn>),
+    /// Report the agent's statistics.
+    Stats,
+}
+
+/// Statistics an agent keeps about its page work.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct AgentStats {
+    /// Write-protected batches since registration.
+    pub protect_batches: u64,
+    /// Median time a batch stayed write-protected, ns.
+    pub protect_p50_ns: u64,
+    /// 99th percentile of the same, ns.
+    pub protect_p99_ns: u64,
+    /// Longest, ns.
+    pub protect_max_ns: u64,
+    /// Guest writes that hit a write-protected page and waited (userfaultfd events).
+    pub blocked_writes: u64,
+    /// Mappings (lines of /proc/self/maps) of the VM process now.
+    pub vma_count: u32,
+}
+
+/// An agent's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum Reply {
+    /// For `Digest`: one per page.
+    Digests(Vec<PageDigest>),
+    /// For `DigestDirty`: (page, digest) pairs, and whether more dirty pages remain.
+    DirtyDigests(Vec<(Gfn, PageDigest)>, bool),
+    /// For `Merge`: one per page.
+    Merged(Vec<MergeResult>),
+    /// For `ReclaimZero`: one per page.
+    Zero(Vec<ZeroOutcome>),
+    /// For `Unmerge`: one per page.
+    Unmerged(Vec<UnmergeOutcome>),
+    /// For `Stats`.
+    Stats(AgentStats),
+    /// The request could not be carried out; guest memory is intact.
+    Error(String),
+}
+
+/// Agent → daemon.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum AgentMsg {
+    /// Registration.
+    Hello(Hello),
+    /// The answer to request `id`.
+    Reply {
+        /// The request's id.
+        id: u64,
+        /// The answer.
+        reply: Reply,
+    },
+}
+
+/// Daemon → agent.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum DaemonMsg {
+    /// Registered; the pool memfd (`pool_len` bytes) is attached.
+    Welcome {
+        /// The guest's id at the daemon.
+        guest: u32,
+        /// Size of the pool file the agent should map.
+        pool_len: u64,
+    },
+    /// Registration refused.
+    Refused(String),
+    /// Work to do.
+    Request {
+        /// Echoed in the reply.
+        id: u64,
+        /// The work.
+        request: Request,
+    },
+}
+
+/// Errors on the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The socket failed or closed.
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// A frame over [`MAX_FRAME`].
+    #[error("frame of {0} bytes is over the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    /// Undecodable bytes.
+    #[error("malformed message: {0}")]
+    Decode(String),
+}
+
+/// Sends `msg`, with `fd` attached if given.
+pub fn send<T: Serialize>(
+    stream: &mut UnixStream,
+    msg: &T,
+    fd: Option<RawFd>,
+) -> Result<(), WireError> {
+    let body = postcard::to_stdvec(msg).map_err(|e| WireError::Decode(e.to_string()))?;
+    if body.len() > MAX_FRAME {
+        return Err(WireError::TooLarge(body.len()));
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&body);
+    match fd {
+        Some(fd) => {
+            let sent = stream
+                .send_with_fd(&frame[..], fd)
+                .map_err(|e| WireError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+            stream.write_all(&frame[sent..])?;
+        }
+        None => stream.write_all(&frame)?,
+    }
+    Ok(())
+}
+
+/// Receives one message, and the fd attached to it if any.
+pub fn recv<T: for<'de> Deserialize<'de>>(
+    stream: &mut UnixStream,
+) -> Result<(T, Option<OwnedFd>), WireError> {
+    let mut len = [0u8; 4];
+    let (n, fd) = stream
+        .recv_with_fd(&mut len)
+        .map_err(|e| WireError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
+    let fd = fd.map(OwnedFd::from);
+    if n == 0 {
+        return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
+    stream.read_exact(&mut len[n..])?;
+    let size = u32::from_le_bytes(len) as usize;
+    if size > MAX_FRAME {
+        return Err(WireError::TooLarge(size));
+    }
+    let mut body = vec![0u8; size];
+    stream.read_exact(&mut body)?;
+    let msg = postcard::from_bytes(&body).map_err(|e| WireError::Decode(e.to_string()))?;
+    Ok((msg, fd))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::{MergeOutcome, OpKind};
+
+    #[test]
+    fn messages_round_trip_with_an_fd() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let hello = AgentMsg::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            pid: 42,
+            name: "g".into(),
+            pages: 65536,
+            share_group: "default".into(),
+            vma_budget: 60000,
+            dirty_source: true,
+        });
+        send(&mut a, &hello, None).unwrap();
+        let (got, fd): (AgentMsg, _) = recv(&mut b).unwrap();
+        assert_eq!(got, hello);
+        assert!(fd.is_none());
+
+        let file = std::fs::File::open("/proc/self/stat").unwrap();
+        let welcome = DaemonMsg::Welcome {
+            guest: 7,
+            pool_len: 1 << 30,
+        };
+        send(&mut b, &welcome, Some(std::os::fd::AsRawFd::as_raw_fd(&file))).unwrap();
+        let (got, fd): (DaemonMsg, _) = recv(&mut a).unwrap();
+        assert_eq!(got, welcome);
+        assert!(fd.is_some());
+
+        let req = DaemonMsg::Request {
+            id: 9,
+            request: Request::Merge(vec![MergeOp {
+                gfn: 10,
+                len: 3,
+                frame: 5,
+                kind: OpKind::Join,
+            }]),
+        };
+        send(&mut b, &req, None).unwrap();
+        assert_eq!(recv::<DaemonMsg>(&mut a).unwrap().0, req);
+        let rep = AgentMsg::Reply {
+            id: 9,
+            reply: Reply::Merged(vec![MergeResult {
+                outcome: MergeOutcome::Merged,
+                hash: 0,
+            }]),
+        };
+        send(&mut a, &rep, None).unwrap();
+        assert_eq!(recv::<AgentMsg>(&mut b).unwrap().0, rep);
+    }
+
+    #[test]
+    fn oversized_and_garbage_frames_are_rejected() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        a.write_all(&(MAX_FRAME as u32 + 1).to_le_bytes()).unwrap();
+        assert!(matches!(recv::<AgentMsg>(&mut b), Err(WireError::TooLarge(_))));
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        a.write_all(&3u32.to_le_bytes()).unwrap();
+        a.write_all(&[0xff, 0xff, 0xff]).unwrap();
+        assert!(matches!(recv::<AgentMsg>(&mut b), Err(WireError::Decode(_))));
+        drop(a);
+        assert!(recv::<AgentMsg>(&mut b).is_err());
+    }
+}

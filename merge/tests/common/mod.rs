@@ -1,0 +1,149 @@
+//! A fleet = engine + simulated host, with the cross-checks every test runs.
+
+#![allow(dead_code)]
+
+use tinyvmm_merge::sim::{xxh3, HashFn, SimFleet, SimGuestSpec};
+use tinyvmm_merge::{
+    Counters, DomainId, Engine, GuestId, GuestSpec, Knobs, KnobsUpdate, PageState, RoundReport,
+};
+
+pub struct Fleet {
+    pub engine: Engine,
+    pub sim: SimFleet,
+}
+
+impl Fleet {
+    pub fn new(knobs: Knobs) -> Self {
+        Self::with_hash(knobs, xxh3)
+    }
+
+    pub fn with_hash(knobs: Knobs, hash: HashFn) -> Self {
+        Fleet {
+            engine: Engine::new(knobs).expect("valid knobs"),
+            sim: SimFleet::new(hash, true),
+        }
+    }
+
+    /// Adds a guest to the sim only (its content can be written before it registers).
+    pub fn boot(&mut self, id: u32, pages: u64, domain: u32, budget: u32, dirty: bool) -> GuestId {
+        let id = GuestId(id);
+        self.sim.add_guest(SimGuestSpec {
+            id,
+            pages,
+            domain: DomainId(domain),
+            vma_limit: budget,
+            dirty_source: dirty,
+        });
+        id
+    }
+
+    /// Registers a booted guest with the engine (dirty tracking starts now).
+    pub fn register(&mut self, id: GuestId, budget: u32, dirty: bool, domain: u32, pages: u64) {
+        self.sim.clear_dirty(id);
+        self.engine
+            .add_guest(GuestSpec {
+                id,
+                pages,
+                domain: DomainId(domain),
+                vma_budget: budget,
+                has_dirty_source: dirty,
+            })
+            .expect("add guest");
+    }
+
+    pub fn add(&mut self, id: u32, pages: u64, domain: u32, budget: u32, dirty: bool) -> GuestId {
+        let g = self.boot(id, pages, domain, budget, dirty);
+        self.register(g, budget, dirty, domain, pages);
+        g
+    }
+
+    pub fn round(&mut self) -> RoundReport {
+        let r = self.engine.scan_round(&mut self.sim);
+        self.check();
+        r
+    }
+
+    /// Rounds until nothing changes for three full scans (or `max` rounds).
+    pub fn converge(&mut self, max: usize) -> usize {
+        let mut last = None;
+        let mut quiet = 0;
+        for i in 0..max {
+            self.round();
+            let c = self.engine.counters();
+            let key = (c.pages_shared, c.pages_sharing, c.zero_pages, c.pages_unshared);
+            if Some(key) == last && c.full_scans >= 3 {
+                quiet += 1;
+                if quiet >= 3 {
+                    return i;
+                }
+            } else {
+                quiet = 0;
+            }
+            last = Some(key);
+        }
+        max
+    }
+
+    pub fn set(&mut self, upd: KnobsUpdate) {
+        self.engine.set_knobs(upd, &mut self.sim).expect("knobs");
+        self.check();
+    }
+
+    pub fn counters(&self) -> Counters {
+        self.engine.counters()
+    }
+
+    /// Every invariant, from both sides.
+    pub fn check(&self) {
+        let problems = self.sim.check();
+        assert!(problems.is_empty(), "simulated fleet: {problems:?}");
+        self.engine.audit().unwrap_or_else(|e| panic!("engine audit: {e}"));
+        let c = self.engine.counters();
+        assert_eq!(c, self.engine.recount(), "counters differ from a recount");
+        // Frames: allocated in the engine <=> populated in the pool.
+        let frames = self.engine.frames();
+        assert_eq!(frames.len() as u64, self.sim.live_frames(), "frames in use");
+        for &(d, f, refs) in &frames {
+            assert!(self.sim.frame_live(d, f), "engine frame {f} of domain {} not live", d.0);
+            assert!(refs >= 1);
+        }
+        for gc in self.engine.guests() {
+            let id = gc.id;
+            if !self.sim.guest_ids().contains(&id) {
+                continue;
+            }
+            assert!(self.sim.vma_count(id) <= gc.vma_budget, "{id} over budget");
+            if !gc.failed {
+                // A failed guest's outcomes are unknown to the engine (it assumes merged).
+                assert_eq!(gc.vma_mappings, self.sim.vma_count(id), "{id} vma count");
+            }
+            for gfn in 0..gc.pages {
+                let info = self.engine.page_info(id, gfn).expect("page");
+                let sim_map = self.sim.mapping(id, gfn);
+                if !gc.failed {
+                    assert_eq!(
+                        info.mapping,
+                        sim_map.map(|(f, _)| f),
+                        "{id} gfn {gfn}: engine and host disagree on the layout"
+                    );
+                }
+                if let Some((f, false)) = sim_map {
+                    assert_eq!(info.mapping, Some(f), "{id} gfn {gfn} frame");
+                    // The page reads a frame: the engine must count it.
+                    assert_eq!(
+                        info.state,
+                        PageState::Merged,
+                        "{id} gfn {gfn} reads a frame the engine does not count"
+                    );
+                }
+            }
+        }
+    }
+}
+
+pub fn knobs(pages_to_scan: u32) -> Knobs {
+    Knobs {
+        pages_to_scan,
+        ..Knobs::default()
+    }
+}

@@ -1,0 +1,209 @@
+//! Property tests: random interleavings of guest writes (to merged pages too), writes
+//! racing with merges, scan rounds, knob changes (`run` 0/1/2), guests joining, failing,
+//! opting out and leaving. After every step `Fleet::check` verifies: every guest reads
+//! exactly what it last wrote; no frame was written while mapped or freed while read;
+//! refcounts equal the pages merged onto each frame, and every page reading a frame is
+//! counted; counters equal a recount; no cross-domain sharing; every guest within its VMA
+//! budget, the engine's layout equal to the host's.
+
+mod common;
+
+use common::Fleet;
+use proptest::prelude::*;
+use tinyvmm_merge::sim::{xxh3, Race, RaceWhen};
+use tinyvmm_merge::{GuestId, Knobs, KnobsUpdate, RunMode};
+
+const PAGES: u64 = 24;
+const MAX_GUESTS: usize = 5;
+
+#[derive(Clone, Debug)]
+enum Step {
+    Write { guest: usize, gfn: u64, seed: u64 },
+    Poke { guest: usize, gfn: u64, off: usize, byte: u8 },
+    Race { guest: usize, gfn: u64, after_map: bool, seed: u64 },
+    Rounds(u8),
+    Run(u8),
+    PagesToScan(u32),
+    MaxSharing(u32),
+    SmartScan(bool),
+    Join { domain: u32, dirty: bool, budget: u32 },
+    Leave(usize),
+    AgentDies(usize),
+    OptOut(usize),
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        6 => (0..MAX_GUESTS, 0..PAGES, 0..6u64).prop_map(|(guest, gfn, seed)| Step::Write { guest, gfn, seed }),
+        2 => (0..MAX_GUESTS, 0..PAGES, 0..4096usize, any::<u8>())
+            .prop_map(|(guest, gfn, off, byte)| Step::Poke { guest, gfn, off, byte }),
+        2 => (0..MAX_GUESTS, 0..PAGES, any::<bool>(), 0..6u64)
+            .prop_map(|(guest, gfn, after_map, seed)| Step::Race { guest, gfn, after_map, seed }),
+        8 => (1..4u8).prop_map(Step::Rounds),
+        1 => (0..3u8).prop_map(Step::Run),
+        1 => (1..80u32).prop_map(Step::PagesToScan),
+        1 => (2..5u32).prop_map(Step::MaxSharing),
+        1 => any::<bool>().prop_map(Step::SmartScan),
+        2 => (0..2u32, any::<bool>(), prop_oneof![Just(1000u32), 3..12u32])
+            .prop_map(|(domain, dirty, budget)| Step::Join { domain, dirty, budget }),
+        1 => (0..MAX_GUESTS).prop_map(Step::Leave),
+        1 => (0..MAX_GUESTS).prop_map(Step::AgentDies),
+        1 => (0..MAX_GUESTS).prop_map(Step::OptOut),
+    ]
+}
+
+fn collide(b: &[u8]) -> u64 {
+    xxh3(b) & 1
+}
+
+struct World {
+    f: Fleet,
+    /// Guests registered with the engine.
+    live: Vec<GuestId>,
+    /// Guests still running (registered or not).
+    running: Vec<GuestId>,
+    next_id: u32,
+}
+
+impl World {
+    fn pick(v: &[GuestId], i: usize) -> Option<GuestId> {
+        (!v.is_empty()).then(|| v[i % v.len()])
+    }
+
+    fn apply(&mut self, s: &Step) {
+        match *s {
+            Step::Write { guest, gfn, seed } => {
+                if let Some(g) = Self::pick(&self.running, guest) {
+                    self.f.sim.fill(g, gfn, seed);
+                }
+            }
+            Step::Poke {
+                guest,
+                gfn,
+                off,
+                byte,
+            } => {
+                if let Some(g) = Self::pick(&self.running, guest) {
+                    self.f.sim.write(g, gfn, off, &[byte]);
+                }
+            }
+            Step::Race {
+                guest,
+                gfn,
+                after_map,
+                seed,
+            } => {
+                if let Some(g) = Self::pick(&self.running, guest) {
+                    self.f.sim.inject(Race {
+                        guest: g,
+                        gfn,
+                        when: if after_map {
+                            RaceWhen::AfterMap
+                        } else {
+                            RaceWhen::BeforeCompare
+                        },
+                        seed,
+                    });
+                }
+            }
+            Step::Rounds(n) => {
+                for _ in 0..n {
+                    self.f.round();
+                }
+                self.f.sim.clear_races();
+            }
+            Step::Run(r) => self.f.set(KnobsUpdate {
+                run: Some(RunMode::try_from(r).unwrap()),
+                ..Default::default()
+            }),
+            Step::PagesToScan(p) => self.f.set(KnobsUpdate {
+                pages_to_scan: Some(p),
+                ..Default::default()
+            }),
+            Step::MaxSharing(m) => self.f.set(KnobsUpdate {
+                max_page_sharing: Some(m),
+                ..Default::default()
+            }),
+            Step::SmartScan(b) => self.f.set(KnobsUpdate {
+                smart_scan: Some(b),
+                ..Default::default()
+            }),
+            Step::Join {
+                domain,
+                dirty,
+                budget,
+            } => {
+                if self.live.len() < MAX_GUESTS {
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    let g = self.f.add(id, PAGES, domain, budget, dirty);
+                    self.live.push(g);
+                    self.running.push(g);
+                }
+            }
+            Step::Leave(i) => {
+                if let Some(g) = Self::pick(&self.live, i) {
+                    // The process exits, then the daemon forgets it.
+                    self.f.sim.remove_guest(g);
+                    self.f.engine.remove_guest(g, &mut self.f.sim).unwrap();
+                    self.live.retain(|&x| x != g);
+                    self.running.retain(|&x| x != g);
+                }
+            }
+            Step::AgentDies(i) => {
+                if let Some(g) = Self::pick(&self.live, i) {
+                    self.f.sim.set_gone(g, true);
+                }
+            }
+            Step::OptOut(i) => {
+                if let Some(g) = Self::pick(&self.live, i) {
+                    let failed = self.f.engine.guest_counters(g).unwrap().failed;
+                    let gone = self.f.engine.unmerge_guest(g, &mut self.f.sim);
+                    if !failed && gone.is_ok() {
+                        // Still running, no longer merged.
+                        self.live.retain(|&x| x != g);
+                    } else if failed {
+                        // unmerge_guest refuses to drop a failed guest's frames.
+                        assert!(gone.is_err());
+                    }
+                }
+            }
+        }
+        self.f.check();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn no_step_ever_loses_data_or_breaks_an_invariant(
+        collisions in any::<bool>(),
+        dirty0 in any::<bool>(),
+        steps in prop::collection::vec(step(), 1..80),
+    ) {
+        let knobs = Knobs { pages_to_scan: 32, ..Knobs::default() };
+        let f = if collisions { Fleet::with_hash(knobs, collide) } else { Fleet::new(knobs) };
+        let mut w = World { f, live: vec![], running: vec![], next_id: 0 };
+        for (i, d) in [(0, dirty0), (1, !dirty0)] {
+            let g = w.f.add(i, PAGES, 0, 1000, d);
+            w.live.push(g);
+            w.running.push(g);
+        }
+        w.next_id = 2;
+        for s in &steps {
+            w.apply(s);
+        }
+        { let c = w.f.counters(); eprintln!("STAT merges={} splits={} zero={} mism={} vma={} failed={} shared={}", c.merges, c.splits, c.zero_pages, c.merge_mismatches, c.pages_skipped_vma_budget, c.guests_failed, c.pages_shared); }
+        // Finally: run=2 restores every layout and frees every frame not held by a
+        // failed guest.
+        w.f.set(KnobsUpdate { run: Some(RunMode::Unmerge), ..Default::default() });
+        for g in w.live.clone() {
+            let gc = w.f.engine.guest_counters(g).unwrap();
+            if !gc.failed {
+                prop_assert_eq!(gc.merging_pages, 0);
+                prop_assert_eq!(w.f.sim.vma_count(g), 1);
+            }
+        }
+    }
+}

@@ -1,0 +1,141 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * tinyvmm test guest: shared declarations.
+ *
+ * The guest is one static image linked at 0x100000. CPL0 code (kernel.c, head.S)
+ * is kept tiny because it is instruction-emulated on some hosts; everything else
+ * (user.c, content.c, lib.c) runs at CPL3 with IOPL=3.
+ */
+#ifndef TINYVMM_GUEST_H
+#define TINYVMM_GUEST_H
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+typedef unsigned long long u64;
+typedef long long i64;
+typedef unsigned long usize;
+
+#define NULL ((void *)0)
+#define PAGE_SIZE 4096ULL
+#define WORDS_PER_PAGE 512
+
+/* Ports. */
+#define COM1 0x3f8
+#define COM1_LSR (COM1 + 5)
+#define I8042_CMD 0x64
+#define DEBUG_EXIT_PORT 0xf4
+
+/* Debug-exit values: the VMM exits with (v << 1) | 1. */
+#define EXIT_TEST_FAILED 1
+#define EXIT_INTERNAL_ERROR 2
+
+/* Vectors. */
+#define VEC_TIMER 0x40
+#define VEC_SERIAL 0x41
+#define VEC_SYSCALL 0x80
+#define VEC_SPURIOUS 0xff
+
+/* Syscalls (int 0x80, rax = number, rdi = argument, result in rax). */
+#define SYS_SLEEP_NS 0 /* arm the LAPIC timer for rdi ns, sti;hlt once; 0 = timer/other wake-up,
+			* 1 = woken by a UART interrupt, -1 = no usable LAPIC */
+#define SYS_CRASH 1    /* load a zero-limit IDT and ud2: triple fault */
+
+/* LAPIC (xAPIC MMIO) and IOAPIC. */
+#define LAPIC_BASE 0xfee00000ULL
+#define IOAPIC_BASE 0xfec00000ULL
+#define COM1_GSI 4
+
+/* boot_params offsets (Linux arch/x86/include/uapi/asm/bootparam.h). */
+#define BP_EXT_RAMDISK_IMAGE 0x0c0
+#define BP_EXT_RAMDISK_SIZE 0x0c4
+#define BP_EXT_CMD_LINE_PTR 0x0c8
+#define BP_E820_ENTRIES 0x1e8
+#define BP_RAMDISK_IMAGE 0x218
+#define BP_RAMDISK_SIZE 0x21c
+#define BP_CMD_LINE_PTR 0x228
+#define BP_CMDLINE_SIZE 0x238
+#define BP_E820_TABLE 0x2d0
+#define E820_MAX_ENTRIES 128
+#define E820_RAM 1
+
+static inline u8 bp_u8(u64 bp, u64 off) { return *(volatile u8 *)(bp + off); }
+static inline u32 bp_u32(u64 bp, u64 off) { return *(volatile u32 *)(bp + off); }
+static inline u64 bp_u64(u64 bp, u64 off) { return *(volatile u64 *)(bp + off); }
+
+/* Port I/O and misc instructions. */
+static inline void outb(u16 port, u8 v) { __asm__ volatile("outb %0, %1" ::"a"(v), "Nd"(port)); }
+static inline u8 inb(u16 port)
+{
+	u8 v;
+	__asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+	return v;
+}
+static inline u64 rdtsc(void)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((u64)hi << 32) | lo;
+}
+static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
+static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
+static inline void cpuid(u32 leaf, u32 sub, u32 *a, u32 *b, u32 *c, u32 *d)
+{
+	__asm__ volatile("cpuid" : "=a"(*a), "=b"(*b), "=c"(*c), "=d"(*d) : "a"(leaf), "c"(sub));
+}
+
+/* Set up at CPL0 by kmain, read at CPL3 (all pages are user-accessible). */
+struct boot_info {
+	u64 boot_params;   /* address of the zero page */
+	u64 image_end;     /* end of the guest's own memory (image + page tables), page aligned */
+	u64 tsc_entry;     /* TSC at the 64-bit entry point */
+	u64 tsc_user;      /* TSC just before the iretq to CPL3 */
+	u64 max_ram_end;   /* highest end of an e820 RAM entry */
+	u64 mapped_end;    /* end of the identity map */
+	int lapic_ok;      /* the LAPIC timer is usable for sleeping */
+	u32 hv_max_leaf;   /* CPUID 0x40000000 EAX, read at CPL0 */
+	u32 cpuid_tsc_khz; /* CPUID 0x40000010 EAX if advertised, else 0 */
+};
+extern struct boot_info boot_info;
+
+/* head.S */
+extern char __image_start[], __image_end[], __bss_start[], __bss_end[];
+extern u64 boot_pml4[], boot_pdpt[];
+extern char user_stack_top[], kernel_stack_top[];
+extern void *exception_stubs[32];
+extern void isr_timer(void), isr_spurious(void), isr_syscall(void), isr_serial(void);
+extern volatile int serial_wake; /* set by isr_serial, consumed by SYS_SLEEP_NS */
+extern void load_gdt(void);
+extern void enter_user(void (*entry)(void), void *stack) __attribute__((noreturn));
+extern void crash_now(void) __attribute__((noreturn));
+extern u64 gdt_tss_desc[2];
+
+/* lib.c: string helpers and serial output (usable at CPL0 and CPL3). */
+void *memset(void *d, int c, usize n);
+void *memcpy(void *d, const void *s, usize n);
+usize strlen(const char *s);
+void serial_putc(char c);
+void serial_write(const char *s, usize n);
+void serial_puts(const char *s);
+void kprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void debug_exit(u8 v) __attribute__((noreturn));
+
+/* content.c: page classes and contents (see README.md "Content functions"). */
+enum page_class { CLASS_SHARED = 0, CLASS_ZERO = 1, CLASS_UNIQUE = 2 };
+/* splitmix64's finalizer. */
+static inline u64 mix64(u64 z)
+{
+	z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
+	z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
+	return z ^ (z >> 31);
+}
+enum page_class page_class(u64 seed, u64 index, u32 shared_pct, u32 zero_pct);
+u64 page_key(u64 seed, u64 guest_seed, enum page_class cls, u64 index, u32 version);
+/* Write page contents; returns the wrapping sum of the 512 words. */
+u64 page_write(volatile u64 *page, enum page_class cls, u32 version, u64 key);
+static inline u64 page_word(u64 key, u32 j) { return mix64(key + (u64)(j + 1) * 0x9e3779b97f4a7c15ULL); }
+
+/* user.c */
+void umain(void) __attribute__((noreturn));
+
+#endif

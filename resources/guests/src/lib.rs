@@ -1,0 +1,339 @@
+//! tinyvmm's test guest kernel, built from `src-guest/` by `build.rs`.
+//!
+//! A small freestanding kernel that boots through the Linux 64-bit boot protocol
+//! (as an ELF vmlinux or as a bzImage), drops to CPL3 and runs memory workloads
+//! chosen on its command line (`workload=fill,verify ...`), reporting on the
+//! serial console. See `README.md` in this crate for the boot contract, the
+//! parameters, the exact serial lines and the exit codes.
+//!
+//! [`content`] is a host-side copy of the guest's page-content functions, so
+//! tests can compute what a guest must have written (for example the `FILL`
+//! checksum).
+
+/// The test guest as an ELF vmlinux (PT_LOAD at physical 0x100000, entry 0x100200).
+pub static TEST_GUEST_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/testguest.elf"));
+
+/// The test guest as a bzImage (payload loaded at `code32_start` 0x100000, 64-bit entry at +0x200).
+pub static TEST_GUEST_BZIMAGE: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/testguest.bzImage"));
+
+/// Physical address the guest is linked and loaded at.
+pub const LOAD_ADDRESS: u64 = 0x10_0000;
+
+/// The 64-bit entry point (load address + 0x200, as for a Linux bzImage).
+pub const ENTRY_64: u64 = LOAD_ADDRESS + 0x200;
+
+/// VMM exit status when the guest reports a failed check (debug-exit value 1).
+pub const EXIT_STATUS_TEST_FAILED: i32 = 3;
+
+/// VMM exit status on a guest exception or internal error (debug-exit value 2).
+pub const EXIT_STATUS_GUEST_PANIC: i32 = 5;
+
+/// The first serial line the guest prints, before any check.
+pub const READY_LINE: &str = "TINYVMM TESTGUEST READY";
+
+/// The guest's page classes and page contents, exactly as `src-guest/content.c`
+/// computes them.
+///
+/// ```
+/// use tinyvmm_guests::content::{page_class, page_contents, PageClass};
+/// // Page 0 of seed 1 with the default mix (60 % shared, 20 % zero).
+/// let class = page_class(1, 0, 60, 20);
+/// let words = page_contents(1, 2, class, 0, 0);
+/// assert_eq!(words.iter().all(|&w| w == 0), class == PageClass::Zero);
+/// ```
+pub mod content {
+    /// Words of 8 bytes in a 4 KiB page.
+    pub const WORDS_PER_PAGE: usize = 512;
+
+    const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+    const CLASS_TAG: u64 = 0xc1a5_5c1a_55c1_a55c;
+
+    /// What a page holds at version 0.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum PageClass {
+        /// Same contents in every guest with the same `seed`.
+        Shared,
+        /// All zero bytes (at version 0).
+        Zero,
+        /// Contents derived from the guest's own `guest_seed`.
+        Unique,
+    }
+
+    /// splitmix64's finalizer.
+    pub fn mix64(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// The class of page `index` (depends only on `seed`, so it is the same in all guests).
+    pub fn page_class(seed: u64, index: u64, shared_pct: u64, zero_pct: u64) -> PageClass {
+        let r = mix64(mix64(seed ^ CLASS_TAG) ^ index) % 100;
+        if r < shared_pct {
+            PageClass::Shared
+        } else if r < shared_pct + zero_pct {
+            PageClass::Zero
+        } else {
+            PageClass::Unique
+        }
+    }
+
+    /// The key of (class, index, version): `guest_seed` for unique pages, `seed` otherwise.
+    pub fn page_key(seed: u64, guest_seed: u64, class: PageClass, index: u64, version: u32) -> u64 {
+        let k = if class == PageClass::Unique {
+            guest_seed
+        } else {
+            seed
+        };
+        mix64(mix64(mix64(k) ^ index) ^ u64::from(version))
+    }
+
+    /// Word `j` of the page with key `key`.
+    pub fn page_word(key: u64, j: usize) -> u64 {
+        mix64(key.wrapping_add((j as u64 + 1).wrapping_mul(GOLDEN)))
+    }
+
+    /// The 512 words of page `index` at `version`.
+    pub fn page_contents(
+        seed: u64,
+        guest_seed: u64,
+        class: PageClass,
+        index: u64,
+        version: u32,
+    ) -> [u64; WORDS_PER_PAGE] {
+        let mut words = [0u64; WORDS_PER_PAGE];
+        if class == PageClass::Zero && version == 0 {
+            return words;
+        }
+        let key = page_key(seed, guest_seed, class, index, version);
+        for (j, w) in words.iter_mut().enumerate() {
+            *w = page_word(key, j);
+        }
+        words
+    }
+
+    /// The parameters of a `fill` (the guest's defaults in [`FillParams::default`]).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct FillParams {
+        /// `seed=`: shared content and page classes.
+        pub seed: u64,
+        /// `guest_seed=`: unique content.
+        pub guest_seed: u64,
+        /// `shared_pct=`.
+        pub shared_pct: u64,
+        /// `zero_pct=`.
+        pub zero_pct: u64,
+    }
+
+    impl Default for FillParams {
+        fn default() -> Self {
+            FillParams {
+                seed: 1,
+                guest_seed: 2,
+                shared_pct: 60,
+                zero_pct: 20,
+            }
+        }
+    }
+
+    /// What a guest's `FILL done` line reports for `pages` pages:
+    /// `(shared, zero, unique, checksum)`, the checksum being the wrapping sum of all words.
+    pub fn fill_summary(p: &FillParams, pages: u64) -> (u64, u64, u64, u64) {
+        let (mut shared, mut zero, mut unique, mut sum) = (0, 0, 0, 0u64);
+        for i in 0..pages {
+            let class = page_class(p.seed, i, p.shared_pct, p.zero_pct);
+            match class {
+                PageClass::Shared => shared += 1,
+                PageClass::Zero => zero += 1,
+                PageClass::Unique => unique += 1,
+            }
+            for w in page_contents(p.seed, p.guest_seed, class, i, 0) {
+                sum = sum.wrapping_add(w);
+            }
+        }
+        (shared, zero, unique, sum)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::content::*;
+    use super::*;
+
+    fn u16_at(b: &[u8], o: usize) -> u16 {
+        u16::from_le_bytes(b[o..o + 2].try_into().unwrap())
+    }
+    fn u32_at(b: &[u8], o: usize) -> u32 {
+        u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
+    }
+    fn u64_at(b: &[u8], o: usize) -> u64 {
+        u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+    }
+
+    /// (p_offset, p_paddr, p_vaddr, p_filesz, p_memsz) of every PT_LOAD.
+    fn elf_loads(elf: &[u8]) -> Vec<(usize, u64, u64, usize, u64)> {
+        let (phoff, phentsize, phnum) = (
+            u64_at(elf, 32) as usize,
+            u16_at(elf, 54) as usize,
+            u16_at(elf, 56) as usize,
+        );
+        (0..phnum)
+            .map(|i| &elf[phoff + i * phentsize..])
+            .filter(|ph| u32_at(ph, 0) == 1)
+            .map(|ph| {
+                (
+                    u64_at(ph, 8) as usize,
+                    u64_at(ph, 24),
+                    u64_at(ph, 16),
+                    u64_at(ph, 32) as usize,
+                    u64_at(ph, 40),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn elf_header_is_x86_64_executable_entering_at_0x100200() {
+        let e = TEST_GUEST_ELF;
+        assert_eq!(&e[..4], b"\x7fELF");
+        assert_eq!(e[4], 2, "ELFCLASS64");
+        assert_eq!(e[5], 1, "little endian");
+        assert_eq!(u16_at(e, 16), 2, "ET_EXEC");
+        assert_eq!(u16_at(e, 18), 62, "EM_X86_64");
+        assert_eq!(u64_at(e, 24), ENTRY_64);
+    }
+
+    #[test]
+    fn elf_has_one_pt_load_at_physical_1mib() {
+        let loads = elf_loads(TEST_GUEST_ELF);
+        assert_eq!(loads.len(), 1, "{loads:?}");
+        let (_, paddr, vaddr, filesz, memsz) = loads[0];
+        assert_eq!(paddr, LOAD_ADDRESS);
+        assert_eq!(vaddr, LOAD_ADDRESS);
+        assert!(filesz > 0x200 && memsz >= filesz as u64);
+    }
+
+    #[test]
+    fn bzimage_setup_header_follows_boot_protocol_2_15() {
+        let b = TEST_GUEST_BZIMAGE;
+        assert_eq!(u16_at(b, 0x1fe), 0xaa55, "boot_flag");
+        assert_eq!(u32_at(b, 0x202), 0x5372_6448, "HdrS");
+        assert_eq!(u16_at(b, 0x206), 0x020f, "version");
+        assert_eq!(b[0x211] & 0x01, 0x01, "loadflags LOADED_HIGH");
+        assert_eq!(u32_at(b, 0x214), 0x10_0000, "code32_start");
+        assert_eq!(
+            u16_at(b, 0x236) & 0x3,
+            0x3,
+            "xloadflags KERNEL_64 | CAN_BE_LOADED_ABOVE_4G"
+        );
+        assert_eq!(u32_at(b, 0x238), 2047, "cmdline_size");
+        let align = u32_at(b, 0x230);
+        assert!(align.is_power_of_two(), "kernel_alignment {align:#x}");
+        let setup_sects = b[0x1f1] as usize;
+        assert!(setup_sects >= 1);
+        let payload_len = b.len() - (setup_sects + 1) * 512;
+        assert_eq!(
+            u32_at(b, 0x1f4) as usize,
+            payload_len.div_ceil(16),
+            "syssize"
+        );
+        let init_size = u32_at(b, 0x260) as usize;
+        assert!(
+            init_size >= payload_len,
+            "init_size {init_size:#x} < payload {payload_len:#x}"
+        );
+        let (_, _, _, _, memsz) = elf_loads(TEST_GUEST_ELF)[0];
+        assert!(
+            init_size as u64 >= memsz,
+            "init_size covers .bss and stacks"
+        );
+        let kv = u16_at(b, 0x20e) as usize + 0x200;
+        assert!(
+            b[kv..].starts_with(b"tinyvmm-testguest"),
+            "kernel_version string"
+        );
+    }
+
+    #[test]
+    fn bzimage_payload_is_the_elf_segment_with_entry_at_0x200() {
+        let b = TEST_GUEST_BZIMAGE;
+        let payload = &b[(b[0x1f1] as usize + 1) * 512..];
+        let (off, _, _, filesz, _) = elf_loads(TEST_GUEST_ELF)[0];
+        assert_eq!(payload, &TEST_GUEST_ELF[off..off + filesz]);
+        // startup_64 begins with `cli` (0xfa), the 32-bit entry at 0 with `ud2` (0f 0b).
+        assert_eq!(payload[0x200], 0xfa);
+        assert_eq!(&payload[..2], &[0x0f, 0x0b]);
+    }
+
+    #[test]
+    fn page_classes_follow_the_requested_percentages() {
+        let n = 100_000;
+        let mut counts = [0u64; 3];
+        for i in 0..n {
+            counts[page_class(1, i, 60, 20) as usize] += 1;
+        }
+        assert!((59_000..61_000).contains(&counts[0]), "{counts:?}");
+        assert!((19_000..21_000).contains(&counts[1]), "{counts:?}");
+        assert!((19_000..21_000).contains(&counts[2]), "{counts:?}");
+        // The class depends on seed only, never on guest_seed.
+        assert_eq!(page_class(7, 123, 100, 0), PageClass::Shared);
+        assert_eq!(page_class(7, 123, 0, 100), PageClass::Zero);
+        assert_eq!(page_class(7, 123, 0, 0), PageClass::Unique);
+    }
+
+    #[test]
+    fn shared_pages_match_across_guest_seeds_and_unique_pages_do_not() {
+        let a = page_contents(1, 2, PageClass::Shared, 5, 0);
+        let b = page_contents(1, 3, PageClass::Shared, 5, 0);
+        assert_eq!(a, b);
+        let c = page_contents(1, 2, PageClass::Unique, 5, 0);
+        let d = page_contents(1, 3, PageClass::Unique, 5, 0);
+        assert_ne!(c, d);
+        assert_ne!(
+            page_contents(1, 2, PageClass::Shared, 5, 1),
+            a,
+            "a new version differs"
+        );
+        // Rewritten zero pages use the shared seed: still identical across guests.
+        assert_eq!(
+            page_contents(1, 2, PageClass::Zero, 9, 3),
+            page_contents(1, 4, PageClass::Zero, 9, 3)
+        );
+    }
+
+    #[test]
+    fn mix64_matches_splitmix64_reference_values() {
+        // splitmix64 with state 0: first output is mix64(0x9e3779b97f4a7c15).
+        assert_eq!(mix64(0x9e37_79b9_7f4a_7c15), 0xe220_a839_7b1d_cdaf);
+        assert_eq!(mix64(0), 0);
+    }
+
+    /// Known answer from a real guest run (`tinyvmm run --mem 256M --cmdline workload=fill`):
+    /// `FILL done pages=65178 shared=38875 zero=13287 unique=13016 checksum=0x1569119889d193e7`.
+    /// Ties the Rust copy of the content functions to the C one.
+    #[test]
+    fn fill_summary_matches_the_guest_fill_line() {
+        assert_eq!(
+            fill_summary(&FillParams::default(), 65178),
+            (38875, 13287, 13016, 0x1569_1198_89d1_93e7)
+        );
+        // `workload=fill mib=64 seed=7 guest_seed=9 shared_pct=30 zero_pct=50`.
+        let p = FillParams {
+            seed: 7,
+            guest_seed: 9,
+            shared_pct: 30,
+            zero_pct: 50,
+        };
+        assert_eq!(
+            fill_summary(&p, 16384),
+            (4973, 8168, 3243, 0xddc9_4b5f_250c_fc21)
+        );
+    }
+
+    #[test]
+    fn fill_summary_counts_every_page() {
+        let (s, z, u, _) = fill_summary(&FillParams::default(), 1000);
+        assert_eq!(s + z + u, 1000);
+    }
+}

@@ -1,0 +1,324 @@
+//! The merge agent: registers this VM's RAM with the merge daemon and carries out the
+//! daemon's requests on it.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use tinyvmm_merge::protocol::{
+    self, AgentMsg, AgentStats, DaemonMsg, Hello, Reply, Request, PROTOCOL_VERSION,
+};
+
+use super::bitmap::Bitmap;
+use super::pages::SharedRam;
+
+/// Where guest writes come from: KVM's dirty log.
+pub trait DirtySource: Send {
+    /// ORs the pages written since the last call into `into` (page index space).
+    fn collect(&mut self, into: &mut Bitmap) -> std::io::Result<()>;
+}
+
+/// How the agent finds its daemon.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// The daemon's socket.
+    pub socket: PathBuf,
+    /// The share group to join.
+    pub share_group: String,
+    /// A name for the daemon's listings.
+    pub name: String,
+    /// Override of the VMA budget (default: what `vm.max_map_count` leaves, minus a margin).
+    pub vma_budget: Option<u32>,
+    /// Start a daemon (this program, `merged`) if none answers at first.
+    pub autostart: Option<PathBuf>,
+}
+
+/// Mappings left for merged runs: `vm.max_map_count` minus what the process uses, minus a
+/// margin for the VMM's own needs (threads, libraries).
+fn default_vma_budget() -> u32 {
+    let max: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(65530);
+    let used = vma_count() as u64;
+    max.saturating_sub(used + 1024).min(u64::from(u32::MAX)) as u32
+}
+
+fn vma_count() -> u32 {
+    std::fs::read_to_string("/proc/self/maps")
+        .map(|s| s.lines().count() as u32)
+        .unwrap_or(0)
+}
+
+struct Agent {
+    cfg: AgentConfig,
+    ram: SharedRam,
+    dirty_source: Option<Box<dyn DirtySource>>,
+    dirty: Bitmap,
+    dirty_cursor: u64,
+    vma_budget: u32,
+    blocked_writes: u64,
+    protect_all: Vec<u64>,
+}
+
+impl Agent {
+    fn hello(&self) -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            pid: std::process::id(),
+            name: self.cfg.name.clone(),
+            pages: self.ram.pages(),
+            share_group: self.cfg.share_group.clone(),
+            vma_budget: self.vma_budget,
+            dirty_source: self.dirty_source.is_some(),
+        }
+    }
+
+    fn connect(&self) -> std::io::Result<UnixStream> {
+        UnixStream::connect(&self.cfg.socket)
+    }
+
+    fn start_daemon(&self, exe: &PathBuf) {
+        let mut cmd = Command::new(exe);
+        cmd.arg("merged")
+            .arg("--socket")
+            .arg(&self.cfg.socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        // Keep the daemon's log where users find it.
+        let log = self.cfg.socket.with_extension("log");
+        match std::fs::OpenOptions::new().create(true).append(true).open(&log) {
+            Ok(f) => cmd.stderr(f),
+            Err(_) => cmd.stderr(Stdio::null()),
+        };
+        // SAFETY: setsid() is async-signal-safe; the child leaves our session so that it
+        // outlives this VM and our terminal's signals.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                libc::setsid();
+                Ok(())
+            });
+        }
+        match cmd.spawn() {
+            Ok(child) => tracing::info!(pid = child.id(), "started a merge daemon"),
+            Err(e) => tracing::warn!("cannot start a merge daemon: {e}"),
+        }
+    }
+
+    fn collect_dirty(&mut self) -> Result<(), String> {
+        if let Some(src) = self.dirty_source.as_mut() {
+            src.collect(&mut self.dirty)
+                .map_err(|e| format!("dirty log: {e}"))?;
+        }
+        Ok(())
+    }
+
+    fn drain_fault_events(&mut self) {
+        while let Ok(Some(_)) = self.ram.uffd().read_event() {
+            self.blocked_writes += 1;
+        }
+    }
+
+    fn stats(&mut self) -> AgentStats {
+        let mut s = std::mem::take(&mut self.ram.protect_stats.samples_ns);
+        self.protect_all.append(&mut s);
+        // Bound memory: keep the most recent 100k samples.
+        if self.protect_all.len() > 100_000 {
+            let cut = self.protect_all.len() - 100_000;
+            self.protect_all.drain(..cut);
+        }
+        let mut v = self.protect_all.clone();
+        v.sort_unstable();
+        let pct = |p: f64| -> u64 {
+            if v.is_empty() {
+                0
+            } else {
+                v[((v.len() - 1) as f64 * p) as usize]
+            }
+        };
+        AgentStats {
+            protect_batches: v.len() as u64,
+            protect_p50_ns: pct(0.5),
+            protect_p99_ns: pct(0.99),
+            protect_max_ns: v.last().copied().unwrap_or(0),
+            blocked_writes: self.blocked_writes,
+            vma_count: vma_count(),
+        }
+    }
+
+    fn serve(&mut self, req: Request) -> Reply {
+        let r = match req {
+            Request::Digest(runs) => self.collect_dirty().and_then(|()| {
+                let mut out = Vec::new();
+                let dirty = self.dirty_source.is_some().then_some(&mut self.dirty);
+                self.ram
+                    .digest(&runs, dirty, &mut out)
+                    .map(|()| Reply::Digests(out))
+                    .map_err(|e| e.to_string())
+            }),
+            Request::DigestDirty(max) => self.collect_dirty().and_then(|()| self.digest_dirty(max)),
+            Request::Merge(ops) => {
+                let mut out = Vec::new();
+                self.ram
+                    .merge(&ops, &mut out)
+                    .map(|()| Reply::Merged(out))
+                    .map_err(|e| e.to_string())
+            }
+            Request::ReclaimZero(gfns) => {
+                let mut out = Vec::new();
+                self.ram
+                    .reclaim_zero(&gfns, &mut out)
+                    .map(|()| Reply::Zero(out))
+                    .map_err(|e| e.to_string())
+            }
+            Request::Unmerge(gfns) => {
+                let mut out = Vec::new();
+                self.ram
+                    .unmerge(&gfns, &mut out)
+                    .map(|()| Reply::Unmerged(out))
+                    .map_err(|e| e.to_string())
+            }
+            Request::Stats => Ok(Reply::Stats(self.stats())),
+        };
+        self.drain_fault_events();
+        r.unwrap_or_else(|e| {
+            tracing::warn!("merge request failed: {e}");
+            Reply::Error(e)
+        })
+    }
+
+    fn digest_dirty(&mut self, max: u32) -> Result<Reply, String> {
+        // Dirty pages from the cursor to the end, then from the start: fair across rounds.
+        let total = self.ram.pages();
+        let start = self.dirty_cursor.min(total);
+        let mut pages = Vec::new();
+        for (from, to) in [(start, total), (0, start)] {
+            let mut q = from;
+            while pages.len() < max as usize {
+                match self.dirty.next_set(q) {
+                    Some(i) if i < to => {
+                        pages.push(i);
+                        q = i + 1;
+                    }
+                    _ => break,
+                }
+            }
+        }
+        self.dirty_cursor = pages.last().map_or(0, |l| l + 1);
+        pages.sort_unstable();
+        let runs: Vec<_> = pages
+            .iter()
+            .map(|&g| tinyvmm_merge::host::PageRun { gfn: g, len: 1 })
+            .collect();
+        let mut digests = Vec::new();
+        self.ram
+            .digest(&runs, Some(&mut self.dirty), &mut digests)
+            .map_err(|e| e.to_string())?;
+        let more = self.dirty.next_set(0).is_some();
+        Ok(Reply::DirtyDigests(pages.into_iter().zip(digests).collect(), more))
+    }
+
+    /// One registration: hello, welcome, then requests until the daemon goes away.
+    fn session(&mut self, mut stream: UnixStream) -> Result<(), String> {
+        protocol::send(&mut stream, &AgentMsg::Hello(self.hello()), None)
+            .map_err(|e| e.to_string())?;
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+        let (msg, fd) = protocol::recv::<DaemonMsg>(&mut stream).map_err(|e| e.to_string())?;
+        match (msg, fd) {
+            (DaemonMsg::Welcome { guest, pool_len }, Some(fd)) => {
+                self.ram
+                    .set_pool(fd, pool_len)
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(guest, "registered with the merge daemon");
+            }
+            (DaemonMsg::Refused(why), _) => return Err(format!("the merge daemon refused us: {why}")),
+            (other, _) => return Err(format!("unexpected answer to hello: {other:?}")),
+        }
+        let _ = stream.set_read_timeout(None);
+        loop {
+            let (msg, _) = protocol::recv::<DaemonMsg>(&mut stream).map_err(|e| e.to_string())?;
+            let DaemonMsg::Request { id, request } = msg else {
+                return Err("unexpected message from the daemon".into());
+            };
+            let reply = self.serve(request);
+            protocol::send(&mut stream, &AgentMsg::Reply { id, reply }, None)
+                .map_err(|e| e.to_string())?;
+        }
+    }
+
+    fn run(mut self) {
+        let mut autostart = self.cfg.autostart.clone();
+        let mut warned = false;
+        loop {
+            let stream = match self.connect() {
+                Ok(s) => s,
+                Err(e) => {
+                    if let Some(exe) = autostart.take() {
+                        self.start_daemon(&exe);
+                        // Give it a moment, then keep trying below.
+                        let deadline = Instant::now() + Duration::from_secs(5);
+                        let mut s = None;
+                        while Instant::now() < deadline {
+                            std::thread::sleep(Duration::from_millis(20));
+                            if let Ok(c) = self.connect() {
+                                s = Some(c);
+                                break;
+                            }
+                        }
+                        match s {
+                            Some(s) => s,
+                            None => continue,
+                        }
+                    } else {
+                        if !warned {
+                            tracing::warn!(
+                                socket = %self.cfg.socket.display(),
+                                "no merge daemon: {e}; guest runs unmerged, retrying"
+                            );
+                            warned = true;
+                        }
+                        std::thread::sleep(Duration::from_secs(1));
+                        continue;
+                    }
+                }
+            };
+            autostart = None;
+            warned = false;
+            match self.session(stream) {
+                Ok(()) => {}
+                Err(e) => tracing::warn!("merge daemon connection ended: {e}; retrying"),
+            }
+            // Merged pages keep their mappings of the old pool; the next daemon starts a new one.
+            self.ram.drop_pool();
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+}
+
+/// Starts the agent thread for `ram`. It runs for the life of the process.
+pub fn spawn_agent(
+    cfg: AgentConfig,
+    ram: SharedRam,
+    dirty_source: Option<Box<dyn DirtySource>>,
+) -> std::io::Result<JoinHandle<()>> {
+    let pages = ram.pages();
+    let mut dirty = Bitmap::new(pages);
+    // Everything counts as written before registration (the loader wrote the kernel).
+    dirty.set_all();
+    let vma_budget = cfg.vma_budget.unwrap_or_else(default_vma_budget);
+    let agent = Agent {
+        cfg,
+        ram,
+        dirty_source,
+        dirty,
+        dirty_cursor: 0,
+        vma_budget,
+        blocked_writes: 0,
+        protect_all: Vec::new(),
+    };
+    std::thread::Builder::new()
+        .name("merge-agent".into())
+        .spawn(move || agent.run())
+}

@@ -1,0 +1,15 @@
+//! Memory sharing for this VM: the merge agent and the page mechanism it drives.
+//!
+//! With `--share-memory`, the VMM registers its guest RAM with the merge daemon and runs an
+//! agent thread that does the page work the daemon orders on its own memory (see
+//! [`pages`]). Guest writes are tracked with KVM's dirty log so that the daemon only
+//! re-digests what changed. The guest never depends on the daemon: if the daemon dies, the
+//! agent keeps every mapping as it is (merged pages stay merged and still split on write)
+//! and registers again when a daemon comes back.
+
+pub mod agent;
+pub mod bitmap;
+pub mod pages;
+
+pub use agent::{spawn_agent, AgentConfig, DirtySource};
+pub use pages::{RamRange, SharedRam};

@@ -1,0 +1,654 @@
+//! The page mechanism on this VM's own RAM: what the merge agent does when the daemon
+//! orders it (see DESIGN.md, "How merging works on Linux from user space").
+//!
+//! - Write protection is userfaultfd write-protect over all guest RAM: a vCPU (or any VMM
+//!   thread) that writes a protected page blocks in the kernel until the page is
+//!   unprotected, then retries against whatever mapping is there by then.
+//! - Merge: protect the run, byte-compare (Join) or copy (Populate) each page against its
+//!   pool frame, `mmap(MAP_PRIVATE | MAP_FIXED)` the frames over the pages in runs, register
+//!   the new mappings with userfaultfd again, unprotect. `mmap(MAP_FIXED)` replaces the
+//!   pages atomically (under the mm's write lock): a woken writer finds the frame, whose
+//!   content equals what it had, and the kernel's copy-on-write gives it a private copy.
+//! - Zero pages: verify under protection, then `MADV_DONTNEED` (anonymous mappings read the
+//!   zero page afterwards). A page whose mapping is a pool file would read its frame again,
+//!   so such a page gets a fresh anonymous mapping instead.
+//! - Unmerge: copy the run's current contents into a new anonymous mapping, then `mremap`
+//!   that mapping over the run — atomic, so no thread ever sees an empty page.
+//! - Splits: a page mapped from the pool that the guest wrote is present and no longer a
+//!   file page in `/proc/self/pagemap`.
+//!
+//! Nothing here ever writes a pool frame that is mapped: frames are written (with `pwrite`)
+//! only while populating, before they are mapped anywhere.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
+
+use tinyvmm_merge::host::{
+    MergeOp, MergeOutcome, MergeResult, OpKind, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome,
+    PAGE_SIZE,
+};
+use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
+
+use super::bitmap::Bitmap;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// UFFD_FEATURE_WP_HUGETLBFS_SHMEM: write-protect shmem (pool memfd) mappings too.
+const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+/// UFFD_FEATURE_WP_UNPOPULATED: protect pages that were never touched as well.
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+const PM_PRESENT: u64 = 1 << 63;
+const PM_FILE: u64 = 1 << 61;
+
+/// Errors of the page mechanism. Any of them leaves guest memory intact.
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    /// userfaultfd could not be set up.
+    #[error("userfaultfd: {0}")]
+    Uffd(String),
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Os {
+        /// The call.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A request named pages outside guest RAM or frames outside the pool.
+    #[error("request out of range: {0}")]
+    Range(String),
+    /// No pool yet.
+    #[error("no pool: not registered with a merge daemon")]
+    NoPool,
+}
+
+fn os(what: &'static str) -> impl FnOnce(std::io::Error) -> PageError {
+    move |source| PageError::Os { what, source }
+}
+
+fn last_os(what: &'static str) -> PageError {
+    PageError::Os {
+        what,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+/// One contiguous piece of guest RAM in the host's address space.
+#[derive(Debug, Clone, Copy)]
+pub struct RamRange {
+    /// Host virtual address.
+    pub hva: u64,
+    /// Length in bytes (a multiple of 4 KiB).
+    pub len: u64,
+}
+
+/// The pool memfd of our merge domain, mapped read-only for compares.
+#[derive(Debug)]
+struct Pool {
+    file: File,
+    base: *const u8,
+    len: u64,
+}
+
+// SAFETY: the mapping is read-only and lives as long as `Pool`; only raw reads go through it.
+unsafe impl Send for Pool {}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // SAFETY: `base`/`len` are exactly the mapping created in `SharedRam::set_pool`.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len as usize) };
+    }
+}
+
+/// Write-protect statistics: how long pages stayed protected per batch (an upper bound on
+/// what a vCPU writing them waits).
+#[derive(Debug, Default, Clone)]
+pub struct ProtectStats {
+    /// Nanoseconds each protected batch lasted.
+    pub samples_ns: Vec<u64>,
+}
+
+/// Guest RAM of this process, as pages 0..N in slot order, and the mechanism above.
+pub struct SharedRam {
+    ranges: Vec<RamRange>,
+    /// First page index of each range.
+    starts: Vec<u64>,
+    pages: u64,
+    uffd: Uffd,
+    pool: Option<Pool>,
+    /// The page's mapping is a pool file mapping (merged now, or merged once and split).
+    file_mapped: Bitmap,
+    pagemap: File,
+    zero_hash: u64,
+    /// Protection durations since the last `take_protect_stats`.
+    pub protect_stats: ProtectStats,
+}
+
+impl std::fmt::Debug for SharedRam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRam")
+            .field("ranges", &self.ranges)
+            .field("pages", &self.pages)
+            .finish()
+    }
+}
+
+/// A page's content hash (xxh3-64), as the engine and daemon expect it.
+pub fn page_hash(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (pre, words, post) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets.
+        unsafe { page.align_to::<u64>() }
+    };
+    pre.iter().all(|b| *b == 0) && post.iter().all(|b| *b == 0) && words.iter().all(|w| *w == 0)
+}
+
+impl SharedRam {
+    /// Takes over `ranges` (guest RAM, private anonymous): registers them with a new
+    /// userfaultfd for write protection.
+    pub fn new(ranges: Vec<RamRange>) -> Result<Self, PageError> {
+        let uffd = UffdBuilder::new()
+            .close_on_exec(true)
+            .non_blocking(true)
+            .user_mode_only(false)
+            .require_features(
+                FeatureFlags::PAGEFAULT_FLAG_WP
+                    | FeatureFlags::from_bits_retain(
+                        UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_WP_UNPOPULATED,
+                    ),
+            )
+            .create()
+            .map_err(|e| PageError::Uffd(e.to_string()))?;
+        let mut starts = Vec::new();
+        let mut pages = 0;
+        for r in &ranges {
+            starts.push(pages);
+            pages += r.len / PAGE;
+            uffd.register_with_mode(
+                r.hva as *mut libc::c_void,
+                r.len as usize,
+                RegisterMode::WRITE_PROTECT,
+            )
+            .map_err(|e| PageError::Uffd(format!("register {:#x}+{:#x}: {e}", r.hva, r.len)))?;
+        }
+        let pagemap = File::open("/proc/self/pagemap").map_err(os("open /proc/self/pagemap"))?;
+        Ok(Self {
+            ranges,
+            starts,
+            pages,
+            uffd,
+            pool: None,
+            file_mapped: Bitmap::new(pages),
+            pagemap,
+            zero_hash: page_hash(&[0u8; PAGE_SIZE]),
+            protect_stats: ProtectStats::default(),
+        })
+    }
+
+    /// Number of guest pages.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// The userfaultfd, whose fault events the agent drains.
+    pub fn uffd(&self) -> &Uffd {
+        &self.uffd
+    }
+
+    /// Maps the domain's pool (received from the daemon) read-only, `len` bytes.
+    pub fn set_pool(&mut self, fd: OwnedFd, len: u64) -> Result<(), PageError> {
+        // SAFETY: a fresh shared read-only mapping of a file we own; nothing else is mapped
+        // at the address the kernel picks.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len as usize,
+                libc::PROT_READ,
+                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(last_os("mmap the pool"));
+        }
+        // Mappings of the previous pool (a restarted daemon's predecessor) stay valid: the
+        // kernel keeps that file alive for as long as guest pages map it.
+        self.pool = Some(Pool {
+            file: File::from(fd),
+            base: base as *const u8,
+            len,
+        });
+        Ok(())
+    }
+
+    /// Forgets the pool (daemon gone). Existing merged pages keep their mappings.
+    pub fn drop_pool(&mut self) {
+        self.pool = None;
+    }
+
+    /// Whether page `p`'s mapping is a pool file mapping.
+    pub fn is_file_mapped(&self, p: u64) -> bool {
+        self.file_mapped.get(p)
+    }
+
+    /// Host address of page `p`.
+    fn hva(&self, p: u64) -> Result<u64, PageError> {
+        if p >= self.pages {
+            return Err(PageError::Range(format!("page {p} of {}", self.pages)));
+        }
+        let i = self.starts.partition_point(|s| *s <= p) - 1;
+        Ok(self.ranges[i].hva + (p - self.starts[i]) * PAGE)
+    }
+
+    /// Splits the run `p..p+len` at RAM range boundaries: (first page, pages, hva).
+    fn pieces(&self, p: u64, len: u64) -> Result<Vec<(u64, u64, u64)>, PageError> {
+        if len == 0 || p.checked_add(len).is_none_or(|e| e > self.pages) {
+            return Err(PageError::Range(format!("pages {p}+{len} of {}", self.pages)));
+        }
+        let mut out = Vec::new();
+        let mut cur = p;
+        while cur < p + len {
+            let i = self.starts.partition_point(|s| *s <= cur) - 1;
+            let range_end = self.starts[i] + self.ranges[i].len / PAGE;
+            let n = (p + len).min(range_end) - cur;
+            out.push((cur, n, self.ranges[i].hva + (cur - self.starts[i]) * PAGE));
+            cur += n;
+        }
+        Ok(out)
+    }
+
+    fn page(&self, hva: u64) -> &[u8] {
+        // SAFETY: `hva` is a page of guest RAM (checked by the callers through `hva` or
+        // `pieces`), mapped for the lifetime of the VM. Guest writes may race with this read
+        // unless the page is write-protected; the bytes are only hashed or compared, and a
+        // torn read is caught by the byte compare under protection before any merge.
+        unsafe { std::slice::from_raw_parts(hva as *const u8, PAGE_SIZE) }
+    }
+
+    fn frame(&self, frame: u64) -> Result<&[u8], PageError> {
+        let pool = self.pool.as_ref().ok_or(PageError::NoPool)?;
+        if (frame + 1) * PAGE > pool.len {
+            return Err(PageError::Range(format!("frame {frame} beyond the pool")));
+        }
+        // SAFETY: inside the pool's read-only mapping, which lives as long as `self.pool`.
+        Ok(unsafe { std::slice::from_raw_parts(pool.base.add((frame * PAGE) as usize), PAGE_SIZE) })
+    }
+
+    fn protect(&self, hva: u64, len: u64) -> Result<(), PageError> {
+        self.uffd
+            .write_protect(hva as *mut libc::c_void, len as usize)
+            .map_err(|e| PageError::Uffd(format!("write-protect {hva:#x}+{len:#x}: {e}")))
+    }
+
+    fn unprotect(&self, hva: u64, len: u64) -> Result<(), PageError> {
+        self.uffd
+            .remove_write_protection(hva as *mut libc::c_void, len as usize, true)
+            .map_err(|e| PageError::Uffd(format!("unprotect {hva:#x}+{len:#x}: {e}")))
+    }
+
+    fn reregister(&self, hva: u64, len: u64) -> Result<(), PageError> {
+        self.uffd
+            .register_with_mode(
+                hva as *mut libc::c_void,
+                len as usize,
+                RegisterMode::WRITE_PROTECT,
+            )
+            .map(|_| ())
+            .map_err(|e| PageError::Uffd(format!("register {hva:#x}+{len:#x}: {e}")))
+    }
+
+    /// Pagemap entries of `n` pages from `hva`.
+    fn pagemap(&self, hva: u64, n: u64) -> Result<Vec<u64>, PageError> {
+        let mut buf = vec![0u8; (n * 8) as usize];
+        self.pagemap
+            .read_exact_at(&mut buf, (hva / PAGE) * 8)
+            .map_err(os("read /proc/self/pagemap"))?;
+        Ok(buf
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect())
+    }
+
+    /// Digests `runs`; `dirty` (if tracking) says which pages were written since their last
+    /// digest, and is cleared for the pages digested.
+    pub fn digest(
+        &self,
+        runs: &[PageRun],
+        mut dirty: Option<&mut Bitmap>,
+        out: &mut Vec<PageDigest>,
+    ) -> Result<(), PageError> {
+        out.clear();
+        for run in runs {
+            for (first, n, hva) in self.pieces(run.gfn, u64::from(run.len))? {
+                let any_file = (first..first + n).any(|p| self.file_mapped.get(p));
+                let pm = if any_file {
+                    Some(self.pagemap(hva, n)?)
+                } else {
+                    None
+                };
+                for k in 0..n {
+                    let p = first + k;
+                    let page = self.page(hva + k * PAGE);
+                    let hash = page_hash(page);
+                    let zero = hash == self.zero_hash && is_zero(page);
+                    let split = match &pm {
+                        Some(pm) if self.file_mapped.get(p) => {
+                            let e = pm[k as usize];
+                            e & PM_PRESENT != 0 && e & PM_FILE == 0
+                        }
+                        _ => false,
+                    };
+                    let d = dirty.as_deref_mut().map(|b| {
+                        let was = b.get(p);
+                        b.set(p, false);
+                        was
+                    });
+                    out.push(PageDigest {
+                        hash,
+                        zero,
+                        split,
+                        dirty: d,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn map_frames(&self, hva: u64, n: u64, frame: u64) -> Result<bool, PageError> {
+        let pool = self.pool.as_ref().ok_or(PageError::NoPool)?;
+        // SAFETY: replaces `n` pages of guest RAM (inside our ranges, checked by `pieces`)
+        // with a private copy-on-write mapping of pool frames whose content was just
+        // verified equal (or copied) under write protection, so guest-visible content is
+        // unchanged.
+        let r = unsafe {
+            libc::mmap(
+                hva as *mut libc::c_void,
+                (n * PAGE) as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                pool.file.as_raw_fd(),
+                (frame * PAGE) as libc::off_t,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOMEM) {
+                return Ok(false);
+            }
+            return Err(PageError::Os {
+                what: "mmap a pool frame",
+                source: e,
+            });
+        }
+        self.reregister(hva, n * PAGE)?;
+        Ok(true)
+    }
+
+    /// Carries out merge runs (see `MergeHost::merge`).
+    pub fn merge(&mut self, ops: &[MergeOp], out: &mut Vec<MergeResult>) -> Result<(), PageError> {
+        out.clear();
+        if self.pool.is_none() {
+            return Err(PageError::NoPool);
+        }
+        for op in ops {
+            let mut frame = u64::from(op.frame);
+            for (first, n, hva) in self.pieces(op.gfn, u64::from(op.len))? {
+                let start = std::time::Instant::now();
+                self.protect(hva, n * PAGE)?;
+                let res = self.merge_protected(op.kind, first, n, hva, frame, out);
+                let unprot = self.unprotect(hva, n * PAGE);
+                self.protect_stats.samples_ns.push(start.elapsed().as_nanos() as u64);
+                res?;
+                unprot?;
+                frame += n;
+            }
+        }
+        Ok(())
+    }
+
+    fn merge_protected(
+        &mut self,
+        kind: OpKind,
+        first: u64,
+        n: u64,
+        hva: u64,
+        frame: u64,
+        out: &mut Vec<MergeResult>,
+    ) -> Result<(), PageError> {
+        let base = out.len();
+        // Decide page by page, then map maximal runs of accepted pages with one mmap each.
+        for k in 0..n {
+            let page = self.page(hva + k * PAGE);
+            match kind {
+                OpKind::Populate => {
+                    let pool = self.pool.as_ref().ok_or(PageError::NoPool)?;
+                    if (frame + k + 1) * PAGE > pool.len {
+                        return Err(PageError::Range(format!("frame {} beyond the pool", frame + k)));
+                    }
+                    pool.file
+                        .write_all_at(page, (frame + k) * PAGE)
+                        .map_err(os("write a pool frame"))?;
+                    out.push(MergeResult {
+                        outcome: MergeOutcome::Merged,
+                        hash: page_hash(page),
+                    });
+                }
+                OpKind::Join => {
+                    let equal = self.frame(frame + k)? == page;
+                    out.push(MergeResult {
+                        outcome: if equal {
+                            MergeOutcome::Merged
+                        } else {
+                            MergeOutcome::Mismatch
+                        },
+                        hash: 0,
+                    });
+                }
+            }
+        }
+        let mut k = 0;
+        while k < n {
+            if out[base + k as usize].outcome != MergeOutcome::Merged {
+                k += 1;
+                continue;
+            }
+            let run_start = k;
+            while k < n && out[base + k as usize].outcome == MergeOutcome::Merged {
+                k += 1;
+            }
+            let len = k - run_start;
+            if self.map_frames(hva + run_start * PAGE, len, frame + run_start)? {
+                for p in first + run_start..first + k {
+                    self.file_mapped.set(p, true);
+                }
+            } else {
+                for r in &mut out[base + run_start as usize..base + k as usize] {
+                    r.outcome = MergeOutcome::NoVmaBudget;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Verifies and drops zero pages (see `MergeHost::reclaim_zero`).
+    pub fn reclaim_zero(&mut self, gfns: &[u64], out: &mut Vec<ZeroOutcome>) -> Result<(), PageError> {
+        out.clear();
+        for &p in gfns {
+            let hva = self.hva(p)?;
+            let start = std::time::Instant::now();
+            self.protect(hva, PAGE)?;
+            let res = (|| {
+                if !is_zero(self.page(hva)) {
+                    return Ok(ZeroOutcome::NotZero);
+                }
+                if self.file_mapped.get(p) {
+                    // A fresh anonymous page reads zero, like the page does now.
+                    self.fresh_anonymous(hva, PAGE)?;
+                    self.file_mapped.set(p, false);
+                } else {
+                    // SAFETY: the page is guest RAM, private anonymous, verified all zero
+                    // under write protection: after MADV_DONTNEED it reads zero again.
+                    if unsafe { libc::madvise(hva as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) } != 0 {
+                        return Err(last_os("madvise(MADV_DONTNEED)"));
+                    }
+                }
+                Ok(ZeroOutcome::Reclaimed)
+            })();
+            let unprot = self.unprotect(hva, PAGE);
+            self.protect_stats.samples_ns.push(start.elapsed().as_nanos() as u64);
+            out.push(res?);
+            unprot?;
+        }
+        Ok(())
+    }
+
+    fn fresh_anonymous(&self, hva: u64, len: u64) -> Result<(), PageError> {
+        // SAFETY: replaces guest RAM at `hva` (checked by callers) with fresh anonymous
+        // memory; callers only do so where the content is zero.
+        let r = unsafe {
+            libc::mmap(
+                hva as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(last_os("mmap anonymous memory"));
+        }
+        // SAFETY: as above, same range.
+        unsafe { libc::madvise(hva as *mut libc::c_void, len as usize, libc::MADV_NOHUGEPAGE) };
+        self.reregister(hva, len)
+    }
+
+    /// Gives pages private anonymous memory again (see `MergeHost::unmerge`).
+    pub fn unmerge(&mut self, gfns: &[u64], out: &mut Vec<UnmergeOutcome>) -> Result<(), PageError> {
+        out.clear();
+        let mut i = 0;
+        while i < gfns.len() {
+            // Group consecutive pages that are file-mapped into one run.
+            let p = gfns[i];
+            if !self.file_mapped.get(p) {
+                self.hva(p)?;
+                out.push(UnmergeOutcome::Unmerged);
+                i += 1;
+                continue;
+            }
+            let mut n = 1;
+            while i + n < gfns.len() && gfns[i + n] == p + n as u64 && self.file_mapped.get(p + n as u64) {
+                n += 1;
+            }
+            let mut done = 0u64;
+            for (first, len, hva) in self.pieces(p, n as u64)? {
+                let ok = self.unmerge_run(first, len, hva)?;
+                let outcome = if ok {
+                    UnmergeOutcome::Unmerged
+                } else {
+                    UnmergeOutcome::NoVmaBudget
+                };
+                out.extend(std::iter::repeat_n(outcome, len as usize));
+                done += len;
+            }
+            debug_assert_eq!(done, n as u64);
+            i += n;
+        }
+        Ok(())
+    }
+
+    fn unmerge_run(&mut self, first: u64, n: u64, hva: u64) -> Result<bool, PageError> {
+        let len = (n * PAGE) as usize;
+        let start = std::time::Instant::now();
+        self.protect(hva, n * PAGE)?;
+        let res = (|| {
+            // SAFETY: a new private anonymous mapping at an address of the kernel's choosing.
+            let tmp = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                    -1,
+                    0,
+                )
+            };
+            if tmp == libc::MAP_FAILED {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENOMEM) {
+                    return Ok(false);
+                }
+                return Err(PageError::Os {
+                    what: "mmap a bounce buffer",
+                    source: e,
+                });
+            }
+            // SAFETY: `tmp` is `len` fresh bytes; the source is `n` guest pages (checked by
+            // `pieces`), write-protected so their content is stable.
+            unsafe { std::ptr::copy_nonoverlapping(hva as *const u8, tmp as *mut u8, len) };
+            // SAFETY: moves the anonymous copy over the guest pages in one step (under the
+            // mm's write lock), so every later access sees the same content, privately.
+            let r = unsafe {
+                libc::mremap(
+                    tmp,
+                    len,
+                    len,
+                    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                    hva as *mut libc::c_void,
+                )
+            };
+            if r == libc::MAP_FAILED {
+                let e = std::io::Error::last_os_error();
+                // SAFETY: `tmp` is still our mapping when mremap failed.
+                unsafe { libc::munmap(tmp, len) };
+                if e.raw_os_error() == Some(libc::ENOMEM) {
+                    return Ok(false);
+                }
+                return Err(PageError::Os {
+                    what: "mremap over guest RAM",
+                    source: e,
+                });
+            }
+            // SAFETY: same guest range, now anonymous.
+            unsafe { libc::madvise(hva as *mut libc::c_void, len, libc::MADV_NOHUGEPAGE) };
+            self.reregister(hva, n * PAGE)?;
+            Ok(true)
+        })();
+        let unprot = self.unprotect(hva, n * PAGE);
+        self.protect_stats.samples_ns.push(start.elapsed().as_nanos() as u64);
+        let ok = res?;
+        unprot?;
+        if ok {
+            for p in first..first + n {
+                self.file_mapped.set(p, false);
+            }
+        }
+        Ok(ok)
+    }
+
+    /// Pages whose mapping is a pool frame but which hold a private (COW) copy now.
+    pub fn split_pages(&self) -> Result<Vec<u64>, PageError> {
+        let mut out = Vec::new();
+        let mut p = 0;
+        while let Some(first) = self.file_mapped.next_set(p) {
+            let mut n = 1;
+            while first + n < self.pages && self.file_mapped.get(first + n) && n < 4096 {
+                n += 1;
+            }
+            for (f, len, hva) in self.pieces(first, n)? {
+                for (k, e) in self.pagemap(hva, len)?.into_iter().enumerate() {
+                    if e & PM_PRESENT != 0 && e & PM_FILE == 0 {
+                        out.push(f + k as u64);
+                    }
+                }
+            }
+            p = first + n;
+        }
+        Ok(out)
+    }
+}
