@@ -145,11 +145,7 @@ fn initrd_is_placed_in_ram_and_intact() {
         16,
     )
     .unwrap();
-    assert_eq!(
-        sum,
-        fnv1a64(&data),
-        "initrd bytes differ in the guest"
-    );
+    assert_eq!(sum, fnv1a64(&data), "initrd bytes differ in the guest");
 }
 
 #[test]

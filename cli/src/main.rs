@@ -1,12 +1,10 @@
 //! `tinyvmm`: the command-line front end.
 
-mod daemon;
-mod size;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use tinyvmm::{api, bench, daemon, ksm_client, size};
 use tinyvmm_vmm::{BootSpec, ExitReason, KernelSource, MemoryPolicy, VmConfig, Vmm};
 
 #[derive(Parser, Debug)]
@@ -31,6 +29,10 @@ enum Command {
     GuestImage(GuestImageArgs),
     /// Run the merge daemon (the user-space ksmd) in the foreground.
     Merged(MergedArgs),
+    /// Read and tune the merge daemon (knobs and counters of /sys/kernel/mm/ksm).
+    Ksm(ksm_client::KsmArgs),
+    /// Benchmarks.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -38,6 +40,9 @@ struct MergedArgs {
     /// Socket that VM processes register on.
     #[arg(long)]
     socket: Option<PathBuf>,
+    /// The REST control socket (HTTP/1.1 + JSON, mode 0600).
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
     /// Pages visited per wake-up, across all guests.
     #[arg(long)]
     pages_to_scan: Option<u32>,
@@ -183,7 +188,10 @@ fn run(args: RunArgs) -> ExitCode {
                 std::env::current_exe().ok()
             },
         };
-        let ram = match tinyvmm_vmm::share::SharedRam::new(vmm.ram_ranges()) {
+        let ram = match tinyvmm_vmm::share::SharedRam::new(
+            vmm.ram_ranges(),
+            Box::new(vmm.guest_memory().clone()),
+        ) {
             Ok(r) => r,
             Err(e) => {
                 eprintln!("tinyvmm: error: cannot enrol guest memory for merging: {e}");
@@ -268,6 +276,19 @@ fn merged(args: MergedArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let api_sock = args
+        .api_sock
+        .unwrap_or_else(api::tinyvmm_api_default_socket);
+    let _api = match api::ApiServer::start(&api_sock, std::sync::Arc::new(d.control())) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!(
+                "tinyvmm: error: cannot serve the control API on {}: {e}",
+                api_sock.display()
+            );
+            return ExitCode::from(1);
+        }
+    };
     let stop = daemon::termination_flag();
     match d.run(&|| stop.load(std::sync::atomic::Ordering::Relaxed)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -285,5 +306,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::GuestImage(args) => guest_image(args),
         Command::Merged(args) => merged(args),
+        Command::Ksm(args) => ksm_client::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

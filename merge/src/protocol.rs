@@ -16,9 +16,7 @@ use std::os::unix::net::UnixStream;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::host::{
-    Gfn, MergeOp, MergeResult, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome,
-};
+use crate::host::{Gfn, MergeOp, MergeResult, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome};
 
 /// Bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -221,7 +219,12 @@ mod tests {
             guest: 7,
             pool_len: 1 << 30,
         };
-        send(&mut b, &welcome, Some(std::os::fd::AsRawFd::as_raw_fd(&file))).unwrap();
+        send(
+            &mut b,
+            &welcome,
+            Some(std::os::fd::AsRawFd::as_raw_fd(&file)),
+        )
+        .unwrap();
         let (got, fd): (DaemonMsg, _) = recv(&mut a).unwrap();
         assert_eq!(got, welcome);
         assert!(fd.is_some());
@@ -252,11 +255,17 @@ mod tests {
     fn oversized_and_garbage_frames_are_rejected() {
         let (mut a, mut b) = UnixStream::pair().unwrap();
         a.write_all(&(MAX_FRAME as u32 + 1).to_le_bytes()).unwrap();
-        assert!(matches!(recv::<AgentMsg>(&mut b), Err(WireError::TooLarge(_))));
+        assert!(matches!(
+            recv::<AgentMsg>(&mut b),
+            Err(WireError::TooLarge(_))
+        ));
         let (mut a, mut b) = UnixStream::pair().unwrap();
         a.write_all(&3u32.to_le_bytes()).unwrap();
         a.write_all(&[0xff, 0xff, 0xff]).unwrap();
-        assert!(matches!(recv::<AgentMsg>(&mut b), Err(WireError::Decode(_))));
+        assert!(matches!(
+            recv::<AgentMsg>(&mut b),
+            Err(WireError::Decode(_))
+        ));
         drop(a);
         assert!(recv::<AgentMsg>(&mut b).is_err());
     }

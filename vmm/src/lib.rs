@@ -11,8 +11,8 @@
 
 pub mod boot;
 pub mod memory;
-mod signals;
 pub mod share;
+mod signals;
 pub mod vcpu;
 pub mod x86_64;
 

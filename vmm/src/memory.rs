@@ -84,7 +84,7 @@ pub fn validate_size(size: u64) -> Result<(), MemoryError> {
             MIN_MEM_SIZE >> 20
         )));
     }
-    if size % 4096 != 0 {
+    if !size.is_multiple_of(4096) {
         return Err(invalid("not a multiple of 4 KiB".into()));
     }
     let top = ram_ranges(size)

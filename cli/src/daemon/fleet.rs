@@ -23,14 +23,12 @@ pub const POOL_LEN: u64 = 256 << 30;
 pub struct Conn {
     pub stream: UnixStream,
     pub hello: Hello,
-    pub domain: DomainId,
 }
 
 /// A merge domain's pool of frames: a memfd.
 #[derive(Debug)]
 pub struct Pool {
     pub file: File,
-    pub name: String,
 }
 
 impl Pool {
@@ -45,10 +43,7 @@ impl Pool {
         // SAFETY: `fd` is a new descriptor owned by nothing else.
         let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
         file.set_len(POOL_LEN)?;
-        Ok(Self {
-            file,
-            name: name.to_string(),
-        })
+        Ok(Self { file })
     }
 
     /// Bytes of frames resident in the pool.

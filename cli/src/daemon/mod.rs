@@ -34,26 +34,9 @@ const MAX_GUEST_PAGES: u64 = 1 << 30;
 /// How long a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The directory holding the daemon's sockets and lock: `$TINYVMM_RUN_DIR`, else
-/// `/run/tinyvmm` for root, else `$XDG_RUNTIME_DIR/tinyvmm`, else `/tmp/tinyvmm-$UID`.
-pub fn run_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("TINYVMM_RUN_DIR") {
-        return PathBuf::from(d);
-    }
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    if uid == 0 {
-        return PathBuf::from("/run/tinyvmm");
-    }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
-        return PathBuf::from(d).join("tinyvmm");
-    }
-    PathBuf::from(format!("/tmp/tinyvmm-{uid}"))
-}
-
 /// The default socket agents register on.
 pub fn default_merge_socket() -> PathBuf {
-    run_dir().join("merged.sock")
+    crate::api::run_dir().join("merged.sock")
 }
 
 /// Errors starting the daemon.
@@ -150,7 +133,10 @@ pub struct Daemon {
     tx: Sender<Cmd>,
 }
 
-fn setup<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
+fn setup<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
     move |source| DaemonError::Setup {
         what,
         path: path.to_path_buf(),
@@ -225,7 +211,9 @@ impl Daemon {
         tracing::info!(socket = %self.cfg.socket.display(), "merge daemon ready");
         while !stop() {
             let now = Instant::now();
-            let wait = next_round.saturating_duration_since(now).min(Duration::from_millis(200));
+            let wait = next_round
+                .saturating_duration_since(now)
+                .min(Duration::from_millis(200));
             match self.rx.recv_timeout(wait) {
                 Ok(cmd) => {
                     handle(cmd, &mut engine, &mut fleet);
@@ -348,14 +336,7 @@ fn register(mut stream: UnixStream, hello: Hello, engine: &mut Engine, fleet: &m
         group = %hello.share_group,
         "guest registered"
     );
-    fleet.conns.insert(
-        id,
-        Conn {
-            stream,
-            hello,
-            domain,
-        },
-    );
+    fleet.conns.insert(id, Conn { stream, hello });
 }
 
 fn next_guest_id() -> u32 {
@@ -387,7 +368,11 @@ fn remove_dead(engine: &mut Engine, fleet: &mut Fleet) {
     dead.dedup();
     for id in dead {
         if let Some(conn) = fleet.conns.remove(&id) {
-            tracing::info!(guest = id.0, pid = conn.hello.pid, "guest left; dropping its references");
+            tracing::info!(
+                guest = id.0,
+                pid = conn.hello.pid,
+                "guest left; dropping its references"
+            );
         }
         fleet.agent_stats.remove(&id);
         let _ = engine.remove_guest(id, fleet);
@@ -457,4 +442,44 @@ fn signal_hook_register(
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
+}
+
+impl Snapshot {
+    fn ksm_state(&self) -> crate::api::KsmState {
+        crate::api::KsmState {
+            knobs: self.knobs,
+            counters: self.counters,
+            pool_bytes: self.pool_bytes,
+            engine_metadata_bytes: self.counters.metadata_bytes,
+        }
+    }
+}
+
+impl crate::api::ControlPlane for Control {
+    fn ksm(&self) -> Result<crate::api::KsmState, crate::api::ApiError> {
+        self.snapshot()
+            .map(|s| s.ksm_state())
+            .ok_or_else(|| crate::api::ApiError::Unavailable("the daemon is stopping".into()))
+    }
+
+    fn update_knobs(&self, upd: KnobsUpdate) -> Result<crate::api::KsmState, crate::api::ApiError> {
+        self.update(upd)
+            .map(|s| s.ksm_state())
+            .map_err(crate::api::ApiError::BadRequest)
+    }
+
+    fn guests(&self) -> Result<Vec<crate::api::GuestInfo>, crate::api::ApiError> {
+        let s = self
+            .snapshot()
+            .ok_or_else(|| crate::api::ApiError::Unavailable("the daemon is stopping".into()))?;
+        Ok(s.guests
+            .into_iter()
+            .map(|g| crate::api::GuestInfo {
+                counters: g.counters,
+                pid: g.hello.pid,
+                name: g.hello.name,
+                share_group: g.hello.share_group,
+            })
+            .collect())
+    }
 }

@@ -89,7 +89,11 @@ impl Agent {
             .stdout(Stdio::null());
         // Keep the daemon's log where users find it.
         let log = self.cfg.socket.with_extension("log");
-        match std::fs::OpenOptions::new().create(true).append(true).open(&log) {
+        match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+        {
             Ok(f) => cmd.stderr(f),
             Err(_) => cmd.stderr(Stdio::null()),
         };
@@ -217,7 +221,10 @@ impl Agent {
             .digest(&runs, Some(&mut self.dirty), &mut digests)
             .map_err(|e| e.to_string())?;
         let more = self.dirty.next_set(0).is_some();
-        Ok(Reply::DirtyDigests(pages.into_iter().zip(digests).collect(), more))
+        Ok(Reply::DirtyDigests(
+            pages.into_iter().zip(digests).collect(),
+            more,
+        ))
     }
 
     /// One registration: hello, welcome, then requests until the daemon goes away.
@@ -228,12 +235,12 @@ impl Agent {
         let (msg, fd) = protocol::recv::<DaemonMsg>(&mut stream).map_err(|e| e.to_string())?;
         match (msg, fd) {
             (DaemonMsg::Welcome { guest, pool_len }, Some(fd)) => {
-                self.ram
-                    .set_pool(fd, pool_len)
-                    .map_err(|e| e.to_string())?;
+                self.ram.set_pool(fd, pool_len).map_err(|e| e.to_string())?;
                 tracing::info!(guest, "registered with the merge daemon");
             }
-            (DaemonMsg::Refused(why), _) => return Err(format!("the merge daemon refused us: {why}")),
+            (DaemonMsg::Refused(why), _) => {
+                return Err(format!("the merge daemon refused us: {why}"))
+            }
             (other, _) => return Err(format!("unexpected answer to hello: {other:?}")),
         }
         let _ = stream.set_read_timeout(None);

@@ -62,7 +62,7 @@ impl Bitmap {
 
     /// ORs `bits` (bit k = page `first + k`) into the bitmap; `first` need not be aligned.
     pub fn or_bits(&mut self, first: u64, bits: &[u64]) {
-        if first % 64 == 0 {
+        if first.is_multiple_of(64) {
             for (k, w) in bits.iter().enumerate() {
                 self.or_word(first + k as u64 * 64, *w);
             }

@@ -110,6 +110,9 @@ pub struct ProtectStats {
 
 /// Guest RAM of this process, as pages 0..N in slot order, and the mechanism above.
 pub struct SharedRam {
+    /// Keeps guest RAM mapped for as long as we may touch it (the VMM may be torn down
+    /// while the agent thread is still mid-request).
+    _keepalive: Box<dyn std::any::Any + Send>,
     ranges: Vec<RamRange>,
     /// First page index of each range.
     starts: Vec<u64>,
@@ -148,8 +151,12 @@ fn is_zero(page: &[u8]) -> bool {
 
 impl SharedRam {
     /// Takes over `ranges` (guest RAM, private anonymous): registers them with a new
-    /// userfaultfd for write protection.
-    pub fn new(ranges: Vec<RamRange>) -> Result<Self, PageError> {
+    /// userfaultfd for write protection. `keepalive` owns the mappings (a clone of the
+    /// guest memory handle) so that they outlive every access made here.
+    pub fn new(
+        ranges: Vec<RamRange>,
+        keepalive: Box<dyn std::any::Any + Send>,
+    ) -> Result<Self, PageError> {
         let uffd = UffdBuilder::new()
             .close_on_exec(true)
             .non_blocking(true)
@@ -176,6 +183,7 @@ impl SharedRam {
         }
         let pagemap = File::open("/proc/self/pagemap").map_err(os("open /proc/self/pagemap"))?;
         Ok(Self {
+            _keepalive: keepalive,
             ranges,
             starts,
             pages,
@@ -247,7 +255,10 @@ impl SharedRam {
     /// Splits the run `p..p+len` at RAM range boundaries: (first page, pages, hva).
     fn pieces(&self, p: u64, len: u64) -> Result<Vec<(u64, u64, u64)>, PageError> {
         if len == 0 || p.checked_add(len).is_none_or(|e| e > self.pages) {
-            return Err(PageError::Range(format!("pages {p}+{len} of {}", self.pages)));
+            return Err(PageError::Range(format!(
+                "pages {p}+{len} of {}",
+                self.pages
+            )));
         }
         let mut out = Vec::new();
         let mut cur = p;
@@ -275,7 +286,11 @@ impl SharedRam {
             return Err(PageError::Range(format!("frame {frame} beyond the pool")));
         }
         // SAFETY: inside the pool's read-only mapping, which lives as long as `self.pool`.
-        Ok(unsafe { std::slice::from_raw_parts(pool.base.add((frame * PAGE) as usize), PAGE_SIZE) })
+        Ok(
+            unsafe {
+                std::slice::from_raw_parts(pool.base.add((frame * PAGE) as usize), PAGE_SIZE)
+            },
+        )
     }
 
     fn protect(&self, hva: u64, len: u64) -> Result<(), PageError> {
@@ -402,7 +417,9 @@ impl SharedRam {
                 self.protect(hva, n * PAGE)?;
                 let res = self.merge_protected(op.kind, first, n, hva, frame, out);
                 let unprot = self.unprotect(hva, n * PAGE);
-                self.protect_stats.samples_ns.push(start.elapsed().as_nanos() as u64);
+                self.protect_stats
+                    .samples_ns
+                    .push(start.elapsed().as_nanos() as u64);
                 res?;
                 unprot?;
                 frame += n;
@@ -428,7 +445,10 @@ impl SharedRam {
                 OpKind::Populate => {
                     let pool = self.pool.as_ref().ok_or(PageError::NoPool)?;
                     if (frame + k + 1) * PAGE > pool.len {
-                        return Err(PageError::Range(format!("frame {} beyond the pool", frame + k)));
+                        return Err(PageError::Range(format!(
+                            "frame {} beyond the pool",
+                            frame + k
+                        )));
                     }
                     pool.file
                         .write_all_at(page, (frame + k) * PAGE)
@@ -476,7 +496,11 @@ impl SharedRam {
     }
 
     /// Verifies and drops zero pages (see `MergeHost::reclaim_zero`).
-    pub fn reclaim_zero(&mut self, gfns: &[u64], out: &mut Vec<ZeroOutcome>) -> Result<(), PageError> {
+    pub fn reclaim_zero(
+        &mut self,
+        gfns: &[u64],
+        out: &mut Vec<ZeroOutcome>,
+    ) -> Result<(), PageError> {
         out.clear();
         for &p in gfns {
             let hva = self.hva(p)?;
@@ -493,14 +517,19 @@ impl SharedRam {
                 } else {
                     // SAFETY: the page is guest RAM, private anonymous, verified all zero
                     // under write protection: after MADV_DONTNEED it reads zero again.
-                    if unsafe { libc::madvise(hva as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED) } != 0 {
+                    if unsafe {
+                        libc::madvise(hva as *mut libc::c_void, PAGE_SIZE, libc::MADV_DONTNEED)
+                    } != 0
+                    {
                         return Err(last_os("madvise(MADV_DONTNEED)"));
                     }
                 }
                 Ok(ZeroOutcome::Reclaimed)
             })();
             let unprot = self.unprotect(hva, PAGE);
-            self.protect_stats.samples_ns.push(start.elapsed().as_nanos() as u64);
+            self.protect_stats
+                .samples_ns
+                .push(start.elapsed().as_nanos() as u64);
             out.push(res?);
             unprot?;
         }
@@ -524,12 +553,22 @@ impl SharedRam {
             return Err(last_os("mmap anonymous memory"));
         }
         // SAFETY: as above, same range.
-        unsafe { libc::madvise(hva as *mut libc::c_void, len as usize, libc::MADV_NOHUGEPAGE) };
+        unsafe {
+            libc::madvise(
+                hva as *mut libc::c_void,
+                len as usize,
+                libc::MADV_NOHUGEPAGE,
+            )
+        };
         self.reregister(hva, len)
     }
 
     /// Gives pages private anonymous memory again (see `MergeHost::unmerge`).
-    pub fn unmerge(&mut self, gfns: &[u64], out: &mut Vec<UnmergeOutcome>) -> Result<(), PageError> {
+    pub fn unmerge(
+        &mut self,
+        gfns: &[u64],
+        out: &mut Vec<UnmergeOutcome>,
+    ) -> Result<(), PageError> {
         out.clear();
         let mut i = 0;
         while i < gfns.len() {
@@ -542,7 +581,10 @@ impl SharedRam {
                 continue;
             }
             let mut n = 1;
-            while i + n < gfns.len() && gfns[i + n] == p + n as u64 && self.file_mapped.get(p + n as u64) {
+            while i + n < gfns.len()
+                && gfns[i + n] == p + n as u64
+                && self.file_mapped.get(p + n as u64)
+            {
                 n += 1;
             }
             let mut done = 0u64;
@@ -620,7 +662,9 @@ impl SharedRam {
             Ok(true)
         })();
         let unprot = self.unprotect(hva, n * PAGE);
-        self.protect_stats.samples_ns.push(start.elapsed().as_nanos() as u64);
+        self.protect_stats
+            .samples_ns
+            .push(start.elapsed().as_nanos() as u64);
         let ok = res?;
         unprot?;
         if ok {

@@ -60,10 +60,8 @@ pub fn filter_cpuid(supported: &CpuId, ctx: CpuidContext) -> CpuId {
                     }
                 }
             }
-            HYPERVISOR_LEAF => {
-                if ctx.tsc_khz.is_some() {
-                    e.eax = e.eax.max(TIMING_LEAF);
-                }
+            HYPERVISOR_LEAF if ctx.tsc_khz.is_some() => {
+                e.eax = e.eax.max(TIMING_LEAF);
             }
             TIMING_LEAF => has_timing = true,
             _ => {}

@@ -1,0 +1,179 @@
+//! The merge daemon's REST control API: HTTP/1.1 with JSON over a Unix socket, as
+//! Firecracker and Cloud Hypervisor serve theirs.
+//!
+//! | method | path | what |
+//! |---|---|---|
+//! | `GET` | `/ksm` | knobs and counters (`/sys/kernel/mm/ksm/*` names) |
+//! | `PATCH` | `/ksm` | a [`KnobsUpdate`], validated and applied atomically; returns the new state |
+//! | `GET`, `PUT` | `/ksm/{knob}` | one knob as a bare JSON value, like a sysfs read or write |
+//! | `GET` | `/guests`, `/guests/{id}` | per-guest counters (like `/proc/PID/ksm_stat`) |
+//! | `GET` | `/metrics` | Prometheus text format |
+//!
+//! The document of record is `cli/api/openapi.yaml`; a test checks that it and
+//! [`ROUTES`] agree.
+//!
+//! # Threads and state
+//! The server runs on its own thread with a current-thread tokio runtime and hyper. It
+//! never touches engine state: every request that needs the daemon becomes one call on
+//! the [`ControlPlane`] (implemented by the daemon's command channel, applied by the
+//! scanner between rounds), made on tokio's blocking pool with a deadline, so neither a
+//! slow client nor a busy scanner holds up other clients.
+//!
+//! # Errors
+//! Every refused request gets a 4xx and a JSON body `{"error": "..."}` saying what is
+//! wrong; the state is unchanged. Bodies are limited ([`Limits::max_body_bytes`], 413),
+//! headers and bodies must arrive within a deadline (slow or half-open clients are
+//! dropped, 408 for a stalled body), and connections are capped.
+
+mod metrics;
+mod routes;
+mod server;
+#[cfg(test)]
+pub mod testing;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Serialize;
+use tinyvmm_merge::{Counters, GuestCounters, Knobs, KnobsUpdate};
+
+pub use routes::{KNOBS, ROUTES};
+pub use server::ApiServer;
+
+/// What the API needs from the daemon.
+///
+/// Implemented by the daemon's command channel: every call is a typed command the scanner
+/// thread applies between rounds (the API thread never touches engine state itself). Calls
+/// are made from a blocking thread pool and may block; the server gives up on one after
+/// [`Limits::call_timeout`] and answers 503.
+pub trait ControlPlane: Send + Sync + 'static {
+    /// Knobs and counters.
+    fn ksm(&self) -> Result<KsmState, ApiError>;
+    /// Validates `upd` against the current knobs and applies it atomically; an invalid
+    /// update changes nothing and is `ApiError::BadRequest` with the `KnobError` text.
+    fn update_knobs(&self, upd: KnobsUpdate) -> Result<KsmState, ApiError>;
+    /// Every registered guest.
+    fn guests(&self) -> Result<Vec<GuestInfo>, ApiError>;
+}
+
+/// The body of `GET /ksm`: the knobs and counters with the kernel's names, flattened into
+/// one object, plus what only the daemon knows.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct KsmState {
+    /// The scanner's settings.
+    #[serde(flatten)]
+    pub knobs: Knobs,
+    /// Fleet-wide counters.
+    #[serde(flatten)]
+    pub counters: Counters,
+    /// Bytes of frames resident in all pools.
+    pub pool_bytes: u64,
+    /// Bytes of the engine's metadata (index, refcounts, page states).
+    pub engine_metadata_bytes: u64,
+}
+
+/// One guest, for `GET /guests`: its counters (like `/proc/PID/ksm_stat`) and identity.
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct GuestInfo {
+    /// Engine counters (`id`, `domain`, `merging_pages`, ...).
+    #[serde(flatten)]
+    pub counters: GuestCounters,
+    /// The VM process.
+    pub pid: u32,
+    /// The VM's name.
+    pub name: String,
+    /// Its share group (merge domain).
+    pub share_group: String,
+}
+
+/// A control-plane call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The request is invalid (400); nothing was changed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The thing asked for does not exist (404).
+    #[error("{0}")]
+    NotFound(String),
+    /// The daemon cannot answer now: busy or stopping (503).
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Limits that protect the server from clients.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request body (413 beyond).
+    pub max_body_bytes: usize,
+    /// Largest request head (request line and headers; hyper answers 431 beyond).
+    pub max_header_bytes: usize,
+    /// Time a client has to send a complete request head; the connection is closed after.
+    pub header_read_timeout: Duration,
+    /// Time a client has to send its body once the head is in (408 after).
+    pub body_read_timeout: Duration,
+    /// Time the daemon has to answer one control-plane call (503 after).
+    pub call_timeout: Duration,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 64 << 10,
+            max_header_bytes: 16 << 10,
+            header_read_timeout: Duration::from_secs(5),
+            body_read_timeout: Duration::from_secs(5),
+            call_timeout: Duration::from_secs(30),
+            max_connections: 256,
+        }
+    }
+}
+
+/// Where and how to serve the API.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// The Unix socket (created with mode 0600, its directory 0700 if created).
+    pub socket: PathBuf,
+    /// Also listen on TCP at this address; refused unless it is a loopback address.
+    /// Off unless asked for explicitly.
+    pub tcp: Option<SocketAddr>,
+    /// Protection against clients.
+    pub limits: Limits,
+}
+
+impl ApiConfig {
+    /// The Unix socket only, default limits.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        ApiConfig {
+            socket: socket.into(),
+            tcp: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// The directory of the daemon's sockets: `$TINYVMM_RUN_DIR`, else `/run/tinyvmm` for
+/// root, else `$XDG_RUNTIME_DIR/tinyvmm`, else `/tmp/tinyvmm-$UID`.
+pub fn run_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("TINYVMM_RUN_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d);
+    }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return PathBuf::from("/run/tinyvmm");
+    }
+    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        return PathBuf::from(d).join("tinyvmm");
+    }
+    PathBuf::from(format!("/tmp/tinyvmm-{uid}"))
+}
+
+/// The merge daemon's default API socket: [`run_dir`]`/api.sock`.
+pub fn tinyvmm_api_default_socket() -> PathBuf {
+    run_dir().join("api.sock")
+}

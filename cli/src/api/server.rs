@@ -1,0 +1,422 @@
+//! The transport: listeners, hyper connections, body limits and deadlines.
+
+use std::convert::Infallible;
+use std::ffi::OsStr;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{oneshot, Semaphore};
+
+use super::routes::{self, ApiResponse};
+use super::{ApiConfig, ControlPlane, Limits};
+
+/// How long [`ApiServer::shutdown`] lets requests in flight finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// A running API server. Dropping it shuts it down and removes its socket file.
+pub struct ApiServer {
+    socket: PathBuf,
+    /// Device and inode of the socket file we created: only that file is removed.
+    socket_id: Option<(u64, u64)>,
+    tcp_addr: Option<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct Ctx {
+    cp: Arc<dyn ControlPlane>,
+    limits: Limits,
+}
+
+impl ApiServer {
+    /// Serves `cp` on the Unix socket `socket` with default limits.
+    pub fn start(socket: impl Into<PathBuf>, cp: Arc<dyn ControlPlane>) -> io::Result<ApiServer> {
+        Self::start_with(ApiConfig::new(socket), cp)
+    }
+
+    /// Serves `cp` as `cfg` says. Fails if another server listens on the socket, if the
+    /// path is something other than a (stale) socket, or if the TCP address is not a
+    /// loopback address.
+    pub fn start_with(cfg: ApiConfig, cp: Arc<dyn ControlPlane>) -> io::Result<ApiServer> {
+        if let Some(addr) = cfg.tcp {
+            if !addr.ip().is_loopback() {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "refusing to serve the control API on {addr}: TCP is only allowed on a \
+                         loopback address (127.0.0.1 or ::1); use the Unix socket"
+                    ),
+                ));
+            }
+        }
+        let unix = bind_unix_0600(&cfg.socket)?;
+        let socket_id = std::fs::symlink_metadata(&cfg.socket)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        let tcp = match cfg.tcp {
+            Some(addr) => {
+                let l = std::net::TcpListener::bind(addr).map_err(|e| {
+                    let _ = std::fs::remove_file(&cfg.socket);
+                    io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+                })?;
+                l.set_nonblocking(true)?;
+                Some(l)
+            }
+            None => None,
+        };
+        let tcp_addr = tcp.as_ref().map(|l| l.local_addr()).transpose()?;
+        let server = ApiServer {
+            socket: cfg.socket.clone(),
+            socket_id,
+            tcp_addr,
+            stop: None,
+            thread: None,
+        };
+        // From here on, dropping `server` removes the socket file on any error.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .max_blocking_threads(16)
+            .thread_name("tinyvmm-api-call")
+            .build()?;
+        let (unix, tcp) = {
+            let _guard = rt.enter();
+            let unix = tokio::net::UnixListener::from_std(unix)?;
+            let tcp = tcp.map(tokio::net::TcpListener::from_std).transpose()?;
+            (unix, tcp)
+        };
+        let ctx = Arc::new(Ctx {
+            cp,
+            limits: cfg.limits,
+        });
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let mut server = server;
+        server.stop = Some(stop_tx);
+        let thread = std::thread::Builder::new()
+            .name("tinyvmm-api".into())
+            .spawn(move || {
+                rt.block_on(serve(unix, tcp, ctx, stop_rx));
+                rt.shutdown_timeout(SHUTDOWN_GRACE);
+            })?;
+        server.thread = Some(thread);
+        tracing::info!(socket = %server.socket.display(), tcp = ?server.tcp_addr, "control API listening");
+        Ok(server)
+    }
+
+    /// The Unix socket served.
+    pub fn socket_path(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The TCP address served (with the port the system chose for port 0), if any.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp_addr
+    }
+
+    /// Stops accepting, lets requests in flight finish (up to a second), and removes the
+    /// socket file. Idempotent.
+    pub fn shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        if let Some(id) = self.socket_id.take() {
+            // Only our own file: a newer daemon may have replaced it.
+            let ours = std::fs::symlink_metadata(&self.socket)
+                .map(|m| (m.dev(), m.ino()) == id)
+                .unwrap_or(false);
+            if ours {
+                let _ = std::fs::remove_file(&self.socket);
+            }
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl std::fmt::Debug for ApiServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiServer")
+            .field("socket", &self.socket)
+            .field("tcp_addr", &self.tcp_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Creates `path`'s directory (0700) if needed and binds a listening socket there with
+/// mode 0600, set between `bind` and `listen` so that no client can connect before.
+/// A stale socket file (nobody listening) is replaced; a live one is an error.
+fn bind_unix_0600(path: &Path) -> io::Result<StdUnixListener> {
+    let ctx = |what: &str, e: io::Error| {
+        io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+    };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| ctx("cannot create the directory of", e))?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => {
+            if StdUnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("a server is already listening on {}", path.display()),
+                ));
+            }
+            std::fs::remove_file(path).map_err(|e| ctx("cannot remove the stale socket", e))?;
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; not replacing it",
+                    path.display()
+                ),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(ctx("cannot inspect", e)),
+    }
+
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = OsStr::as_bytes(path.as_os_str());
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "socket path {} is too long (at most {} bytes) or contains NUL",
+                path.display(),
+                addr.sun_path.len() - 1
+            ),
+        ));
+    }
+    for (dst, src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    // SAFETY: socket has no memory preconditions; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(ctx(
+            "cannot create a socket for",
+            io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: `fd` is a new descriptor that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    // SAFETY: `addr` is a valid sockaddr_un that outlives the call, and `len` does not
+    // exceed its size (checked above).
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            std::ptr::addr_of!(addr).cast::<libc::sockaddr>(),
+            len as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(ctx("cannot bind", io::Error::last_os_error()));
+    }
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        let _ = std::fs::remove_file(path);
+        return Err(ctx("cannot set mode 0600 on", e));
+    }
+    // SAFETY: listen on a bound socket we own; the result is checked.
+    if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {
+        let e = io::Error::last_os_error();
+        let _ = std::fs::remove_file(path);
+        return Err(ctx("cannot listen on", e));
+    }
+    let listener = StdUnixListener::from(fd);
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Accepts on both listeners until `stop` fires.
+async fn serve(
+    unix: tokio::net::UnixListener,
+    tcp: Option<tokio::net::TcpListener>,
+    ctx: Arc<Ctx>,
+    mut stop: oneshot::Receiver<()>,
+) {
+    let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
+    loop {
+        // Wait for a free slot first: further clients wait in the listen backlog.
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = &mut stop => return,
+        };
+        tokio::select! {
+            r = unix.accept() => match r {
+                Ok((stream, _)) => spawn_connection(stream, ctx.clone(), permit),
+                Err(e) => accept_failed(e).await,
+            },
+            r = async {
+                match &tcp {
+                    Some(l) => l.accept().await,
+                    None => std::future::pending().await,
+                }
+            } => match r {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    spawn_connection(stream, ctx.clone(), permit)
+                }
+                Err(e) => accept_failed(e).await,
+            },
+            _ = &mut stop => return,
+        }
+    }
+}
+
+async fn accept_failed(e: io::Error) {
+    // EMFILE and friends: back off instead of spinning.
+    tracing::warn!("control API: accept failed: {e}");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+fn spawn_connection<S>(stream: S, ctx: Arc<Ctx>, permit: tokio::sync::OwnedSemaphorePermit)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let limits = ctx.limits;
+    let service = service_fn(move |req| handle(req, ctx.clone()));
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_bytes)
+        .serve_connection(TokioIo::new(stream), service);
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("control API connection ended: {e}");
+        }
+        drop(permit);
+    });
+}
+
+/// Reads the whole body within the limits.
+async fn read_body(req: Request<Incoming>, limits: &Limits) -> Result<Bytes, ApiResponse> {
+    let too_large = || {
+        ApiResponse::error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body too large: the limit is {} bytes",
+                limits.max_body_bytes
+            ),
+        )
+    };
+    if let Some(len) = req.headers().get(CONTENT_LENGTH) {
+        let len = len.to_str().ok().and_then(|s| s.parse::<u64>().ok());
+        if len.is_some_and(|n| n > limits.max_body_bytes as u64) {
+            return Err(too_large());
+        }
+    }
+    let body = Limited::new(req.into_body(), limits.max_body_bytes);
+    match tokio::time::timeout(limits.body_read_timeout, body.collect()).await {
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Ok(Err(e)) => Err(ApiResponse::error(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the request body: {e}"),
+        )),
+        Err(_) => Err(ApiResponse::error(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request body did not arrive within {} ms",
+                limits.body_read_timeout.as_millis()
+            ),
+        )),
+    }
+}
+
+/// One request: resolve, read the body, run the endpoint on the blocking pool.
+async fn handle(
+    req: Request<Incoming>,
+    ctx: Arc<Ctx>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let resp = match routes::resolve(&method, &path) {
+        Err(r) => r,
+        Ok(endpoint) => {
+            let body = if endpoint.takes_body() {
+                read_body(req, &ctx.limits).await
+            } else {
+                Ok(Bytes::new())
+            };
+            match body {
+                Err(r) => r,
+                Ok(body) => {
+                    let cp = ctx.cp.clone();
+                    let call = tokio::task::spawn_blocking(move || {
+                        routes::execute(&endpoint, &body, cp.as_ref())
+                    });
+                    match tokio::time::timeout(ctx.limits.call_timeout, call).await {
+                        Ok(Ok(r)) => r,
+                        Ok(Err(e)) => ApiResponse::error(
+                            StatusCode::INTERNAL_SERVER_ERROR,
+                            format!("the request failed inside the daemon: {e}"),
+                        ),
+                        Err(_) => ApiResponse::error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!(
+                                "the merge daemon did not answer within {} s",
+                                ctx.limits.call_timeout.as_secs()
+                            ),
+                        ),
+                    }
+                }
+            }
+        }
+    };
+    match &resp.error {
+        Some(err) if resp.status.is_server_error() => {
+            tracing::error!(%method, %path, status = resp.status.as_u16(), "control API: {err}")
+        }
+        Some(err) => {
+            tracing::warn!(%method, %path, status = resp.status.as_u16(), "control API: rejected request: {err}")
+        }
+        None => tracing::debug!(%method, %path, status = resp.status.as_u16(), "control API"),
+    }
+    Ok(into_response(resp))
+}
+
+fn into_response(r: ApiResponse) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(r.body));
+    *resp.status_mut() = r.status;
+    resp.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(r.content_type));
+    if let Some(allow) = r.allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
+        resp.headers_mut().insert(ALLOW, allow);
+    }
+    resp
+}

@@ -1,0 +1,158 @@
+//! A [`ControlPlane`] for tests: knobs and counters in memory, with the engine's
+//! validation (`Knobs::updated`), two guests, and `run = 2` unmerging everything.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use tinyvmm_merge::host::{DomainId, GuestId};
+use tinyvmm_merge::{Counters, GuestCounters, Knobs, KnobsUpdate, RunMode};
+
+use super::{ApiError, ControlPlane, GuestInfo, KsmState};
+
+/// The test backend.
+#[derive(Debug)]
+pub struct FakeControlPlane {
+    state: Mutex<FakeState>,
+    /// Updates applied (accepted ones only).
+    pub updates: AtomicU64,
+    /// Calls of any kind.
+    pub calls: AtomicU64,
+    /// While set, every call answers `Unavailable`.
+    pub unavailable: AtomicBool,
+}
+
+#[derive(Debug, Clone)]
+struct FakeState {
+    knobs: Knobs,
+    counters: Counters,
+    guests: Vec<GuestInfo>,
+}
+
+fn guest(id: u32, name: &str, group: &str, merging: u64, zero: u64) -> GuestInfo {
+    GuestInfo {
+        counters: GuestCounters {
+            id: GuestId(id),
+            domain: DomainId(u32::from(group != "default")),
+            pages: 65536,
+            merging_pages: merging,
+            zero_pages: zero,
+            unshared_pages: 100,
+            volatile_pages: 7,
+            profit: ((merging + zero) * 4096) as i64 - 8192,
+            vma_mappings: 12,
+            vma_budget: 30000,
+            failed: false,
+        },
+        pid: 1000 + id,
+        name: name.to_string(),
+        share_group: group.to_string(),
+    }
+}
+
+impl Default for FakeControlPlane {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl FakeControlPlane {
+    /// Default knobs, some merged pages, guests 1 ("vm-a") and 2 ("vm \"b\"").
+    pub fn new() -> Self {
+        let counters = Counters {
+            pages_shared: 1000,
+            pages_sharing: 3000,
+            pages_unshared: 200,
+            pages_volatile: 14,
+            full_scans: 5,
+            pages_scanned: 655360,
+            zero_pages: 2000,
+            general_profit: 5000 * 4096 - 16384,
+            merges: 4000,
+            pool_frames: 1000,
+            guests: 2,
+            metadata_bytes: 16384,
+            ..Counters::default()
+        };
+        FakeControlPlane {
+            state: Mutex::new(FakeState {
+                knobs: Knobs::default(),
+                counters,
+                guests: vec![
+                    guest(1, "vm-a", "default", 2000, 1000),
+                    guest(2, "vm \"b\"", "default", 2000, 1000),
+                ],
+            }),
+            updates: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
+            unavailable: AtomicBool::new(false),
+        }
+    }
+
+    /// The knobs now.
+    pub fn knobs(&self) -> Knobs {
+        self.lock().knobs
+    }
+
+    /// Advances the counters as a scan round would.
+    pub fn tick(&self, pages: u64) {
+        let mut s = self.lock();
+        s.counters.pages_scanned += pages;
+        s.counters.full_scans += 1;
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check(&self) -> Result<(), ApiError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if self.unavailable.load(Ordering::Relaxed) {
+            return Err(ApiError::Unavailable("the daemon is stopping".into()));
+        }
+        Ok(())
+    }
+
+    fn state_of(s: &FakeState) -> KsmState {
+        KsmState {
+            knobs: s.knobs,
+            counters: s.counters,
+            pool_bytes: s.counters.pages_shared * 4096,
+            engine_metadata_bytes: s.counters.metadata_bytes,
+        }
+    }
+}
+
+impl ControlPlane for FakeControlPlane {
+    fn ksm(&self) -> Result<KsmState, ApiError> {
+        self.check()?;
+        Ok(Self::state_of(&self.lock()))
+    }
+
+    fn update_knobs(&self, upd: KnobsUpdate) -> Result<KsmState, ApiError> {
+        self.check()?;
+        let mut s = self.lock();
+        let knobs = s
+            .knobs
+            .updated(&upd)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        s.knobs = knobs;
+        if knobs.run == RunMode::Unmerge {
+            s.counters.pages_shared = 0;
+            s.counters.pages_sharing = 0;
+            s.counters.zero_pages = 0;
+            s.counters.general_profit = 0;
+            for g in &mut s.guests {
+                g.counters.merging_pages = 0;
+                g.counters.zero_pages = 0;
+                g.counters.profit = 0;
+            }
+        }
+        self.updates.fetch_add(1, Ordering::Relaxed);
+        Ok(Self::state_of(&s))
+    }
+
+    fn guests(&self) -> Result<Vec<GuestInfo>, ApiError> {
+        self.check()?;
+        Ok(self.lock().guests.clone())
+    }
+}

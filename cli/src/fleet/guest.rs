@@ -1,0 +1,166 @@
+//! A guest VM as a child process.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::Path;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// A running `tinyvmm run` whose console we read.
+pub struct GuestProc {
+    /// The process.
+    pub child: Child,
+    stdin: Option<ChildStdin>,
+    lines: Receiver<String>,
+    /// Every console line read so far.
+    pub log: Vec<String>,
+    /// When it was spawned.
+    pub started: Instant,
+    /// When its first console line arrived.
+    pub first_line: Option<Instant>,
+}
+
+impl std::fmt::Debug for GuestProc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestProc")
+            .field("pid", &self.child.id())
+            .finish()
+    }
+}
+
+impl GuestProc {
+    /// Starts `exe run <args>`, stderr to `stderr_log` (or discarded).
+    pub fn spawn(exe: &Path, args: &[String], stderr_log: Option<&Path>) -> std::io::Result<Self> {
+        let mut cmd = Command::new(exe);
+        cmd.arg("run")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped());
+        match stderr_log {
+            Some(p) => cmd.stderr(std::fs::File::create(p)?),
+            None => cmd.stderr(Stdio::null()),
+        };
+        let started = Instant::now();
+        let mut child = cmd.spawn()?;
+        let stdout = child.stdout.take().expect("piped");
+        let stdin = child.stdin.take();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            child,
+            stdin,
+            lines: rx,
+            log: Vec::new(),
+            started,
+            first_line: None,
+        })
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Waits for a console line starting with `prefix`; returns it. Fails on timeout, on a
+    /// `VERIFY FAIL`/`GUEST PANIC` line, or when the console closes.
+    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Result<String, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    if self.first_line.is_none() {
+                        self.first_line = Some(Instant::now());
+                    }
+                    self.log.push(line.clone());
+                    if line.starts_with(prefix) {
+                        return Ok(line);
+                    }
+                    if line.starts_with("VERIFY FAIL") || line.starts_with("GUEST PANIC") {
+                        return Err(format!("guest {}: {line}", self.pid()));
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!(
+                        "guest {}: no '{prefix}' line within {timeout:?}; last lines: {:?}",
+                        self.pid(),
+                        self.log.iter().rev().take(5).collect::<Vec<_>>()
+                    ))
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(format!(
+                        "guest {}: console closed before '{prefix}'; last lines: {:?}",
+                        self.pid(),
+                        self.log.iter().rev().take(5).collect::<Vec<_>>()
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Sends one `serve` command line.
+    pub fn send(&mut self, cmd: &str) -> std::io::Result<()> {
+        let stdin = self
+            .stdin
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("stdin closed"))?;
+        stdin.write_all(cmd.as_bytes())?;
+        stdin.write_all(b"\n")?;
+        stdin.flush()
+    }
+
+    /// Runs a verify pass in a `serve` guest; returns the pages verified.
+    pub fn verify(&mut self, timeout: Duration) -> Result<u64, String> {
+        self.send("verify").map_err(|e| e.to_string())?;
+        let line = self.wait_line("VERIFY ", timeout)?;
+        if !line.starts_with("VERIFY OK") {
+            return Err(format!("guest {}: {line}", self.pid()));
+        }
+        field(&line, "pages").ok_or_else(|| format!("malformed line: {line}"))
+    }
+
+    /// Asks a `serve` guest to exit and waits for the process.
+    pub fn exit(mut self, timeout: Duration) -> Result<std::process::ExitStatus, String> {
+        let _ = self.send("exit");
+        drop(self.stdin.take());
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.child.try_wait().map_err(|e| e.to_string())? {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return Err(format!("guest {} did not exit", self.child.id()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for GuestProc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The numeric `key=value` field of a console line (decimal or 0x-hex).
+pub fn field(line: &str, key: &str) -> Option<u64> {
+    line.split_whitespace().find_map(|w| {
+        let v = w.strip_prefix(key)?.strip_prefix('=')?;
+        match v.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16).ok(),
+            None => v.parse().ok(),
+        }
+    })
+}

@@ -1,0 +1,553 @@
+//! `--share-memory` end to end: real guests in separate `tinyvmm run` processes, merged by a
+//! real `tinyvmm merged` daemon over its Unix socket, controlled through the REST socket.
+//! Every test ends with each guest verifying every page of its memory.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tinyvmm::fleet::guest::{field, GuestProc};
+use tinyvmm::fleet::procfs;
+
+const BIN: &str = env!("CARGO_BIN_EXE_tinyvmm");
+const LONG: Duration = Duration::from_secs(120);
+
+/// A merge daemon in its own run directory, killed on drop.
+struct Daemon {
+    child: Option<Child>,
+    dir: PathBuf,
+}
+
+impl Daemon {
+    fn start(name: &str, extra: &[&str]) -> Self {
+        let dir = common::scratch_dir(name);
+        let mut d = Daemon { child: None, dir };
+        d.spawn(extra);
+        d
+    }
+
+    fn spawn(&mut self, extra: &[&str]) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("merged.log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .env("TINYVMM_RUN_DIR", &self.dir)
+            .env("RUST_LOG", "info")
+            .arg("merged")
+            .arg("--socket")
+            .arg(self.socket())
+            .arg("--api-sock")
+            .arg(self.api())
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        // Ready when both sockets accept connections (files left by a killed daemon don't).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err()
+            || std::os::unix::net::UnixStream::connect(self.api()).is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not come up: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.join("merged.sock")
+    }
+
+    fn api(&self) -> PathBuf {
+        self.dir.join("api.sock")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("merged.log")).unwrap_or_default()
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    fn kill9(&mut self) {
+        let mut c = self.child.take().unwrap();
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGKILL) };
+        let _ = c.wait();
+    }
+
+    /// `tinyvmm ksm <args> --api-sock <sock>`; stdout parsed as JSON.
+    fn ksm_json(&self, args: &[&str]) -> Value {
+        let out = Command::new(BIN)
+            .arg("ksm")
+            .args(args)
+            .arg("--api-sock")
+            .arg(self.api())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "tinyvmm ksm {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "bad JSON from ksm {args:?}: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    fn status(&self) -> Value {
+        self.ksm_json(&["status", "--json"])
+    }
+
+    fn set(&self, args: &[&str]) {
+        let out = Command::new(BIN)
+            .arg("ksm")
+            .arg("set")
+            .args(args)
+            .arg("--api-sock")
+            .arg(self.api())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ksm set {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Waits until `done(status)` holds; returns that status.
+    fn wait_for(&self, what: &str, timeout: Duration, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let s = self.status();
+            if done(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; last status {s:#}\n--- daemon log\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn u(v: &Value, k: &str) -> u64 {
+    v[k].as_u64()
+        .unwrap_or_else(|| panic!("no counter {k} in {v:#}"))
+}
+
+struct Profile {
+    mib: u64,
+    extra: String,
+}
+
+/// Starts a `fill,serve` guest enrolled with `daemon`; returns it and its FILL line.
+fn guest(daemon: &Daemon, seed: u32, p: &Profile, flags: &[&str]) -> (GuestProc, String) {
+    let cmdline = format!(
+        "console=ttyS0 reboot=k panic=-1 workload=fill,serve mib={} seed=1 guest_seed={seed} {}",
+        p.mib, p.extra
+    );
+    let mut args: Vec<String> = vec![
+        "--mem".into(),
+        format!("{}M", p.mib + 16),
+        "--cmdline".into(),
+        cmdline,
+        "--share-memory".into(),
+        "--merge-socket".into(),
+        daemon.socket().display().to_string(),
+        "--no-daemon-autostart".into(),
+    ];
+    args.extend(flags.iter().map(|s| s.to_string()));
+    let log = daemon.dir.join(format!("guest-{seed}.log"));
+    let mut g = GuestProc::spawn(Path::new(BIN), &args, Some(&log)).unwrap();
+    let fill = g.wait_line("FILL done", LONG).unwrap();
+    g.wait_line("SERVE ready", LONG).unwrap();
+    (g, fill)
+}
+
+fn verify_all(guests: &mut [GuestProc], pages: u64) {
+    for g in guests.iter_mut() {
+        assert_eq!(g.verify(LONG).unwrap(), pages, "every page verified");
+    }
+}
+
+fn exit_all(guests: Vec<GuestProc>) {
+    for g in guests {
+        let st = g.exit(Duration::from_secs(30)).unwrap();
+        assert!(st.success(), "guest exit status {st}");
+    }
+}
+
+fn converge(n: u64, mib: u64) {
+    let d = Daemon::start(
+        &format!("converge{n}"),
+        &["--pages-to-scan", "20000", "--sleep-ms", "5"],
+    );
+    let p = Profile {
+        mib,
+        extra: "shared_pct=60 zero_pct=20".into(),
+    };
+    let mut guests = Vec::new();
+    let mut shared = 0;
+    let mut zero = 0;
+    let mut pages = 0;
+    for i in 0..n {
+        let (g, fill) = guest(&d, 10 + i as u32, &p, &[]);
+        shared = field(&fill, "shared").unwrap();
+        zero = field(&fill, "zero").unwrap();
+        pages = field(&fill, "pages").unwrap();
+        guests.push(g);
+    }
+    let pss_before: u64 = guests
+        .iter()
+        .map(|g| procfs::pss_bytes(g.pid()).unwrap())
+        .sum();
+    // Converged: pages_sharing covers (n-1) copies of every shared fill page.
+    let want_sharing = (n - 1) * shared;
+    let s = d.wait_for("convergence", LONG, |s| {
+        u(s, "pages_sharing") >= want_sharing
+            && u(s, "zero_pages") >= n * zero
+            && u(s, "full_scans") >= 3
+    });
+    // Within 1 %: the guest kernels' own identical pages (image, tables) add a little.
+    let shared_frames = u(&s, "pages_shared");
+    assert!(
+        shared_frames >= shared && (shared_frames as f64) <= shared as f64 * 1.01 + 64.0,
+        "pages_shared {shared_frames} vs {shared} shared fill pages"
+    );
+    let sharing = u(&s, "pages_sharing");
+    assert!(
+        (sharing as f64) <= want_sharing as f64 * 1.01 + 64.0 * n as f64,
+        "pages_sharing {sharing} vs {want_sharing}"
+    );
+    // Host memory: the guests' Pss now holds one copy of the shared pages, the unique
+    // pages of each guest, and no zero pages.
+    let pss_after: u64 = guests
+        .iter()
+        .map(|g| procfs::pss_bytes(g.pid()).unwrap())
+        .sum();
+    let unique = pages - shared - zero;
+    let physical = (shared + n * unique) * 4096;
+    assert!(
+        (pss_after as f64) < physical as f64 * 1.15 + ((n * 8) << 20) as f64,
+        "Pss {} MiB after merging vs {} MiB physical limit (before: {} MiB)",
+        pss_after >> 20,
+        physical >> 20,
+        pss_before >> 20
+    );
+    assert!(pss_after < pss_before, "merging saves memory");
+    let pool = u(&s, "pool_bytes");
+    assert!(
+        pool >= shared * 4096 && pool <= (shared_frames + 64) * 4096,
+        "pool holds the shared frames: {pool} bytes for {shared_frames} frames"
+    );
+    verify_all(&mut guests, pages);
+    // The guests' views are unchanged after verify; the counters too (nothing was written).
+    exit_all(guests);
+    // Their frames are released when they leave.
+    d.wait_for("guests removed", LONG, |s| {
+        u(s, "pages_shared") == 0 && u(s, "guests") == 0
+    });
+}
+
+#[test]
+fn two_guests_converge_and_verify() {
+    require_kvm!();
+    converge(2, 128);
+}
+
+#[test]
+fn four_guests_converge_and_verify() {
+    require_kvm!();
+    converge(4, 128);
+}
+
+#[test]
+fn churning_guests_lose_no_write_while_merging_aggressively() {
+    require_kvm!();
+    let d = Daemon::start("churn", &["--pages-to-scan", "50000", "--sleep-ms", "0"]);
+    let p = Profile {
+        mib: 64,
+        extra: "shared_pct=60 zero_pct=20 churn_tick_ms=5".into(),
+    };
+    let mut guests: Vec<GuestProc> = (0..2).map(|i| guest(&d, 20 + i, &p, &[]).0).collect();
+    d.wait_for("first merges", LONG, |s| u(s, "pages_sharing") > 1000);
+    // 30 s of churn with a verify pass every 2 s in each guest, while the daemon merges.
+    for g in guests.iter_mut() {
+        g.send("churn 20 30000").unwrap();
+    }
+    for g in guests.iter_mut() {
+        let line = g.wait_line("CHURN done", Duration::from_secs(90)).unwrap();
+        assert!(field(&line, "writes").unwrap() > 100_000, "{line}");
+        g.wait_line("SERVE ready", LONG).unwrap();
+    }
+    let s = d.status();
+    assert!(
+        u(&s, "splits") > 0,
+        "guest writes split merged pages: {s:#}"
+    );
+    assert!(
+        u(&s, "frames_freed") > 0,
+        "frames freed when the last sharer split: {s:#}"
+    );
+    let pages = 64 * 256;
+    verify_all(&mut guests, pages);
+    exit_all(guests);
+}
+
+#[test]
+fn share_groups_never_share_frames() {
+    require_kvm!();
+    let d = Daemon::start("groups", &["--pages-to-scan", "20000", "--sleep-ms", "5"]);
+    let p = Profile {
+        mib: 32,
+        extra: "shared_pct=90 zero_pct=0".into(),
+    };
+    let (a, fill) = guest(&d, 30, &p, &["--share-group", "red"]);
+    let (b, _) = guest(&d, 31, &p, &["--share-group", "blue"]);
+    let shared = field(&fill, "shared").unwrap();
+    // Identical content, but one guest per group: nothing to share with.
+    std::thread::sleep(Duration::from_secs(3));
+    let s = d.wait_for("two full scans", LONG, |s| u(s, "full_scans") >= 3);
+    assert!(u(&s, "pages_sharing") < 64, "no cross-group sharing: {s:#}");
+    // A second guest in group red shares with the first.
+    let (c, _) = guest(&d, 32, &p, &["--share-group", "red"]);
+    let s = d.wait_for("red converges", LONG, |s| u(s, "pages_sharing") >= shared);
+    assert!(u(&s, "pages_sharing") < shared + 128, "{s:#}");
+    let groups = d.ksm_json(&["guests", "--json"]);
+    let groups: Vec<&str> = groups
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["share_group"].as_str().unwrap())
+        .collect();
+    assert_eq!(groups.iter().filter(|g| **g == "red").count(), 2);
+    let mut guests = vec![a, b, c];
+    verify_all(&mut guests, 32 * 256);
+    exit_all(guests);
+}
+
+#[test]
+fn daemon_killed_mid_merge_then_guest_killed_then_restart_loses_nothing() {
+    require_kvm!();
+    let mut d = Daemon::start("kill", &["--pages-to-scan", "2000", "--sleep-ms", "1"]);
+    let p = Profile {
+        mib: 64,
+        extra: String::new(),
+    };
+    let mut guests: Vec<GuestProc> = (0..3).map(|i| guest(&d, 40 + i, &p, &[]).0).collect();
+    d.wait_for("merging under way", LONG, |s| u(s, "pages_sharing") > 2000);
+    d.kill9();
+    // Guests keep running with their merged pages: they still verify, and still split.
+    for g in guests.iter_mut() {
+        g.send("churn 5 500").unwrap();
+        g.wait_line("CHURN done", LONG).unwrap();
+        g.wait_line("SERVE ready", LONG).unwrap();
+    }
+    verify_all(&mut guests, 64 * 256);
+    // A guest killed while the daemon is down.
+    let victim = guests.pop().unwrap();
+    drop(victim);
+    // A new daemon: the survivors register again (they retry every second) and merge anew.
+    d.spawn(&["--pages-to-scan", "20000", "--sleep-ms", "5"]);
+    let s = d.wait_for("re-registration", LONG, |s| {
+        u(s, "guests") == 2 && u(s, "pages_sharing") > 5000
+    });
+    assert!(u(&s, "guests_failed") == 0, "{s:#}");
+    verify_all(&mut guests, 64 * 256);
+    let pid = d.pid();
+    assert!(procfs::pss_bytes(pid).is_some());
+    exit_all(guests);
+}
+
+#[test]
+fn tiny_vma_budget_merges_what_fits_and_reports_the_rest() {
+    require_kvm!();
+    let d = Daemon::start("budget", &["--pages-to-scan", "20000", "--sleep-ms", "5"]);
+    let p = Profile {
+        mib: 32,
+        extra: String::new(),
+    };
+    let (a, _) = guest(&d, 50, &p, &["--vma-budget", "40"]);
+    let (b, _) = guest(&d, 51, &p, &["--vma-budget", "40"]);
+    let s = d.wait_for("budget exhausted", LONG, |s| {
+        u(s, "pages_skipped_vma_budget") > 0 && u(s, "full_scans") >= 3
+    });
+    assert!(u(&s, "pages_sharing") > 0, "what fits is merged: {s:#}");
+    let gs = d.ksm_json(&["guests", "--json"]);
+    for g in gs.as_array().unwrap() {
+        assert!(
+            g["vma_mappings"].as_u64().unwrap() <= 40,
+            "budget respected: {g:#}"
+        );
+    }
+    let mut guests = vec![a, b];
+    verify_all(&mut guests, 32 * 256);
+    exit_all(guests);
+}
+
+#[test]
+fn run_2_unmerges_everything_and_frees_the_pool() {
+    require_kvm!();
+    let d = Daemon::start("unmerge", &["--pages-to-scan", "20000", "--sleep-ms", "5"]);
+    let p = Profile {
+        mib: 32,
+        extra: String::new(),
+    };
+    let mut guests: Vec<GuestProc> = (0..2).map(|i| guest(&d, 60 + i, &p, &[]).0).collect();
+    d.wait_for("merged", LONG, |s| u(s, "pages_sharing") > 3000);
+    d.set(&["--run", "2"]);
+    let s = d.wait_for("unmerged", LONG, |s| {
+        u(s, "pages_sharing") == 0 && u(s, "pages_shared") == 0
+    });
+    assert_eq!(s["run"].as_u64(), Some(2));
+    assert!(u(&s, "pool_bytes") < 64 * 4096, "pool freed: {s:#}");
+    verify_all(&mut guests, 32 * 256);
+    // Nothing merges while run=2 ... and run=1 merges again.
+    d.set(&["--run", "1"]);
+    d.wait_for("merged again", LONG, |s| u(s, "pages_sharing") > 3000);
+    verify_all(&mut guests, 32 * 256);
+    exit_all(guests);
+}
+
+#[test]
+fn share_memory_autostarts_one_daemon_for_concurrent_guests() {
+    require_kvm!();
+    let dir = common::scratch_dir("autostart");
+    let sock = dir.join("merged.sock");
+    let cmdline = "console=ttyS0 reboot=k panic=-1 workload=fill,serve mib=16";
+    let spawn = || {
+        Command::new(BIN)
+            .env("TINYVMM_RUN_DIR", &dir)
+            .args([
+                "run",
+                "--mem",
+                "32M",
+                "--share-memory",
+                "--cmdline",
+                cmdline,
+            ])
+            .arg("--merge-socket")
+            .arg(&sock)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut a = spawn();
+    let mut b = spawn();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "no daemon was started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let daemons: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let cmd = std::fs::read(e.path().join("cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.contains(" merged ") && cmd.contains(sock.to_str()?)).then_some(pid)
+        })
+        .collect();
+    assert_eq!(daemons.len(), 1, "exactly one daemon: {daemons:?}");
+    let mode = std::fs::metadata(&sock).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+    for c in [&mut a, &mut b] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    // SAFETY: signalling the daemon we made.
+    unsafe { libc::kill(daemons[0] as i32, libc::SIGTERM) };
+}
+
+#[test]
+fn hostile_messages_on_the_daemon_socket_are_rejected() {
+    require_kvm!();
+    use std::io::Write;
+    let d = Daemon::start("hostile", &["--pages-to-scan", "20000", "--sleep-ms", "5"]);
+    let p = Profile {
+        mib: 16,
+        extra: String::new(),
+    };
+    let (mut g, _) = guest(&d, 70, &p, &[]);
+    for junk in [
+        &b"\xff\xff\xff\xff"[..],
+        b"\x04\x00\x00\x00\x09\x09\x09\x09",
+        b"GET / HTTP/1.1\r\n\r\n",
+        b"",
+    ] {
+        let mut s = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+        let _ = s.write_all(junk);
+        drop(s);
+    }
+    // A client that connects and says nothing.
+    let _silent = std::os::unix::net::UnixStream::connect(d.socket()).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let s = d.status();
+    assert_eq!(u(&s, "guests"), 1, "{s:#}");
+    assert_eq!(g.verify(LONG).unwrap(), 16 * 256);
+    let log = d.log();
+    assert!(
+        log.contains("bad hello") || log.contains("expected a hello"),
+        "{log}"
+    );
+    exit_all(vec![g]);
+}
+
+#[test]
+fn kernel_ksm_mode_marks_guest_ram_mergeable() {
+    require_kvm!();
+    let dir = common::scratch_dir("kernelksm");
+    let args: Vec<String> = [
+        "--mem",
+        "64M",
+        "--share-memory=kernel",
+        "--cmdline",
+        "console=ttyS0 workload=fill,serve mib=16",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut g = GuestProc::spawn(Path::new(BIN), &args, Some(&dir.join("g.log"))).unwrap();
+    g.wait_line("SERVE ready", LONG).unwrap();
+    let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", g.pid())).unwrap();
+    let mergeable = smaps
+        .lines()
+        .filter(|l| l.starts_with("VmFlags:") && l.split_whitespace().any(|f| f == "mg"))
+        .count();
+    assert!(mergeable >= 1, "guest RAM is MADV_MERGEABLE");
+    assert_eq!(g.verify(LONG).unwrap(), 16 * 256);
+    exit_all(vec![g]);
+}
