@@ -20,6 +20,28 @@ pub trait DirtySource: Send {
     fn collect(&mut self, into: &mut Bitmap) -> std::io::Result<()>;
 }
 
+/// What the agent tells the rest of the VMM (the VM's own API) about its state.
+#[derive(Debug, Clone, Default)]
+pub struct AgentStatus {
+    /// Registered with a daemon now.
+    pub registered: bool,
+    /// Our id at that daemon.
+    pub guest_id: Option<u32>,
+    /// Registrations so far (more than one after a daemon restart).
+    pub registrations: u64,
+    /// Requests served.
+    pub requests: u64,
+    /// Pages whose mapping is a pool frame (merged, or merged once and split since).
+    pub pool_mapped_pages: u64,
+    /// Pages of guest RAM.
+    pub pages: u64,
+    /// Write-protect and VMA statistics.
+    pub stats: AgentStats,
+}
+
+/// A shared view of [`AgentStatus`].
+pub type AgentStatusHandle = std::sync::Arc<std::sync::Mutex<AgentStatus>>;
+
 /// How the agent finds its daemon.
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
@@ -56,14 +78,26 @@ struct Agent {
     cfg: AgentConfig,
     ram: SharedRam,
     dirty_source: Option<Box<dyn DirtySource>>,
+    /// Pages written since their last digest (for pages never digested by this daemon:
+    /// written since the previous harvest, i.e. recently).
     dirty: Bitmap,
+    /// Pages the current daemon has digested at least once.
+    digested: Bitmap,
+    /// Scratch for one harvest of the dirty log.
+    harvest: Bitmap,
     dirty_cursor: u64,
     vma_budget: u32,
     blocked_writes: u64,
     protect_all: Vec<u64>,
+    status: AgentStatusHandle,
 }
 
 impl Agent {
+    fn publish(&mut self, f: impl FnOnce(&mut AgentStatus)) {
+        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut st);
+    }
+
     fn hello(&self) -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
@@ -111,12 +145,28 @@ impl Agent {
         }
     }
 
+    /// Harvests KVM's dirty log. A page digested before accumulates writes until its next
+    /// digest (KSM's "unchanged since the last visit"); a page never digested counts as
+    /// dirty only if written since the previous harvest, so that a page at rest is a
+    /// candidate on its very first visit instead of a full pass later.
     fn collect_dirty(&mut self) -> Result<(), String> {
         if let Some(src) = self.dirty_source.as_mut() {
-            src.collect(&mut self.dirty)
+            self.harvest.clear();
+            src.collect(&mut self.harvest)
                 .map_err(|e| format!("dirty log: {e}"))?;
+            self.dirty.fold_harvest(&self.digested, &self.harvest);
         }
         Ok(())
+    }
+
+    fn mark_digested(&mut self, runs: &[tinyvmm_merge::host::PageRun]) {
+        for r in runs {
+            for p in r.gfn..r.gfn + u64::from(r.len) {
+                if p < self.digested.len() {
+                    self.digested.set(p, true);
+                }
+            }
+        }
     }
 
     fn drain_fault_events(&mut self) {
@@ -157,10 +207,13 @@ impl Agent {
             Request::Digest(runs) => self.collect_dirty().and_then(|()| {
                 let mut out = Vec::new();
                 let dirty = self.dirty_source.is_some().then_some(&mut self.dirty);
-                self.ram
+                let r = self
+                    .ram
                     .digest(&runs, dirty, &mut out)
                     .map(|()| Reply::Digests(out))
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string());
+                self.mark_digested(&runs);
+                r
             }),
             Request::DigestDirty(max) => self.collect_dirty().and_then(|()| self.digest_dirty(max)),
             Request::Merge(ops) => {
@@ -220,6 +273,7 @@ impl Agent {
         self.ram
             .digest(&runs, Some(&mut self.dirty), &mut digests)
             .map_err(|e| e.to_string())?;
+        self.mark_digested(&runs);
         let more = self.dirty.next_set(0).is_some();
         Ok(Reply::DirtyDigests(
             pages.into_iter().zip(digests).collect(),
@@ -235,8 +289,17 @@ impl Agent {
         let (msg, fd) = protocol::recv::<DaemonMsg>(&mut stream).map_err(|e| e.to_string())?;
         match (msg, fd) {
             (DaemonMsg::Welcome { guest, pool_len }, Some(fd)) => {
+                // A new daemon has digested nothing: start the dirty state afresh.
+                self.digested.clear();
+                self.dirty.set_all();
+                self.dirty_cursor = 0;
                 self.ram.set_pool(fd, pool_len).map_err(|e| e.to_string())?;
                 tracing::info!(guest, "registered with the merge daemon");
+                self.publish(|st| {
+                    st.registered = true;
+                    st.guest_id = Some(guest);
+                    st.registrations += 1;
+                });
             }
             (DaemonMsg::Refused(why), _) => {
                 return Err(format!("the merge daemon refused us: {why}"))
@@ -249,9 +312,24 @@ impl Agent {
             let DaemonMsg::Request { id, request } = msg else {
                 return Err("unexpected message from the daemon".into());
             };
+            let is_stats = matches!(request, Request::Stats);
             let reply = self.serve(request);
+            let stats = match &reply {
+                Reply::Stats(s) => Some(s.clone()),
+                _ => None,
+            };
             protocol::send(&mut stream, &AgentMsg::Reply { id, reply }, None)
                 .map_err(|e| e.to_string())?;
+            let mapped = self.ram.pool_mapped_pages();
+            self.publish(|st| {
+                st.requests += 1;
+                st.pool_mapped_pages = mapped;
+                if is_stats {
+                    if let Some(s) = stats {
+                        st.stats = s;
+                    }
+                }
+            });
         }
     }
 
@@ -299,20 +377,28 @@ impl Agent {
             }
             // Merged pages keep their mappings of the old pool; the next daemon starts a new one.
             self.ram.drop_pool();
+            self.publish(|st| {
+                st.registered = false;
+                st.guest_id = None;
+            });
             std::thread::sleep(Duration::from_secs(1));
         }
     }
 }
 
-/// Starts the agent thread for `ram`. It runs for the life of the process.
+/// Starts the agent thread for `ram`. It runs for the life of the process. Returns the
+/// thread and a view of its status.
 pub fn spawn_agent(
     cfg: AgentConfig,
     ram: SharedRam,
     dirty_source: Option<Box<dyn DirtySource>>,
-) -> std::io::Result<JoinHandle<()>> {
+) -> std::io::Result<(JoinHandle<()>, AgentStatusHandle)> {
     let pages = ram.pages();
+    let status = AgentStatusHandle::default();
+    status.lock().unwrap_or_else(|e| e.into_inner()).pages = pages;
     let mut dirty = Bitmap::new(pages);
-    // Everything counts as written before registration (the loader wrote the kernel).
+    // Everything counts as written before registration (the loader wrote the kernel); the
+    // first harvest narrows that down to what is being written now.
     dirty.set_all();
     let vma_budget = cfg.vma_budget.unwrap_or_else(default_vma_budget);
     let agent = Agent {
@@ -320,12 +406,16 @@ pub fn spawn_agent(
         ram,
         dirty_source,
         dirty,
+        digested: Bitmap::new(pages),
+        harvest: Bitmap::new(pages),
         dirty_cursor: 0,
         vma_budget,
         blocked_writes: 0,
         protect_all: Vec::new(),
+        status: status.clone(),
     };
-    std::thread::Builder::new()
+    let t = std::thread::Builder::new()
         .name("merge-agent".into())
-        .spawn(move || agent.run())
+        .spawn(move || agent.run())?;
+    Ok((t, status))
 }

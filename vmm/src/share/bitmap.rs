@@ -81,6 +81,19 @@ impl Bitmap {
         }
     }
 
+    /// Folds in a fresh harvest of written pages: pages in `seen` keep what they had and
+    /// gain `fresh`; pages not in `seen` take `fresh` alone.
+    pub fn fold_harvest(&mut self, seen: &Bitmap, fresh: &Bitmap) {
+        for ((d, s), f) in self.words.iter_mut().zip(&seen.words).zip(&fresh.words) {
+            *d = (*d & *s) | *f;
+        }
+    }
+
+    /// Clears every bit.
+    pub fn clear(&mut self) {
+        self.words.fill(0);
+    }
+
     /// The first set bit at or after `from`, if any.
     pub fn next_set(&self, from: u64) -> Option<u64> {
         if from >= self.len {
@@ -127,5 +140,12 @@ mod tests {
         assert!(c.get(10) && c.get(12) && c.get(74) && !c.get(11));
         c.set_all();
         assert_eq!(c.count(), 200);
+        let mut seen = Bitmap::new(200);
+        seen.set(5, true);
+        let mut fresh = Bitmap::new(200);
+        fresh.set(7, true);
+        c.fold_harvest(&seen, &fresh);
+        assert_eq!(c.count(), 2);
+        assert!(c.get(5) && c.get(7));
     }
 }

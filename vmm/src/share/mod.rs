@@ -11,5 +11,5 @@ pub mod agent;
 pub mod bitmap;
 pub mod pages;
 
-pub use agent::{spawn_agent, AgentConfig, DirtySource};
+pub use agent::{spawn_agent, AgentConfig, AgentStatus, AgentStatusHandle, DirtySource};
 pub use pages::{RamRange, SharedRam};
