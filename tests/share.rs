@@ -551,3 +551,52 @@ fn kernel_ksm_mode_marks_guest_ram_mergeable() {
     assert_eq!(g.verify(LONG).unwrap(), 16 * 256);
     exit_all(vec![g]);
 }
+
+#[test]
+fn knobs_steer_the_scanner_run_0_stops_and_pages_to_scan_sets_the_rate() {
+    require_kvm!();
+    let d = Daemon::start("knobs", &["--pages-to-scan", "100", "--sleep-ms", "20", "--run", "0"]);
+    let p = Profile {
+        mib: 128,
+        extra: String::new(),
+    };
+    let mut guests: Vec<GuestProc> = (0..2).map(|i| guest(&d, 80 + i, &p, &[]).0).collect();
+    // run=0: nothing is scanned.
+    std::thread::sleep(Duration::from_secs(1));
+    let s = d.status();
+    assert_eq!(u(&s, "run"), 0);
+    assert_eq!(u(&s, "pages_scanned"), 0, "{s:#}");
+    // run=1 at 100 pages per 20 ms: at most ~5000 pages/s.
+    d.set(&["--run", "1"]);
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let slow = u(&d.status(), "pages_scanned") as f64 / t0.elapsed().as_secs_f64();
+    assert!(slow > 0.0 && slow <= 5000.0 * 1.2, "slow rate {slow} pages/s");
+    // pages_to_scan 20000: the first pass (65 k pages, still under way) speeds up, as far as
+    // the merge work of each round allows.
+    d.set(&["--pages-to-scan", "20000"]);
+    let before = u(&d.status(), "pages_scanned");
+    let t1 = Instant::now();
+    std::thread::sleep(Duration::from_millis(400));
+    let fast = (u(&d.status(), "pages_scanned") - before) as f64 / t1.elapsed().as_secs_f64();
+    assert!(fast > slow * 2.5, "fast rate {fast} vs slow {slow} pages/s");
+    // run=0 again: progress stops, merged pages stay merged.
+    let merged = d.wait_for("merges", LONG, |s| u(s, "pages_sharing") > 1000);
+    d.set(&["--run", "0"]);
+    std::thread::sleep(Duration::from_millis(300));
+    let a = u(&d.status(), "pages_scanned");
+    std::thread::sleep(Duration::from_secs(1));
+    let s = d.status();
+    assert_eq!(u(&s, "pages_scanned"), a, "run=0 stops the scanner");
+    assert!(u(&s, "pages_sharing") >= u(&merged, "pages_sharing"));
+    // Bad values are refused and change nothing.
+    let out = Command::new(BIN)
+        .args(["ksm", "set", "--pages-to-scan", "0", "--api-sock"])
+        .arg(d.api())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert_eq!(u(&d.status(), "pages_to_scan"), 20000);
+    verify_all(&mut guests, 128 * 256);
+    exit_all(guests);
+}

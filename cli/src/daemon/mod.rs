@@ -208,6 +208,7 @@ impl Daemon {
         let mut fleet = Fleet::default();
         let mut next_round = Instant::now();
         let mut rounds: u64 = 0;
+        let mut budget_warned: Option<Instant> = None;
         tracing::info!(socket = %self.cfg.socket.display(), "merge daemon ready");
         while !stop() {
             let now = Instant::now();
@@ -233,6 +234,22 @@ impl Daemon {
             rounds += 1;
             if report.pages_visited > 0 || report.merges > 0 || report.splits > 0 {
                 tracing::debug!(round = rounds, ?report, "merge round");
+            }
+            if report.skipped_vma_budget > 0
+                && budget_warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+            {
+                budget_warned = Some(Instant::now());
+                let short: Vec<u32> = engine
+                    .guests()
+                    .iter()
+                    .filter(|g| g.vma_mappings + 2 >= g.vma_budget)
+                    .map(|g| g.id.0)
+                    .collect();
+                tracing::warn!(
+                    skipped = report.skipped_vma_budget,
+                    guests = ?short,
+                    "VMA budget exhausted: pages left unmerged (raise vm.max_map_count or --vma-budget)"
+                );
             }
             remove_dead(&mut engine, &mut fleet);
             next_round = Instant::now() + engine.sleep();
