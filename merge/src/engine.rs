@@ -229,8 +229,7 @@ impl Guest {
         self.counts[p.state as usize] -= 1;
         self.counts[s as usize] += 1;
         p.state = s;
-        if self.dirty_source && (s == st::VOLATILE || s == st::DEFERRED) && p.flags & F_WATCH == 0
-        {
+        if self.dirty_source && (s == st::VOLATILE || s == st::DEFERRED) && p.flags & F_WATCH == 0 {
             p.flags |= F_WATCH;
             self.watch.push(gfn as u32);
         }
@@ -950,10 +949,7 @@ impl Engine {
         rep.pages_visited += work;
         let seen: Vec<Seen> = dirty
             .iter()
-            .map(|&(gfn, d)| Seen {
-                gfn: gfn as u32,
-                d,
-            })
+            .map(|&(gfn, d)| Seen { gfn: gfn as u32, d })
             .collect();
         self.dirty = dirty;
         if !seen.is_empty() {
@@ -1313,7 +1309,13 @@ impl Engine {
     }
 
     /// Issues the batch's host calls and applies their results.
-    fn execute(&mut self, slot: usize, mut plan: Plan, host: &mut impl MergeHost, rep: &mut RoundReport) {
+    fn execute(
+        &mut self,
+        slot: usize,
+        mut plan: Plan,
+        host: &mut impl MergeHost,
+        rep: &mut RoundReport,
+    ) {
         let s32 = slot as u32;
         let (id, di) = {
             let g = self.guests[slot].as_ref().expect("live slot");
@@ -1396,7 +1398,11 @@ impl Engine {
                     dom.frames[a.frame as usize].state = fs::CANCELLED;
                     dom.frames[a.frame as usize].refs = 0;
                     plan.cancelled.push(a.frame);
-                    to_unique(&mut self.guests, &mut self.domains, a.partner.expect("pair"));
+                    to_unique(
+                        &mut self.guests,
+                        &mut self.domains,
+                        a.partner.expect("pair"),
+                    );
                 }
                 continue;
             }
@@ -1618,8 +1624,8 @@ impl Engine {
             }
         }
         c.metadata_bytes = self.metadata_bytes() as u64;
-        c.general_profit = ((c.pages_sharing + c.zero_pages) * PAGE_SIZE as u64) as i64
-            - c.metadata_bytes as i64;
+        c.general_profit =
+            ((c.pages_sharing + c.zero_pages) * PAGE_SIZE as u64) as i64 - c.metadata_bytes as i64;
     }
 
     /// The same counters recounted from the per-page and per-frame metadata (audits).
@@ -1685,7 +1691,12 @@ impl Engine {
     /// Bytes of the engine's own metadata (per-page records, indexes, frame records).
     pub fn metadata_bytes(&self) -> usize {
         std::mem::size_of::<Engine>()
-            + self.guests.iter().flatten().map(Guest::bytes).sum::<usize>()
+            + self
+                .guests
+                .iter()
+                .flatten()
+                .map(Guest::bytes)
+                .sum::<usize>()
             + self.domains.iter().map(Domain::bytes).sum::<usize>()
     }
 
@@ -1775,7 +1786,10 @@ impl Engine {
                 }
             }
             if counts != g.counts {
-                return Err(format!("{} state counts {:?} != {:?}", g.id, g.counts, counts));
+                return Err(format!(
+                    "{} state counts {:?} != {:?}",
+                    g.id, g.counts, counts
+                ));
             }
             let v = vma_count(g.pages.iter().map(|p| p.map));
             if v != g.vmas {
@@ -1798,7 +1812,10 @@ impl Engine {
                     ));
                 }
                 if fr.state != fs::FREE && fr.refs == 0 {
-                    return Err(format!("domain {} frame {f} allocated with no sharers", d.id.0));
+                    return Err(format!(
+                        "domain {} frame {f} allocated with no sharers",
+                        d.id.0
+                    ));
                 }
                 if fr.state == fs::LIVE {
                     let mut cur = d.stable.get(&fr.hash).copied().unwrap_or(NONE);

@@ -193,7 +193,11 @@ mod tests {
         let hash_of = |r: PageRef| u64::from(r.gfn) % 7; // heavy collisions
         let mut t = UnstableTable::default();
         for g in 0..1000u32 {
-            t.insert(hash_of(PageRef { slot: 1, gfn: g }), PageRef { slot: 1, gfn: g }, hash_of);
+            t.insert(
+                hash_of(PageRef { slot: 1, gfn: g }),
+                PageRef { slot: 1, gfn: g },
+                hash_of,
+            );
         }
         assert_eq!(t.len(), 1000);
         for g in 0..1000u32 {

@@ -76,6 +76,33 @@
 //!
 //! `run = 2` gives every merged page a private anonymous copy again and forgets all
 //! state; removing a guest drops its references.
+//!
+//! # Example
+//!
+//! Two identical guests on the simulated fleet converge onto one set of frames:
+//!
+//! ```
+//! use tinyvmm_merge::sim::{xxh3, SimFleet, SimGuestSpec};
+//! use tinyvmm_merge::{DomainId, Engine, GuestId, GuestSpec, Knobs};
+//!
+//! let mut host = SimFleet::new(xxh3, false);
+//! let mut engine = Engine::new(Knobs::default()).unwrap();
+//! for id in [GuestId(1), GuestId(2)] {
+//!     let (pages, domain, vma_budget) = (64, DomainId(0), 1000);
+//!     host.add_guest(SimGuestSpec { id, pages, domain, vma_limit: vma_budget, dirty_source: false });
+//!     for gfn in 0..pages {
+//!         host.fill(id, gfn, gfn + 1); // same content in both guests
+//!     }
+//!     engine
+//!         .add_guest(GuestSpec { id, pages, domain, vma_budget, has_dirty_source: false })
+//!         .unwrap();
+//! }
+//! for _ in 0..3 {
+//!     engine.scan_round(&mut host); // the daemon sleeps engine.sleep() in between
+//! }
+//! let c = engine.counters();
+//! assert_eq!((c.pages_shared, c.pages_sharing), (64, 64));
+//! ```
 
 pub mod counters;
 mod engine;

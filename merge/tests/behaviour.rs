@@ -34,7 +34,10 @@ fn identical_guests_converge() {
     for &g in &ids {
         let gc = f.engine.guest_counters(g).unwrap();
         assert_eq!(gc.merging_pages, n);
-        assert_eq!(gc.vma_mappings, 1, "whole RAM is one run on consecutive frames");
+        assert_eq!(
+            gc.vma_mappings, 1,
+            "whole RAM is one run on consecutive frames"
+        );
     }
     assert!(c.general_profit > 0);
 }
@@ -101,9 +104,15 @@ fn write_to_merged_page_splits_only_that_guest() {
     assert_eq!(c.splits, 1);
     assert_eq!(c.pages_shared, n);
     assert_eq!(c.pages_sharing, 2 * n - 1);
-    assert_eq!(f.engine.guest_counters(ids[1]).unwrap().merging_pages, n - 1);
+    assert_eq!(
+        f.engine.guest_counters(ids[1]).unwrap().merging_pages,
+        n - 1
+    );
     assert_eq!(f.engine.guest_counters(ids[0]).unwrap().merging_pages, n);
-    assert_eq!(f.engine.page_info(ids[2], 7).unwrap().state, PageState::Merged);
+    assert_eq!(
+        f.engine.page_info(ids[2], 7).unwrap().state,
+        PageState::Merged
+    );
     // The split page keeps its pool mapping (COW does not change the layout).
     assert!(f.engine.page_info(ids[1], 7).unwrap().mapping.is_some());
 }
@@ -153,11 +162,23 @@ fn share_groups_never_share() {
     assert_eq!(c.pages_shared, 2 * n, "one frame set per domain");
     assert_eq!(c.pages_sharing, 2 * n);
     let frames = f.engine.frames();
-    assert_eq!(frames.iter().filter(|x| x.0 == DomainId(0)).count() as u64, n);
-    assert_eq!(frames.iter().filter(|x| x.0 == DomainId(1)).count() as u64, n);
-    assert!(frames.iter().all(|x| x.2 == 2), "each frame shared by its domain's two guests");
+    assert_eq!(
+        frames.iter().filter(|x| x.0 == DomainId(0)).count() as u64,
+        n
+    );
+    assert_eq!(
+        frames.iter().filter(|x| x.0 == DomainId(1)).count() as u64,
+        n
+    );
+    assert!(
+        frames.iter().all(|x| x.2 == 2),
+        "each frame shared by its domain's two guests"
+    );
     for &g in &ids {
-        assert_eq!(f.engine.guest_counters(g).unwrap().domain, DomainId(g.0 / 2));
+        assert_eq!(
+            f.engine.guest_counters(g).unwrap().domain,
+            DomainId(g.0 / 2)
+        );
     }
 }
 
@@ -223,12 +244,7 @@ fn vma_budget_limits_mappings() {
 fn dirty_source_avoids_rehash() {
     let n = 512;
     let mut f = Fleet::new(knobs(4096));
-    let ids: Vec<_> = (0..3)
-        .map(|i| {
-            let g = f.boot(i, n, 0, BIG, true);
-            g
-        })
-        .collect();
+    let ids: Vec<_> = (0..3).map(|i| f.boot(i, n, 0, BIG, true)).collect();
     for &g in &ids {
         fill_unique(&mut f, g, n, 1);
         f.register(g, BIG, true, 0, n);
@@ -240,17 +256,30 @@ fn dirty_source_avoids_rehash() {
     for _ in 0..5 {
         f.round();
     }
-    assert_eq!(f.sim.stats.pages_hashed, hashed, "an idle converged fleet hashes nothing");
+    assert_eq!(
+        f.sim.stats.pages_hashed, hashed,
+        "an idle converged fleet hashes nothing"
+    );
     f.sim.write(ids[0], 9, 0, b"one");
     f.sim.fill(ids[1], 77, 123_456);
     f.round();
-    assert_eq!(f.sim.stats.pages_hashed, hashed + 2, "only the written pages");
+    assert_eq!(
+        f.sim.stats.pages_hashed,
+        hashed + 2,
+        "only the written pages"
+    );
     assert_eq!(f.counters().splits, 2);
     // The rewritten page stays unique until it is unchanged for a pass, no rehash needed.
     f.sim.fill(ids[2], 77, 123_456);
     f.converge(50);
-    assert_eq!(f.engine.page_info(ids[2], 77).unwrap().state, PageState::Merged);
-    assert_eq!(f.engine.page_info(ids[1], 77).unwrap().state, PageState::Merged);
+    assert_eq!(
+        f.engine.page_info(ids[2], 77).unwrap().state,
+        PageState::Merged
+    );
+    assert_eq!(
+        f.engine.page_info(ids[1], 77).unwrap().state,
+        PageState::Merged
+    );
 }
 
 #[test]
@@ -270,7 +299,10 @@ fn frames_allocated_in_scan_order_coalesce() {
     for &g in &ids {
         let gc = f.engine.guest_counters(g).unwrap();
         assert_eq!(gc.merging_pages, n - zeros.len() as u64);
-        assert_eq!(gc.vma_mappings, 6, "3 file runs + anonymous gaps, each run one VMA");
+        assert_eq!(
+            gc.vma_mappings, 6,
+            "3 file runs + anonymous gaps, each run one VMA"
+        );
     }
     let c = f.counters();
     assert_eq!(c.pool_frames, n - zeros.len() as u64, "no frame wasted");
@@ -466,10 +498,14 @@ fn knobs_are_validated_and_strict() {
     assert_eq!(u.run, Some(RunMode::Unmerge));
     assert!(serde_json::from_str::<KnobsUpdate>(r#"{"run": 3}"#).is_err());
     assert!(serde_json::from_str::<KnobsUpdate>(r#"{"pages": 3}"#).is_err());
-    assert!(serde_json::from_str::<Knobs>(r#"{"run": 1}"#).is_err(), "full knobs need every field");
-    let a: KnobsUpdate =
-        serde_json::from_str(r#"{"advisor": {"mode": "scan-time", "target_scan_secs": 10, "max_cpu_pct": 20}}"#)
-            .unwrap();
+    assert!(
+        serde_json::from_str::<Knobs>(r#"{"run": 1}"#).is_err(),
+        "full knobs need every field"
+    );
+    let a: KnobsUpdate = serde_json::from_str(
+        r#"{"advisor": {"mode": "scan-time", "target_scan_secs": 10, "max_cpu_pct": 20}}"#,
+    )
+    .unwrap();
     f.engine.set_knobs(a, &mut f.sim).unwrap();
     assert_eq!(
         f.engine.set_knobs(
@@ -512,4 +548,32 @@ fn advisor_sets_pages_to_scan_for_the_target_scan_time() {
         .advise(std::time::Duration::from_micros(rep.pages_visited), &rep);
     let p = f.engine.knobs().pages_to_scan;
     assert!((2000..=2300).contains(&p), "{p}");
+}
+
+#[test]
+fn freed_frames_are_reused_in_runs() {
+    let n = 100;
+    let mut f = Fleet::new(knobs(1000));
+    let a = f.add(0, n, 0, BIG, false);
+    let b = f.add(1, n, 0, BIG, false);
+    fill_unique(&mut f, a, n, 1);
+    fill_unique(&mut f, b, n, 1);
+    f.converge(100);
+    for g in [a, b] {
+        f.sim.remove_guest(g);
+        f.engine.remove_guest(g, &mut f.sim).unwrap();
+    }
+    assert_eq!(f.counters().pool_frames, n);
+    assert_eq!(f.counters().pages_shared, 0);
+    // New guests with other content reuse the freed frames, still in runs.
+    let c = f.add(2, n, 0, BIG, false);
+    let d = f.add(3, n, 0, BIG, false);
+    fill_unique(&mut f, c, n, 500);
+    fill_unique(&mut f, d, n, 500);
+    f.converge(100);
+    assert_eq!(f.counters().pool_frames, n, "no new frames");
+    assert_eq!(f.counters().pages_shared, n);
+    for g in [c, d] {
+        assert_eq!(f.engine.guest_counters(g).unwrap().vma_mappings, 1);
+    }
 }

@@ -10,6 +10,8 @@ use tinyvmm_merge::{
 pub struct Fleet {
     pub engine: Engine,
     pub sim: SimFleet,
+    /// A guest's host failed at some point (outcomes the engine could not know).
+    pub failures_seen: bool,
 }
 
 impl Fleet {
@@ -21,6 +23,7 @@ impl Fleet {
         Fleet {
             engine: Engine::new(knobs).expect("valid knobs"),
             sim: SimFleet::new(hash, true),
+            failures_seen: false,
         }
     }
 
@@ -59,6 +62,7 @@ impl Fleet {
 
     pub fn round(&mut self) -> RoundReport {
         let r = self.engine.scan_round(&mut self.sim);
+        self.failures_seen |= !r.guests_failed.is_empty();
         self.check();
         r
     }
@@ -70,7 +74,12 @@ impl Fleet {
         for i in 0..max {
             self.round();
             let c = self.engine.counters();
-            let key = (c.pages_shared, c.pages_sharing, c.zero_pages, c.pages_unshared);
+            let key = (
+                c.pages_shared,
+                c.pages_sharing,
+                c.zero_pages,
+                c.pages_unshared,
+            );
             if Some(key) == last && c.full_scans >= 3 {
                 quiet += 1;
                 if quiet >= 3 {
@@ -86,6 +95,7 @@ impl Fleet {
 
     pub fn set(&mut self, upd: KnobsUpdate) {
         self.engine.set_knobs(upd, &mut self.sim).expect("knobs");
+        self.failures_seen |= self.counters().guests_failed > 0;
         self.check();
     }
 
@@ -95,18 +105,50 @@ impl Fleet {
 
     /// Every invariant, from both sides.
     pub fn check(&self) {
+        let failures = self.failures_seen || self.counters().guests_failed > 0;
+        assert!(
+            failures || self.sim.stats.unpopulated_frees == 0,
+            "a frame was freed twice or never populated"
+        );
         let problems = self.sim.check();
         assert!(problems.is_empty(), "simulated fleet: {problems:?}");
-        self.engine.audit().unwrap_or_else(|e| panic!("engine audit: {e}"));
+        self.engine
+            .audit()
+            .unwrap_or_else(|e| panic!("engine audit: {e}"));
         let c = self.engine.counters();
         assert_eq!(c, self.engine.recount(), "counters differ from a recount");
-        // Frames: allocated in the engine <=> populated in the pool.
-        let frames = self.engine.frames();
-        assert_eq!(frames.len() as u64, self.sim.live_frames(), "frames in use");
-        for &(d, f, refs) in &frames {
-            assert!(self.sim.frame_live(d, f), "engine frame {f} of domain {} not live", d.0);
-            assert!(refs >= 1);
+        // Frames: populated in the pool => allocated in the engine. An allocated frame the
+        // pool never populated may only be held by failed guests (an op whose outcome the
+        // engine could not know counts as merged, so the frame is kept, never reused).
+        let mut held_by_failed = std::collections::HashMap::new();
+        for gc in self.engine.guests().into_iter().filter(|g| g.failed) {
+            for gfn in 0..gc.pages {
+                let info = self.engine.page_info(gc.id, gfn).expect("page");
+                if let (PageState::Merged, Some(f)) = (info.state, info.mapping) {
+                    *held_by_failed.entry((gc.domain, f)).or_insert(0u32) += 1;
+                }
+            }
         }
+        let frames = self.engine.frames();
+        let mut live_in_engine = 0;
+        for &(d, f, refs) in &frames {
+            assert!(refs >= 1);
+            if self.sim.frame_live(d, f) {
+                live_in_engine += 1;
+            } else {
+                assert_eq!(
+                    held_by_failed.get(&(d, f)).copied(),
+                    Some(refs),
+                    "engine frame {f} of domain {} not populated in the pool",
+                    d.0
+                );
+            }
+        }
+        assert_eq!(
+            live_in_engine,
+            self.sim.live_frames(),
+            "populated frames leaked"
+        );
         for gc in self.engine.guests() {
             let id = gc.id;
             if !self.sim.guest_ids().contains(&id) {
