@@ -1,7 +1,10 @@
 //! The merge daemon's REST control API over a real Unix socket, against a test backend:
 //! every endpoint, a table of malformed requests (each a 4xx with `{"error": ...}` and the
 //! state unchanged), slow and half-open clients, 50 concurrent pollers, the OpenAPI
-//! document against the server's routes, and the `tinyvmm ksm` client.
+//! document against the server's routes, and the `tinyvmm ksm` client. Then a VM's own
+//! API (`tinyvmm run --api-sock`) on the same server against a fake VM: `GET /vm`, the
+//! shutdown action, bad requests, and its OpenAPI document (`tests/vm_api.rs` drives a
+//! real guest).
 //!
 //! The binary crate has no library, so its `api` and `ksm_client` modules are compiled
 //! into this test directly.
@@ -21,7 +24,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use api::testing::FakeControlPlane;
+use api::testing::{FakeControlPlane, FakeVm};
+use api::vm::{VmAction, VmEndpoint, VM_ROUTES};
 use api::{ApiConfig, ApiError, ApiServer, ControlPlane, GuestInfo, KsmState, Limits};
 use clap::Parser;
 use hyper::{Method, StatusCode};
@@ -883,14 +887,25 @@ fn scanner_throughput_with_50_pollers() {
 // The OpenAPI document.
 
 fn openapi() -> serde_norway::Value {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("api/openapi.yaml");
+    openapi_doc("openapi.yaml")
+}
+
+fn openapi_doc(name: &str) -> serde_norway::Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("api").join(name);
     let text = std::fs::read_to_string(&path).unwrap();
     serde_norway::from_str(&text).unwrap()
 }
 
-#[test]
-fn openapi_document_and_server_routes_agree() {
-    let doc = openapi();
+/// Checks that the operations of `doc` are exactly those of `routes`, and that the server
+/// on `sock` answers each of them (not 404/405) and 405 for every other method on those
+/// paths. `concrete` turns a path template into a path; `body` gives a request body.
+fn check_routes_agree(
+    doc: &serde_norway::Value,
+    routes: &[(&str, &[&str])],
+    sock: &Path,
+    concrete: impl Fn(&str) -> String,
+    body: impl Fn(&str) -> &'static [u8],
+) {
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
     let methods = [
         "get", "put", "post", "patch", "delete", "head", "options", "trace",
@@ -905,7 +920,7 @@ fn openapi_document_and_server_routes_agree() {
             }
         }
     }
-    let served: BTreeSet<(String, String)> = api::ROUTES
+    let served: BTreeSet<(String, String)> = routes
         .iter()
         .flat_map(|(p, ms)| ms.iter().map(|m| (p.to_string(), m.to_string())))
         .collect();
@@ -918,17 +933,27 @@ fn openapi_document_and_server_routes_agree() {
 
     // And the server really answers each documented operation (not 404/405), and
     // answers 405 for every other method on those paths.
-    let f = Fixture::new();
-    for (path, _) in api::ROUTES {
-        let concrete = path.replace("{knob}", "run").replace("{id}", "1");
+    for (path, _) in routes {
+        let concrete = concrete(path);
         for m in ["GET", "PUT", "POST", "PATCH", "DELETE"] {
-            let body: &[u8] = if m == "PUT" { b"1" } else { b"{}" };
-            let r = raw(f.sock(), &req(m, &concrete, body));
+            let r = raw(sock, &req(m, &concrete, body(m)));
             let is_served = served.contains(&(path.to_string(), m.to_string()));
             assert_eq!(r.status == 405, !is_served, "{m} {concrete}: {}", r.status);
             assert_ne!(r.status, 404, "{m} {concrete}");
         }
     }
+}
+
+#[test]
+fn openapi_document_and_server_routes_agree() {
+    let f = Fixture::new();
+    check_routes_agree(
+        &openapi(),
+        api::ROUTES,
+        f.sock(),
+        |path| path.replace("{knob}", "run").replace("{id}", "1"),
+        |m| if m == "PUT" { b"1" } else { b"{}" },
+    );
 }
 
 #[test]
@@ -1104,4 +1129,478 @@ fn ksm_api_sock_defaults_to_the_run_dir() {
     assert_eq!(args.api_sock, None);
     assert!(api::tinyvmm_api_default_socket().ends_with("api.sock"));
     assert!(TestCli::try_parse_from(["tinyvmm", "ksm", "watch", "--interval-ms", "0"]).is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// The server serves any `Routes`.
+
+/// A third API on the same transport: `GET /echo` answers its call count, `PUT /echo`
+/// its body.
+struct Echo(AtomicU64);
+
+impl api::Routes for Echo {
+    fn resolve(&self, method: &Method, path: &str) -> Result<api::Call, api::ApiResponse> {
+        if path != "/echo" {
+            return Err(api::ApiResponse::error(StatusCode::NOT_FOUND, "no"));
+        }
+        let n = self.0.fetch_add(1, Ordering::Relaxed);
+        let put = *method == Method::PUT;
+        Ok(api::Call {
+            takes_body: put,
+            run: Box::new(move |body| {
+                if put {
+                    api::ApiResponse::json(StatusCode::OK, &String::from_utf8_lossy(body))
+                } else {
+                    api::ApiResponse::json(StatusCode::OK, &n)
+                }
+            }),
+        })
+    }
+
+    fn backend(&self) -> &'static str {
+        "the echo"
+    }
+}
+
+#[test]
+fn the_server_serves_any_routes_with_the_same_limits() {
+    let dir = TempDir::new("routes");
+    let mut cfg = ApiConfig::new(dir.0.join("echo.sock"));
+    cfg.limits.max_body_bytes = 16;
+    let server = ApiServer::serve(cfg, Arc::new(Echo(AtomicU64::new(0)))).unwrap();
+    let r = raw(server.socket_path(), &req("GET", "/echo", b""));
+    assert_eq!((r.status, r.json()), (200, Some(Value::from(0))));
+    let r = raw(server.socket_path(), &req("PUT", "/echo", b"hello"));
+    assert_eq!((r.status, r.json()), (200, Some(Value::from("hello"))));
+    let r = raw(server.socket_path(), &req("PUT", "/echo", &[b'x'; 17]));
+    assert_eq!(r.status, 413);
+    assert!(r.json().unwrap()["error"].is_string());
+    assert_eq!(
+        raw(server.socket_path(), &req("GET", "/ksm", b"")).status,
+        404
+    );
+    // The daemon's routes are one more implementation.
+    let dir2 = TempDir::new("routes");
+    let cp: Arc<dyn ControlPlane> = Arc::new(FakeControlPlane::new());
+    let daemon = ApiServer::serve(
+        ApiConfig::new(dir2.0.join("api.sock")),
+        Arc::new(api::DaemonRoutes::new(cp)),
+    )
+    .unwrap();
+    let r = raw(daemon.socket_path(), &req("GET", "/ksm/run", b""));
+    assert_eq!((r.status, r.json()), (200, Some(Value::from(1))));
+}
+
+// ---------------------------------------------------------------------------------------
+// A VM's own API, against a fake VM.
+
+/// A VM API server on a temp socket against a fresh [`FakeVm`].
+struct VmFixture {
+    server: ApiServer,
+    vm: Arc<FakeVm>,
+    _dir: TempDir,
+}
+
+impl VmFixture {
+    fn new() -> Self {
+        let dir = TempDir::new("vm");
+        let vm = Arc::new(FakeVm::new());
+        let server = ApiServer::start_vm(dir.0.join("vm.sock"), vm.clone()).unwrap();
+        VmFixture {
+            server,
+            vm,
+            _dir: dir,
+        }
+    }
+
+    fn sock(&self) -> &Path {
+        self.server.socket_path()
+    }
+
+    fn client(&self) -> ApiClient {
+        ApiClient::new(self.sock()).unwrap()
+    }
+
+    fn shutdowns(&self) -> u64 {
+        self.vm.shutdowns.load(Ordering::Relaxed)
+    }
+}
+
+#[test]
+fn get_vm_reports_state_memory_and_merge_counters() {
+    let f = VmFixture::new();
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let meta = std::fs::metadata(f.sock()).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+
+    let v = f.client().json(Method::GET, "/vm", None).unwrap();
+    assert_eq!(v["state"], "running");
+    assert_eq!(v["pid"], 4242);
+    assert_eq!(v["vcpus"], 2);
+    assert_eq!(v["mem_bytes"], 256u64 << 20);
+    assert_eq!(v["kernel"], "builtin");
+    assert_eq!(v["uptime_ms"], 1234);
+    assert_eq!(v["share_memory"], "tinyvmm");
+    let keys: BTreeSet<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from([
+            "state",
+            "pid",
+            "vcpus",
+            "mem_bytes",
+            "kernel",
+            "uptime_ms",
+            "share_memory",
+            "merge"
+        ])
+    );
+    let m = &v["merge"];
+    assert_eq!(m["registered"], true);
+    assert_eq!(m["guest_id"], 7);
+    assert_eq!(m["pool_mapped_pages"], 3000);
+    assert_eq!(m["pages"], 65536);
+    for k in [
+        "registrations",
+        "requests",
+        "protect_p50_ns",
+        "protect_p99_ns",
+        "protect_max_ns",
+        "blocked_writes",
+        "vma_count",
+    ] {
+        assert!(m[k].is_u64(), "merge.{k} is not a count: {m}");
+    }
+    assert_eq!(m.as_object().unwrap().len(), 11, "{m}");
+    assert_eq!(f.shutdowns(), 0);
+}
+
+#[test]
+fn vm_merge_is_null_without_an_agent() {
+    use api::vm::{LiveVm, ShareMemory, VmControl, VmDescription};
+    let exit = tinyvmm_vmm::ExitSignal::new().unwrap();
+    let vm = LiveVm::new(
+        VmDescription {
+            vcpus: 1,
+            mem_bytes: 64 << 20,
+            kernel: "builtin".into(),
+            share_memory: ShareMemory::None,
+        },
+        exit.clone(),
+        None,
+    );
+    let v = serde_json::to_value(vm.info().unwrap()).unwrap();
+    assert_eq!(v["merge"], Value::Null);
+    assert_eq!(v["share_memory"], "none");
+    assert_eq!(v["pid"], std::process::id());
+    assert_eq!(v["state"], "running");
+    // The shutdown action is an exit request on the VMM's signal, nothing more.
+    vm.act(VmAction::Shutdown).unwrap();
+    assert_eq!(exit.reason(), Some(tinyvmm_vmm::ExitReason::Requested));
+    assert_eq!(exit.reason().unwrap().exit_code(), 0);
+    assert_eq!(
+        serde_json::to_value(vm.info().unwrap()).unwrap()["state"],
+        "stopping"
+    );
+}
+
+#[test]
+fn vm_shutdown_action_is_204_and_reaches_the_vmm() {
+    let f = VmFixture::new();
+    let r = raw(
+        f.sock(),
+        &req("PUT", "/vm/actions", br#"{"action": "shutdown"}"#),
+    );
+    assert_eq!(r.status, 204, "{}", String::from_utf8_lossy(&r.body));
+    assert!(r.body.is_empty());
+    assert!(
+        !r.head.to_ascii_lowercase().contains("content-type"),
+        "{}",
+        r.head
+    );
+    assert_eq!(f.shutdowns(), 1);
+    // Through the client too; the VM now reports that it is stopping.
+    let (status, _) = f
+        .client()
+        .request(
+            Method::PUT,
+            "/vm/actions",
+            Some(br#"{"action":"shutdown"}"#.to_vec()),
+        )
+        .unwrap();
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(f.shutdowns(), 2);
+    let v = f.client().json(Method::GET, "/vm", None).unwrap();
+    assert_eq!(v["state"], "stopping");
+}
+
+#[test]
+fn vm_bad_requests_get_4xx_json_errors_and_do_nothing() {
+    let f = VmFixture::new();
+    let big = {
+        let mut b = br#"{"action": "shutdown", "pad": ""#.to_vec();
+        b.extend(std::iter::repeat_n(b'x', 65 * 1024));
+        b.extend_from_slice(br#""}"#);
+        b
+    };
+    let cases: Vec<Case> = vec![
+        case(
+            "unknown action",
+            "PUT",
+            "/vm/actions",
+            br#"{"action": "reboot"}"#,
+            400,
+        ),
+        case(
+            "action in the wrong case",
+            "PUT",
+            "/vm/actions",
+            br#"{"action": "Shutdown"}"#,
+            400,
+        ),
+        case(
+            "unknown field",
+            "PUT",
+            "/vm/actions",
+            br#"{"action": "shutdown", "force": true}"#,
+            400,
+        ),
+        case("no action", "PUT", "/vm/actions", b"{}", 400),
+        case(
+            "null action",
+            "PUT",
+            "/vm/actions",
+            br#"{"action": null}"#,
+            400,
+        ),
+        case(
+            "numeric action",
+            "PUT",
+            "/vm/actions",
+            br#"{"action": 1}"#,
+            400,
+        ),
+        case(
+            "action as an object",
+            "PUT",
+            "/vm/actions",
+            br#"{"action": {"shutdown": 1}}"#,
+            400,
+        ),
+        case("bare string", "PUT", "/vm/actions", br#""shutdown""#, 400),
+        case("array", "PUT", "/vm/actions", br#"["shutdown"]"#, 400),
+        case("null body", "PUT", "/vm/actions", b"null", 400),
+        case("empty body", "PUT", "/vm/actions", b"", 400),
+        case("whitespace body", "PUT", "/vm/actions", b" \n", 400),
+        case(
+            "truncated JSON",
+            "PUT",
+            "/vm/actions",
+            br#"{"action": "shut"#,
+            400,
+        ),
+        case("not JSON", "PUT", "/vm/actions", b"action=shutdown", 400),
+        case(
+            "trailing garbage",
+            "PUT",
+            "/vm/actions",
+            br#"{"action": "shutdown"} x"#,
+            400,
+        ),
+        case(
+            "duplicate field",
+            "PUT",
+            "/vm/actions",
+            br#"{"action": "shutdown", "action": "shutdown"}"#,
+            400,
+        ),
+        case("oversized body", "PUT", "/vm/actions", &big, 413),
+        case("GET actions", "GET", "/vm/actions", b"", 405),
+        case(
+            "POST actions",
+            "POST",
+            "/vm/actions",
+            br#"{"action": "shutdown"}"#,
+            405,
+        ),
+        case(
+            "PATCH actions",
+            "PATCH",
+            "/vm/actions",
+            br#"{"action": "shutdown"}"#,
+            405,
+        ),
+        case("PUT vm", "PUT", "/vm", br#"{"action": "shutdown"}"#, 405),
+        case("DELETE vm", "DELETE", "/vm", b"", 405),
+        case("trailing slash", "GET", "/vm/", b"", 404),
+        case(
+            "unknown action path",
+            "PUT",
+            "/vm/actions/shutdown",
+            b"",
+            404,
+        ),
+        case("daemon path", "GET", "/ksm", b"", 404),
+        case("root", "GET", "/", b"", 404),
+        case("upper case", "GET", "/VM", b"", 404),
+    ];
+    let mut failures = Vec::new();
+    for c in &cases {
+        let r = raw(f.sock(), &c.request);
+        let error = r
+            .json()
+            .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string));
+        if r.status != c.status {
+            failures.push(format!(
+                "{}: got {} want {} ({:?})",
+                c.name, r.status, c.status, error
+            ));
+            continue;
+        }
+        if error.as_deref().is_none_or(str::is_empty) {
+            failures.push(format!(
+                "{}: no {{\"error\": ...}} body: {:?}",
+                c.name,
+                String::from_utf8_lossy(&r.body)
+            ));
+        }
+        if r.status == 405 && !r.head.to_ascii_lowercase().contains("\nallow: ") {
+            failures.push(format!("{}: 405 without Allow", c.name));
+        }
+        eprintln!("{:<32} {} {}", c.name, r.status, error.unwrap_or_default());
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert_eq!(f.shutdowns(), 0, "a refused request acted on the VM");
+    // Allow names the methods of each path.
+    let r = raw(f.sock(), &req("POST", "/vm", b""));
+    assert!(
+        r.head.to_ascii_lowercase().contains("\nallow: get"),
+        "{}",
+        r.head
+    );
+    let r = raw(f.sock(), &req("GET", "/vm/actions", b""));
+    assert!(
+        r.head.to_ascii_lowercase().contains("\nallow: put"),
+        "{}",
+        r.head
+    );
+    // The server still serves.
+    let v = f.client().json(Method::GET, "/vm", None).unwrap();
+    assert_eq!(v["state"], "running");
+}
+
+#[test]
+fn vm_unknown_action_error_names_the_actions() {
+    let f = VmFixture::new();
+    let e = f
+        .client()
+        .json(
+            Method::PUT,
+            "/vm/actions",
+            Some(&serde_json::json!({"action": "pause"})),
+        )
+        .unwrap_err();
+    let ClientError::Refused { status, msg } = e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(msg.contains("pause") && msg.contains("shutdown"), "{msg}");
+}
+
+#[test]
+fn vm_routes_resolve_to_endpoints_404_or_405() {
+    use api::vm::resolve_vm;
+    let cases: &[(Method, &str, Result<VmEndpoint, u16>)] = &[
+        (Method::GET, "/vm", Ok(VmEndpoint::GetVm)),
+        (Method::PUT, "/vm/actions", Ok(VmEndpoint::PutAction)),
+        (Method::HEAD, "/vm", Err(405)),
+        (Method::PUT, "/vm", Err(405)),
+        (Method::GET, "/vm/actions", Err(405)),
+        (Method::GET, "", Err(404)),
+        (Method::GET, "//vm", Err(404)),
+        (Method::GET, "/vm/x", Err(404)),
+        (Method::GET, "/guests", Err(404)),
+    ];
+    for (m, p, want) in cases {
+        let got = resolve_vm(m, p).map_err(|r| r.status.as_u16());
+        assert_eq!(&got, want, "{m} {p}");
+    }
+}
+
+#[test]
+fn vm_openapi_document_and_server_routes_agree() {
+    let f = VmFixture::new();
+    check_routes_agree(
+        &openapi_doc("vm-openapi.yaml"),
+        VM_ROUTES,
+        f.sock(),
+        str::to_string,
+        |_| br#"{"action": "shutdown"}"#,
+    );
+}
+
+#[test]
+fn vm_openapi_document_has_every_field_of_get_vm() {
+    let doc = openapi_doc("vm-openapi.yaml");
+    let schemas = &doc["components"]["schemas"];
+    let fields = |schema: &serde_norway::Value| -> BTreeSet<String> {
+        schema["properties"]
+            .as_mapping()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| k.as_str().unwrap().to_string())
+            .collect()
+    };
+    let f = VmFixture::new();
+    let v = f.client().json(Method::GET, "/vm", None).unwrap();
+    let keys = |v: &Value| -> BTreeSet<String> { v.as_object().unwrap().keys().cloned().collect() };
+    assert_eq!(fields(&schemas["VmInfo"]), keys(&v));
+    assert_eq!(fields(&schemas["MergeInfo"]), keys(&v["merge"]));
+    let actions: Vec<&str> = schemas["VmAction"]["properties"]["action"]["enum"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(actions, ["shutdown"]);
+}
+
+mod vm_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..48),
+            "[{}\\[\\]\":, a-z_]{0,40}".prop_map(String::into_bytes),
+            "(shutdown|reboot|pause|action|force|Shutdown| )"
+                .prop_map(|w| format!("{{\"action\": \"{w}\"}}").into_bytes()),
+            "(shutdown|reboot)".prop_map(|w| format!("[\"{w}\"]").into_bytes()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+        /// Whatever the body of `PUT /vm/actions`: no panic, no 5xx, and only the one valid
+        /// action acts on the VM.
+        #[test]
+        fn vm_action_bodies_never_5xx_and_refusals_do_nothing(body in body()) {
+            let vm = FakeVm::new();
+            let r = api::vm::execute_vm(VmEndpoint::PutAction, &body, &vm);
+            let acted = vm.shutdowns.load(Ordering::Relaxed);
+            prop_assert!(!r.status.is_server_error());
+            if r.status == StatusCode::NO_CONTENT {
+                prop_assert_eq!(acted, 1);
+                let v: Value = serde_json::from_slice(&body).unwrap();
+                prop_assert_eq!(v, serde_json::json!({"action": "shutdown"}));
+            } else {
+                prop_assert_eq!(r.status, StatusCode::BAD_REQUEST);
+                prop_assert_eq!(acted, 0);
+                let e: Value = serde_json::from_slice(&r.body).unwrap();
+                prop_assert!(e["error"].as_str().is_some_and(|e| !e.is_empty()));
+            }
+        }
+    }
 }

@@ -555,7 +555,10 @@ fn kernel_ksm_mode_marks_guest_ram_mergeable() {
 #[test]
 fn knobs_steer_the_scanner_run_0_stops_and_pages_to_scan_sets_the_rate() {
     require_kvm!();
-    let d = Daemon::start("knobs", &["--pages-to-scan", "100", "--sleep-ms", "20", "--run", "0"]);
+    let d = Daemon::start(
+        "knobs",
+        &["--pages-to-scan", "100", "--sleep-ms", "20", "--run", "0"],
+    );
     let p = Profile {
         mib: 128,
         extra: String::new(),
@@ -571,7 +574,10 @@ fn knobs_steer_the_scanner_run_0_stops_and_pages_to_scan_sets_the_rate() {
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs(2));
     let slow = u(&d.status(), "pages_scanned") as f64 / t0.elapsed().as_secs_f64();
-    assert!(slow > 0.0 && slow <= 5000.0 * 1.2, "slow rate {slow} pages/s");
+    assert!(
+        slow > 0.0 && slow <= 5000.0 * 1.2,
+        "slow rate {slow} pages/s"
+    );
     // pages_to_scan 20000: the first pass (65 k pages, still under way) speeds up, as far as
     // the merge work of each round allows.
     d.set(&["--pages-to-scan", "20000"]);

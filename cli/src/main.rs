@@ -89,6 +89,10 @@ struct RunArgs {
     /// Do not start a merge daemon when none is running.
     #[arg(long)]
     no_daemon_autostart: bool,
+    /// Serve this VM's control API (HTTP/1.1 + JSON: `GET /vm`, `PUT /vm/actions`) on a
+    /// Unix socket created with mode 0600.
+    #[arg(long)]
+    api_sock: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -153,6 +157,16 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let share = args.share_memory == Some(ShareMode::Tinyvmm);
     let kernel_name = args.kernel.clone();
+    let mut description = api::vm::VmDescription {
+        vcpus: args.vcpus,
+        mem_bytes: args.mem,
+        kernel: args.kernel.clone(),
+        share_memory: match args.share_memory {
+            None => api::vm::ShareMemory::None,
+            Some(ShareMode::Tinyvmm) => api::vm::ShareMemory::Tinyvmm,
+            Some(ShareMode::Kernel) => api::vm::ShareMemory::Kernel,
+        },
+    };
     let cfg = VmConfig {
         boot: BootSpec {
             kernel: kernel_source(&args.kernel),
@@ -173,6 +187,14 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // Threads started from here on (the merge agent, the API server) inherit the mask, so
+    // termination signals reach only the VMM's signalfd (`Vmm::run` blocks them too; a
+    // signal that comes earlier waits, pending, and stops the guest cleanly then).
+    if let Err(e) = block_termination_signals() {
+        eprintln!("tinyvmm: error: cannot block termination signals: {e}");
+        return ExitCode::from(1);
+    }
+    let mut agent_status = None;
     if share {
         let agent = tinyvmm_vmm::share::AgentConfig {
             socket: args
@@ -198,11 +220,32 @@ fn run(args: RunArgs) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        if let Err(e) = tinyvmm_vmm::share::spawn_agent(agent, ram, Some(vmm.dirty_source())) {
-            eprintln!("tinyvmm: error: cannot start the merge agent: {e}");
-            return ExitCode::from(1);
+        match tinyvmm_vmm::share::spawn_agent(agent, ram, Some(vmm.dirty_source())) {
+            Ok((_thread, status)) => agent_status = Some(status),
+            Err(e) => {
+                eprintln!("tinyvmm: error: cannot start the merge agent: {e}");
+                return ExitCode::from(1);
+            }
         }
     }
+    // Served until `run` returns (dropping it removes the socket).
+    let _api = match &args.api_sock {
+        Some(sock) => {
+            description.mem_bytes = vmm.mem_size();
+            let vm = api::vm::LiveVm::new(description, vmm.exit_signal(), agent_status);
+            match api::ApiServer::start_vm(sock, std::sync::Arc::new(vm)) {
+                Ok(s) => Some(s),
+                Err(e) => {
+                    eprintln!(
+                        "tinyvmm: error: cannot serve the VM API on {}: {e}",
+                        sock.display()
+                    );
+                    return ExitCode::from(1);
+                }
+            }
+        }
+        None => None,
+    };
     match vmm.run(Vec::new()) {
         Ok(reason) => {
             match &reason {
@@ -220,6 +263,25 @@ fn run(args: RunArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and so in threads it starts
+/// later); the VMM reads them from a signalfd.
+fn block_termination_signals() -> std::io::Result<()> {
+    // SAFETY: sigset operations on a zeroed local set; pthread_sigmask takes a valid pointer
+    // to it (and a null old set) and has no other preconditions.
+    let rc = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
 }
 
 fn guest_image(args: GuestImageArgs) -> ExitCode {
@@ -289,8 +351,8 @@ fn merged(args: MergedArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let stop = daemon::termination_flag();
-    match d.run(&|| stop.load(std::sync::atomic::Ordering::Relaxed)) {
+    tinyvmm::fleet::install_termination_flag();
+    match d.run(&tinyvmm::fleet::terminating) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tinyvmm: error: {e}");

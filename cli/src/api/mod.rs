@@ -1,5 +1,9 @@
-//! The merge daemon's REST control API: HTTP/1.1 with JSON over a Unix socket, as
-//! Firecracker and Cloud Hypervisor serve theirs.
+//! The REST control APIs: HTTP/1.1 with JSON over a Unix socket, as Firecracker and Cloud
+//! Hypervisor serve theirs. One transport ([`ApiServer`], `server.rs`) serves any
+//! [`Routes`]: the merge daemon's API (below, `routes.rs`) and each VM's own socket
+//! (`tinyvmm run --api-sock`, [`vm`]).
+//!
+//! The merge daemon's API:
 //!
 //! | method | path | what |
 //! |---|---|---|
@@ -32,6 +36,7 @@ mod server;
 pub mod testing;
 #[cfg(test)]
 mod tests;
+pub mod vm;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -40,8 +45,8 @@ use std::time::Duration;
 use serde::Serialize;
 use tinyvmm_merge::{Counters, GuestCounters, Knobs, KnobsUpdate};
 
-pub use routes::{KNOBS, ROUTES};
-pub use server::ApiServer;
+pub use routes::{ApiResponse, DaemonRoutes, KNOBS, ROUTES};
+pub use server::{ApiServer, Call, Routes};
 
 /// What the API needs from the daemon.
 ///

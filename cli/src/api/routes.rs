@@ -1,13 +1,17 @@
-//! Routing and the endpoints, independent of the transport: [`resolve`] maps a method and a
-//! path to an [`Endpoint`] (or a 404/405), [`execute`] runs it against a [`ControlPlane`]
-//! with the request body already read. Both are synchronous and never panic on any input,
-//! so they are tested directly (the proptest in `tests.rs`).
+//! The merge daemon's routing and endpoints, independent of the transport: [`resolve`]
+//! maps a method and a path to an [`Endpoint`] (or a 404/405), [`execute`] runs it against
+//! a [`ControlPlane`] with the request body already read. Both are synchronous and never
+//! panic on any input, so they are tested directly (the proptest in `tests.rs`).
+//! [`DaemonRoutes`] puts them behind the server's [`Routes`] trait.
+
+use std::sync::Arc;
 
 use bytes::Bytes;
 use hyper::{Method, StatusCode};
 use serde::Serialize;
 use tinyvmm_merge::KnobsUpdate;
 
+use super::server::{Call, Routes};
 use super::{metrics, ApiError, ControlPlane};
 
 /// Every route the server answers, as `(path template, methods)`; the OpenAPI document
@@ -94,6 +98,17 @@ impl ApiResponse {
         }
     }
 
+    /// An empty answer (no `Content-Type`), e.g. 204 No Content.
+    pub fn empty(status: StatusCode) -> ApiResponse {
+        ApiResponse {
+            status,
+            content_type: "",
+            body: Bytes::new(),
+            allow: None,
+            error: None,
+        }
+    }
+
     /// An error: `{"error": "..."}`.
     pub fn error(status: StatusCode, msg: impl Into<String>) -> ApiResponse {
         let msg = msg.into();
@@ -107,7 +122,8 @@ impl ApiResponse {
         }
     }
 
-    fn from_api_error(e: ApiError) -> ApiResponse {
+    /// The answer to a failed backend call: 400, 404 or 503 with `{"error": ...}`.
+    pub(super) fn from_api_error(e: ApiError) -> ApiResponse {
         let status = match e {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -175,14 +191,47 @@ pub fn resolve(method: &Method, path: &str) -> Result<Endpoint, ApiResponse> {
     };
     endpoint.ok_or_else(|| {
         let (template, methods) = ROUTES[route];
-        let allow = methods.join(", ");
-        let mut r = ApiResponse::error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            format!("method {method} is not allowed on {template}: use {allow}"),
-        );
-        r.allow = Some(allow);
-        r
+        method_not_allowed(method, template, methods)
     })
+}
+
+/// 405 for `method` on the route `template`, with `Allow: methods`.
+pub(super) fn method_not_allowed(method: &Method, template: &str, methods: &[&str]) -> ApiResponse {
+    let allow = methods.join(", ");
+    let mut r = ApiResponse::error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("method {method} is not allowed on {template}: use {allow}"),
+    );
+    r.allow = Some(allow);
+    r
+}
+
+/// The merge daemon's API for the server: [`resolve`] and [`execute`] against a
+/// [`ControlPlane`].
+pub struct DaemonRoutes {
+    cp: Arc<dyn ControlPlane>,
+}
+
+impl DaemonRoutes {
+    /// The routes of the daemon behind `cp`.
+    pub fn new(cp: Arc<dyn ControlPlane>) -> Self {
+        DaemonRoutes { cp }
+    }
+}
+
+impl Routes for DaemonRoutes {
+    fn resolve(&self, method: &Method, path: &str) -> Result<Call, ApiResponse> {
+        let endpoint = resolve(method, path)?;
+        let cp = self.cp.clone();
+        Ok(Call {
+            takes_body: endpoint.takes_body(),
+            run: Box::new(move |body| execute(&endpoint, body, cp.as_ref())),
+        })
+    }
+
+    fn backend(&self) -> &'static str {
+        "the merge daemon"
+    }
 }
 
 /// Parses a `PATCH /ksm` body.

@@ -1,4 +1,6 @@
-//! The transport: listeners, hyper connections, body limits and deadlines.
+//! The transport: listeners, hyper connections, body limits and deadlines. What is served
+//! is a [`Routes`] trait object: the merge daemon's API (`routes.rs`) and a VM's own API
+//! (`vm.rs`) are two implementations on the same machinery.
 
 use std::convert::Infallible;
 use std::ffi::OsStr;
@@ -19,16 +21,49 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode};
+use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{oneshot, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 
-use super::routes::{self, ApiResponse};
+use super::routes::{ApiResponse, DaemonRoutes};
 use super::{ApiConfig, ControlPlane, Limits};
 
 /// How long [`ApiServer::shutdown`] lets requests in flight finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+
+/// One API served by [`ApiServer`]: its routing and its endpoints, independent of the
+/// transport. The merge daemon's API and a VM's own API are two implementations.
+pub trait Routes: Send + Sync + 'static {
+    /// Maps a request line to a [`Call`], or answers it at once (404 for an unknown path;
+    /// 405 with `Allow` for a known path and a method it does not take). Runs on the
+    /// server's I/O thread, so it must not block.
+    fn resolve(&self, method: &Method, path: &str) -> Result<Call, ApiResponse>;
+
+    /// Who answers the calls, for 5xx messages ("the merge daemon", "the VMM").
+    fn backend(&self) -> &'static str;
+}
+
+/// An endpoint bound to its backend, waiting for the request body.
+pub type CallFn = Box<dyn FnOnce(&[u8]) -> ApiResponse + Send>;
+
+/// A resolved request: run on tokio's blocking pool, with its body read, within
+/// [`Limits::call_timeout`].
+pub struct Call {
+    /// Whether the endpoint reads a request body (others are run with an empty one and
+    /// their body is never read).
+    pub takes_body: bool,
+    /// Runs the endpoint on the whole request body; may block.
+    pub run: CallFn,
+}
+
+impl std::fmt::Debug for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Call")
+            .field("takes_body", &self.takes_body)
+            .finish_non_exhaustive()
+    }
+}
 
 /// A running API server. Dropping it shuts it down and removes its socket file.
 pub struct ApiServer {
@@ -41,7 +76,7 @@ pub struct ApiServer {
 }
 
 struct Ctx {
-    cp: Arc<dyn ControlPlane>,
+    routes: Arc<dyn Routes>,
     limits: Limits,
 }
 
@@ -55,6 +90,12 @@ impl ApiServer {
     /// path is something other than a (stale) socket, or if the TCP address is not a
     /// loopback address.
     pub fn start_with(cfg: ApiConfig, cp: Arc<dyn ControlPlane>) -> io::Result<ApiServer> {
+        Self::serve(cfg, Arc::new(DaemonRoutes::new(cp)))
+    }
+
+    /// Serves `routes` as `cfg` says (the merge daemon's API: [`ApiServer::start_with`]).
+    /// Fails as [`ApiServer::start_with`] does.
+    pub fn serve(cfg: ApiConfig, routes: Arc<dyn Routes>) -> io::Result<ApiServer> {
         if let Some(addr) = cfg.tcp {
             if !addr.ip().is_loopback() {
                 return Err(io::Error::new(
@@ -102,7 +143,7 @@ impl ApiServer {
             (unix, tcp)
         };
         let ctx = Arc::new(Ctx {
-            cp,
+            routes,
             limits: cfg.limits,
         });
         let (stop_tx, stop_rx) = oneshot::channel();
@@ -259,26 +300,29 @@ fn bind_unix_0600(path: &Path) -> io::Result<StdUnixListener> {
     Ok(listener)
 }
 
-/// Accepts on both listeners until `stop` fires.
+/// Accepts on both listeners until `stop` fires; then closes idle connections, lets
+/// requests in flight finish (up to [`SHUTDOWN_GRACE`]) and returns.
 async fn serve(
     unix: tokio::net::UnixListener,
     tcp: Option<tokio::net::TcpListener>,
     ctx: Arc<Ctx>,
     mut stop: oneshot::Receiver<()>,
 ) {
-    let slots = Arc::new(Semaphore::new(ctx.limits.max_connections));
+    let max = ctx.limits.max_connections;
+    let slots = Arc::new(Semaphore::new(max));
+    let (closing_tx, closing) = watch::channel(false);
     loop {
         // Wait for a free slot first: further clients wait in the listen backlog.
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p {
                 Ok(p) => p,
-                Err(_) => return,
+                Err(_) => break,
             },
-            _ = &mut stop => return,
+            _ = &mut stop => break,
         };
         tokio::select! {
             r = unix.accept() => match r {
-                Ok((stream, _)) => spawn_connection(stream, ctx.clone(), permit),
+                Ok((stream, _)) => spawn_connection(stream, ctx.clone(), permit, closing.clone()),
                 Err(e) => accept_failed(e).await,
             },
             r = async {
@@ -289,13 +333,17 @@ async fn serve(
             } => match r {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    spawn_connection(stream, ctx.clone(), permit)
+                    spawn_connection(stream, ctx.clone(), permit, closing.clone())
                 }
                 Err(e) => accept_failed(e).await,
             },
-            _ = &mut stop => return,
+            _ = &mut stop => break,
         }
     }
+    // Every connection gives its slot back once it has closed: wait for all of them.
+    let _ = closing_tx.send(true);
+    let all = u32::try_from(max).unwrap_or(u32::MAX);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, slots.acquire_many(all)).await;
 }
 
 async fn accept_failed(e: io::Error) {
@@ -304,8 +352,14 @@ async fn accept_failed(e: io::Error) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
-fn spawn_connection<S>(stream: S, ctx: Arc<Ctx>, permit: tokio::sync::OwnedSemaphorePermit)
-where
+/// Serves one connection; when `closing` turns true, finishes the request in flight (if
+/// any) and closes.
+fn spawn_connection<S>(
+    stream: S,
+    ctx: Arc<Ctx>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    mut closing: watch::Receiver<bool>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = ctx.limits;
@@ -316,7 +370,15 @@ where
         .max_header_size(limits.max_header_bytes)
         .serve_connection(TokioIo::new(stream), service);
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        let mut conn = std::pin::pin!(conn);
+        let ended = tokio::select! {
+            r = conn.as_mut() => r,
+            _ = async { closing.wait_for(|c| *c).await.map(|_| ()) } => {
+                conn.as_mut().graceful_shutdown();
+                conn.as_mut().await
+            }
+        };
+        if let Err(e) = ended {
             tracing::debug!("control API connection ended: {e}");
         }
         drop(permit);
@@ -365,10 +427,10 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let resp = match routes::resolve(&method, &path) {
+    let resp = match ctx.routes.resolve(&method, &path) {
         Err(r) => r,
-        Ok(endpoint) => {
-            let body = if endpoint.takes_body() {
+        Ok(call) => {
+            let body = if call.takes_body {
                 read_body(req, &ctx.limits).await
             } else {
                 Ok(Bytes::new())
@@ -376,20 +438,19 @@ async fn handle(
             match body {
                 Err(r) => r,
                 Ok(body) => {
-                    let cp = ctx.cp.clone();
-                    let call = tokio::task::spawn_blocking(move || {
-                        routes::execute(&endpoint, &body, cp.as_ref())
-                    });
+                    let run = call.run;
+                    let call = tokio::task::spawn_blocking(move || run(&body));
+                    let backend = ctx.routes.backend();
                     match tokio::time::timeout(ctx.limits.call_timeout, call).await {
                         Ok(Ok(r)) => r,
                         Ok(Err(e)) => ApiResponse::error(
                             StatusCode::INTERNAL_SERVER_ERROR,
-                            format!("the request failed inside the daemon: {e}"),
+                            format!("the request failed inside {backend}: {e}"),
                         ),
                         Err(_) => ApiResponse::error(
                             StatusCode::SERVICE_UNAVAILABLE,
                             format!(
-                                "the merge daemon did not answer within {} s",
+                                "{backend} did not answer within {} s",
                                 ctx.limits.call_timeout.as_secs()
                             ),
                         ),
@@ -413,8 +474,10 @@ async fn handle(
 fn into_response(r: ApiResponse) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(r.body));
     *resp.status_mut() = r.status;
-    resp.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static(r.content_type));
+    if !r.content_type.is_empty() {
+        resp.headers_mut()
+            .insert(CONTENT_TYPE, HeaderValue::from_static(r.content_type));
+    }
     if let Some(allow) = r.allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
         resp.headers_mut().insert(ALLOW, allow);
     }

@@ -1,5 +1,6 @@
-//! A [`ControlPlane`] for tests: knobs and counters in memory, with the engine's
-//! validation (`Knobs::updated`), two guests, and `run = 2` unmerging everything.
+//! Backends for tests. [`FakeControlPlane`]: knobs and counters in memory, with the
+//! engine's validation (`Knobs::updated`), two guests, and `run = 2` unmerging everything.
+//! [`FakeVm`]: a VM for the VM API.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -7,6 +8,7 @@ use std::sync::Mutex;
 use tinyvmm_merge::host::{DomainId, GuestId};
 use tinyvmm_merge::{Counters, GuestCounters, Knobs, KnobsUpdate, RunMode};
 
+use super::vm::{MergeInfo, ShareMemory, VmAction, VmControl, VmInfo, VmState};
 use super::{ApiError, ControlPlane, GuestInfo, KsmState};
 
 /// The test backend.
@@ -154,5 +156,63 @@ impl ControlPlane for FakeControlPlane {
     fn guests(&self) -> Result<Vec<GuestInfo>, ApiError> {
         self.check()?;
         Ok(self.lock().guests.clone())
+    }
+}
+
+/// A [`VmControl`] for tests: a fixed VM (2 vCPUs, 256 MiB, enrolled with a daemon as
+/// guest 7) that counts the actions it is asked for.
+#[derive(Debug, Default)]
+pub struct FakeVm {
+    /// Shutdowns requested.
+    pub shutdowns: AtomicU64,
+    /// Calls of any kind.
+    pub calls: AtomicU64,
+}
+
+impl FakeVm {
+    /// A running VM, no action taken yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+impl VmControl for FakeVm {
+    fn info(&self) -> Result<VmInfo, ApiError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let stopping = self.shutdowns.load(Ordering::Relaxed) > 0;
+        Ok(VmInfo {
+            state: if stopping {
+                VmState::Stopping
+            } else {
+                VmState::Running
+            },
+            pid: 4242,
+            vcpus: 2,
+            mem_bytes: 256 << 20,
+            kernel: "builtin".into(),
+            uptime_ms: 1234,
+            share_memory: ShareMemory::Tinyvmm,
+            merge: Some(MergeInfo {
+                registered: true,
+                guest_id: Some(7),
+                registrations: 1,
+                requests: 50,
+                pool_mapped_pages: 3000,
+                pages: 65536,
+                protect_p50_ns: 20_000,
+                protect_p99_ns: 90_000,
+                protect_max_ns: 150_000,
+                blocked_writes: 3,
+                vma_count: 180,
+            }),
+        })
+    }
+
+    fn act(&self, action: VmAction) -> Result<(), ApiError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        match action {
+            VmAction::Shutdown => self.shutdowns.fetch_add(1, Ordering::Relaxed),
+        };
+        Ok(())
     }
 }

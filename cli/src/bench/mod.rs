@@ -26,6 +26,7 @@ pub enum Which {
 
 /// Runs a benchmark.
 pub fn run(args: BenchArgs) -> std::process::ExitCode {
+    crate::fleet::install_termination_flag();
     let r = match args.which {
         Which::Boot(a) => boot::run(a),
         Which::Density(a) => density::run(a),

@@ -469,36 +469,6 @@ fn accept_loop(listener: UnixListener, tx: Sender<Cmd>) {
     }
 }
 
-/// A flag set by SIGINT/SIGTERM, checked by the scanner between rounds.
-pub fn termination_flag() -> std::sync::Arc<std::sync::atomic::AtomicBool> {
-    let flag = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        // Registration only fails for forbidden signals, which these are not.
-        let _ = signal_hook_register(sig, flag.clone());
-    }
-    flag
-}
-
-fn signal_hook_register(
-    sig: libc::c_int,
-    flag: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> std::io::Result<()> {
-    static FLAG: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>> =
-        std::sync::OnceLock::new();
-    let _ = FLAG.set(flag);
-    extern "C" fn on_signal(_: libc::c_int) {
-        if let Some(f) = FLAG.get() {
-            f.store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    let prev = unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
-    if prev == libc::SIG_ERR {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 impl Snapshot {
     fn ksm_state(&self) -> crate::api::KsmState {
         crate::api::KsmState {

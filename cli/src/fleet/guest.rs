@@ -73,8 +73,21 @@ impl GuestProc {
     pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Result<String, String> {
         let deadline = Instant::now() + timeout;
         loop {
+            if super::terminating() {
+                return Err("interrupted".into());
+            }
             let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
+            if left.is_zero() {
+                return Err(format!(
+                    "guest {}: no '{prefix}' line within {timeout:?}; last lines: {:?}",
+                    self.pid(),
+                    self.log.iter().rev().take(5).collect::<Vec<_>>()
+                ));
+            }
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(100)))
+            {
                 Ok(line) => {
                     if self.first_line.is_none() {
                         self.first_line = Some(Instant::now());
@@ -87,13 +100,7 @@ impl GuestProc {
                         return Err(format!("guest {}: {line}", self.pid()));
                     }
                 }
-                Err(RecvTimeoutError::Timeout) => {
-                    return Err(format!(
-                        "guest {}: no '{prefix}' line within {timeout:?}; last lines: {:?}",
-                        self.pid(),
-                        self.log.iter().rev().take(5).collect::<Vec<_>>()
-                    ))
-                }
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     return Err(format!(
                         "guest {}: console closed before '{prefix}'; last lines: {:?}",

@@ -62,7 +62,7 @@ mod tests {
         assert_eq!(s.type_, 0xb);
         assert_eq!(s.limit, 0xffff_ffff);
         assert_eq!(s.base, 0);
-        let t = kvm_segment_from_gdt(gdt_entry(0x808b, 0x1234_5678, 0x67), 3);
+        let t = kvm_segment_from_gdt(gdt_entry(0x008b, 0x1234_5678, 0x67), 3);
         assert_eq!(t.base, 0x1234_5678);
         assert_eq!(t.limit, 0x67);
         assert_eq!(t.s, 0);
