@@ -432,7 +432,7 @@ fn run_mode(mode: Mode, a: &DensityArgs, n: u32) -> Result<ModeResult, String> {
             .find(|s| result.start_pss.saturating_sub(s.guests_pss) as f64 >= frac * final_savings)
             .map(|s| s.t)
     };
-    if final_savings > 0.0 {
+    if final_savings > 0.0 && mode != Mode::None {
         result.t90_s = first_reaching(0.9);
         result.t100_s = first_reaching(0.995);
     }
