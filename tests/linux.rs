@@ -37,7 +37,9 @@ fn debian_cloud_kernel_boots_as_far_as_this_host_allows() {
     let Some((kernel, initrd)) = linux_files() else {
         panic!("resources/linux/build is missing: run resources/linux/fetch.sh");
     };
-    let cmdline = "console=ttyS0 reboot=k panic=-1 pci=off nomodules tinyvmm_marker=4242";
+    // earlyprintk: the serial console driver proper starts long after what this host reaches.
+    let cmdline =
+        "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 pci=off nomodules tinyvmm_marker=4242";
     let out = run_vm(
         &[
             "--kernel",
