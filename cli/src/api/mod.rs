@@ -92,6 +92,10 @@ pub struct GuestInfo {
     pub name: String,
     /// Its share group (merge domain).
     pub share_group: String,
+    /// Its agent's page-work statistics: how long pages stayed write-protected (the
+    /// longest a guest write could wait), writes that did wait, the VM's mapping count.
+    #[serde(flatten)]
+    pub agent: tinyvmm_merge::protocol::AgentStats,
 }
 
 /// A control-plane call failed.

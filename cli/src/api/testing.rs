@@ -48,6 +48,14 @@ fn guest(id: u32, name: &str, group: &str, merging: u64, zero: u64) -> GuestInfo
         pid: 1000 + id,
         name: name.to_string(),
         share_group: group.to_string(),
+        agent: tinyvmm_merge::protocol::AgentStats {
+            protect_batches: 40,
+            protect_p50_ns: 90_000,
+            protect_p99_ns: 900_000,
+            protect_max_ns: 1_200_000,
+            blocked_writes: 3,
+            vma_count: 140,
+        },
     }
 }
 

@@ -115,6 +115,10 @@ pub struct ModeResult {
     pub idle_cpu_pct: f64,
     pub write_p50_ns: Option<u64>,
     pub write_p99_ns: Option<u64>,
+    /// tinyvmm: how long the agents kept pages write-protected per batch (the longest a
+    /// guest write could wait), median of the guests' medians and the worst p99.
+    pub protect_p50_ns: Option<u64>,
+    pub protect_p99_ns: Option<u64>,
     /// Memory of the merger itself (tinyvmm: the daemon's Pss, engine metadata included).
     pub merger_overhead_bytes: u64,
     /// One copy of the shared pages plus every guest's unique pages, bytes (the fill only).
@@ -293,6 +297,25 @@ impl Merger {
         }
     }
 
+    /// Write-protection stalls reported by the agents: (median p50, max p99).
+    fn protect_stalls(&self) -> Option<(u64, u64)> {
+        let Merger::Tinyvmm { api, .. } = self else {
+            return None;
+        };
+        let body = api_call(api, Method::GET, "/guests", None).ok()?;
+        let guests: Vec<serde_json::Value> = serde_json::from_str(&body).ok()?;
+        let mut p50: Vec<f64> = guests
+            .iter()
+            .filter_map(|g| g["protect_p50_ns"].as_u64())
+            .map(|v| v as f64)
+            .collect();
+        let p99 = guests
+            .iter()
+            .filter_map(|g| g["protect_p99_ns"].as_u64())
+            .max()?;
+        Some((super::median(&mut p50) as u64, p99))
+    }
+
     fn overhead(&self) -> u64 {
         match self {
             Merger::Tinyvmm { daemon, .. } => procfs::pss_bytes(daemon.id()).unwrap_or(0),
@@ -333,6 +356,8 @@ fn run_mode(mode: Mode, a: &DensityArgs, n: u32) -> Result<ModeResult, String> {
         idle_cpu_pct: 0.0,
         write_p50_ns: None,
         write_p99_ns: None,
+        protect_p50_ns: None,
+        protect_p99_ns: None,
         merger_overhead_bytes: 0,
         physical_limit_bytes: 0,
         verified_pages: 0,
@@ -453,6 +478,10 @@ fn run_mode(mode: Mode, a: &DensityArgs, n: u32) -> Result<ModeResult, String> {
     let idle = merger.cpu_since_enable(&guests) - c0;
     result.idle_cpu_pct = 100.0 * idle / w0.elapsed().as_secs_f64();
     result.merger_overhead_bytes = merger.overhead();
+    if let Some((p50, p99)) = merger.protect_stalls() {
+        result.protect_p50_ns = Some(p50);
+        result.protect_p99_ns = Some(p99);
+    }
 
     // Guest-visible latency of first writes after merging (most pages are merged now).
     let (mut p50s, mut p99) = (Vec::new(), 0u64);
@@ -550,6 +579,16 @@ fn report(results: &[ModeResult], a: &DensityArgs) {
             r.write_p99_ns.unwrap_or(0),
             mib(r.merger_overhead_bytes),
         );
+    }
+    for r in results {
+        if let (Some(p50), Some(p99)) = (r.protect_p50_ns, r.protect_p99_ns) {
+            println!(
+                "{}: pages write-protected per merge batch (a guest write waits at most this): p50 {:.1} µs, p99 {:.1} µs",
+                r.mode.name(),
+                p50 as f64 / 1e3,
+                p99 as f64 / 1e3
+            );
+        }
     }
     if let Some(limit) = results.first().map(|r| r.physical_limit_bytes) {
         println!(

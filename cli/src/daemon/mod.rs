@@ -504,6 +504,7 @@ impl crate::api::ControlPlane for Control {
                 pid: g.hello.pid,
                 name: g.hello.name,
                 share_group: g.hello.share_group,
+                agent: g.agent,
             })
             .collect())
     }

@@ -1,0 +1,88 @@
+//! The density benchmark end to end, small: all three modes on real guests, the JSON and
+//! plots written, every guest verified, and the kernel's KSM knobs left exactly as found.
+//! This is the only test that touches /sys/kernel/mm/ksm (it runs alone in its binary).
+
+mod common;
+
+use std::process::Command;
+
+use tinyvmm::fleet::procfs;
+
+fn ksm_knobs() -> Option<(u64, u64, u64)> {
+    Some((
+        procfs::ksm_read("run")?,
+        procfs::ksm_read("pages_to_scan")?,
+        procfs::ksm_read("sleep_millisecs")?,
+    ))
+}
+
+#[test]
+fn density_bench_runs_all_modes_verifies_guests_and_restores_ksm() {
+    require_kvm!();
+    let out_dir = common::scratch_dir("bench");
+    let before = ksm_knobs();
+    let out = Command::new(env!("CARGO_BIN_EXE_tinyvmm"))
+        .args([
+            "bench",
+            "density",
+            "--guests",
+            "2",
+            "--mem",
+            "48M",
+            "--pages-to-scan",
+            "5000",
+            "--sleep-ms",
+            "5",
+            "--converge-s",
+            "15",
+            "--idle-s",
+            "1",
+            "--out",
+        ])
+        .arg(&out_dir)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed\n{stdout}\n{stderr}");
+    assert_eq!(ksm_knobs(), before, "kernel KSM knobs restored");
+
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("density.json")).unwrap()).unwrap();
+    let modes = json[0].as_array().unwrap();
+    assert_eq!(modes.len(), 3);
+    let by = |m: &str| modes.iter().find(|r| r["mode"] == m).unwrap();
+    let none = by("none");
+    let ours = by("tinyvmm");
+    // 2 guests with 60 % shared content: merging must save memory, and every page of every
+    // guest must have verified (48 MiB guests fill ~47 MiB each).
+    assert!(
+        ours["verified_pages"].as_u64().unwrap() > 2 * 11_000,
+        "{ours:#}"
+    );
+    assert!(
+        ours["final_pss"].as_u64().unwrap() < none["final_pss"].as_u64().unwrap() * 3 / 4,
+        "tinyvmm saves memory: {ours:#} vs {none:#}"
+    );
+    assert!(ours["pages_saved"].as_u64().unwrap() > 10_000);
+    let kernel = by("kernel");
+    if kernel["skipped"].is_null() {
+        assert!(
+            kernel["pages_saved"].as_u64().unwrap() > 10_000,
+            "{kernel:#}"
+        );
+    } else {
+        // Only acceptable without root.
+        // SAFETY: geteuid has no preconditions.
+        assert_ne!(
+            unsafe { libc::geteuid() },
+            0,
+            "kernel mode skipped as root: {kernel:#}"
+        );
+    }
+    for f in ["memory.svg", "pages_saved.svg"] {
+        let svg = std::fs::read_to_string(out_dir.join(f)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("tinyvmm"), "{f}");
+    }
+    assert!(stdout.contains("ratios tinyvmm/kernel") || !kernel["skipped"].is_null());
+}
