@@ -73,12 +73,11 @@ fn density_bench_runs_all_modes_verifies_guests_and_restores_ksm() {
         );
     } else {
         // Only acceptable without root.
-        // SAFETY: geteuid has no preconditions.
-        assert_ne!(
-            unsafe { libc::geteuid() },
-            0,
-            "kernel mode skipped as root: {kernel:#}"
-        );
+        let euid = {
+            // SAFETY: geteuid has no preconditions.
+            unsafe { libc::geteuid() }
+        };
+        assert_ne!(euid, 0, "kernel mode skipped as root: {kernel:#}");
     }
     for f in ["memory.svg", "pages_saved.svg"] {
         let svg = std::fs::read_to_string(out_dir.join(f)).unwrap();

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use tinyvmm_guests::content::{page_class, page_contents, FillParams, WORDS_PER_PAGE};
+use tinyvmm_guests::content::{
+    page_class, page_key, page_word, FillParams, PageClass, WORDS_PER_PAGE,
+};
 
 use super::median;
 use crate::fleet::guest::{field, GuestProc};
@@ -31,11 +33,21 @@ fn exe() -> Result<PathBuf, String> {
 fn host_fill(buf: &mut [u64], pages: u64) -> Duration {
     let p = FillParams::default();
     let start = Instant::now();
-    for i in 0..pages {
+    for (i, page) in buf
+        .chunks_exact_mut(WORDS_PER_PAGE)
+        .take(pages as usize)
+        .enumerate()
+    {
+        let i = i as u64;
         let class = page_class(p.seed, i, p.shared_pct, p.zero_pct);
-        let words = page_contents(p.seed, p.guest_seed, class, i, 0);
-        let off = (i as usize) * WORDS_PER_PAGE;
-        buf[off..off + WORDS_PER_PAGE].copy_from_slice(&words);
+        if class == PageClass::Zero {
+            page.fill(0);
+            continue;
+        }
+        let key = page_key(p.seed, p.guest_seed, class, i, 0);
+        for (j, w) in page.iter_mut().enumerate() {
+            *w = page_word(key, j);
+        }
     }
     std::hint::black_box(&buf);
     start.elapsed()
