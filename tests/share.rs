@@ -64,6 +64,11 @@ impl Daemon {
         }
     }
 
+    /// A daemon that scans fast (20000 pages every 5 ms), for tests that want convergence.
+    fn fast(name: &str) -> Self {
+        Self::start(name, &["--pages-to-scan", "20000", "--sleep-ms", "5"])
+    }
+
     fn socket(&self) -> PathBuf {
         self.dir.join("merged.sock")
     }
@@ -164,6 +169,16 @@ fn u(v: &Value, k: &str) -> u64 {
 struct Profile {
     mib: u64,
     extra: String,
+}
+
+impl Profile {
+    /// `mib` MiB of the guest's default content mix.
+    fn plain(mib: u64) -> Self {
+        Profile {
+            mib,
+            extra: String::new(),
+        }
+    }
 }
 
 /// Starts a `fill,serve` guest enrolled with `daemon`; returns it and its FILL line.
@@ -323,7 +338,7 @@ fn churning_guests_lose_no_write_while_merging_aggressively() {
 #[test]
 fn share_groups_never_share_frames() {
     require_kvm!();
-    let d = Daemon::start("groups", &["--pages-to-scan", "20000", "--sleep-ms", "5"]);
+    let d = Daemon::fast("groups");
     let p = Profile {
         mib: 32,
         extra: "shared_pct=90 zero_pct=0".into(),
@@ -356,10 +371,7 @@ fn share_groups_never_share_frames() {
 fn daemon_killed_mid_merge_then_guest_killed_then_restart_loses_nothing() {
     require_kvm!();
     let mut d = Daemon::start("kill", &["--pages-to-scan", "2000", "--sleep-ms", "1"]);
-    let p = Profile {
-        mib: 64,
-        extra: String::new(),
-    };
+    let p = Profile::plain(64);
     let mut guests: Vec<GuestProc> = (0..3).map(|i| guest(&d, 40 + i, &p, &[]).0).collect();
     d.wait_for("merging under way", LONG, |s| u(s, "pages_sharing") > 2000);
     d.kill9();
@@ -388,11 +400,8 @@ fn daemon_killed_mid_merge_then_guest_killed_then_restart_loses_nothing() {
 #[test]
 fn tiny_vma_budget_merges_what_fits_and_reports_the_rest() {
     require_kvm!();
-    let d = Daemon::start("budget", &["--pages-to-scan", "20000", "--sleep-ms", "5"]);
-    let p = Profile {
-        mib: 32,
-        extra: String::new(),
-    };
+    let d = Daemon::fast("budget");
+    let p = Profile::plain(32);
     let (a, _) = guest(&d, 50, &p, &["--vma-budget", "40"]);
     let (b, _) = guest(&d, 51, &p, &["--vma-budget", "40"]);
     let s = d.wait_for("budget exhausted", LONG, |s| {
@@ -414,11 +423,8 @@ fn tiny_vma_budget_merges_what_fits_and_reports_the_rest() {
 #[test]
 fn run_2_unmerges_everything_and_frees_the_pool() {
     require_kvm!();
-    let d = Daemon::start("unmerge", &["--pages-to-scan", "20000", "--sleep-ms", "5"]);
-    let p = Profile {
-        mib: 32,
-        extra: String::new(),
-    };
+    let d = Daemon::fast("unmerge");
+    let p = Profile::plain(32);
     let mut guests: Vec<GuestProc> = (0..2).map(|i| guest(&d, 60 + i, &p, &[]).0).collect();
     d.wait_for("merged", LONG, |s| u(s, "pages_sharing") > 3000);
     d.set(&["--run", "2"]);
@@ -496,11 +502,8 @@ fn share_memory_autostarts_one_daemon_for_concurrent_guests() {
 fn hostile_messages_on_the_daemon_socket_are_rejected() {
     require_kvm!();
     use std::io::Write;
-    let d = Daemon::start("hostile", &["--pages-to-scan", "20000", "--sleep-ms", "5"]);
-    let p = Profile {
-        mib: 16,
-        extra: String::new(),
-    };
+    let d = Daemon::fast("hostile");
+    let p = Profile::plain(16);
     let (mut g, _) = guest(&d, 70, &p, &[]);
     for junk in [
         &b"\xff\xff\xff\xff"[..],
@@ -559,10 +562,7 @@ fn knobs_steer_the_scanner_run_0_stops_and_pages_to_scan_sets_the_rate() {
         "knobs",
         &["--pages-to-scan", "100", "--sleep-ms", "20", "--run", "0"],
     );
-    let p = Profile {
-        mib: 128,
-        extra: String::new(),
-    };
+    let p = Profile::plain(128);
     let mut guests: Vec<GuestProc> = (0..2).map(|i| guest(&d, 80 + i, &p, &[]).0).collect();
     // run=0: nothing is scanned.
     std::thread::sleep(Duration::from_secs(1));

@@ -33,6 +33,8 @@ use userfaultfd::{FeatureFlags, RegisterMode, Uffd, UffdBuilder};
 use super::bitmap::Bitmap;
 
 const PAGE: u64 = PAGE_SIZE as u64;
+/// Most pages one write-protected batch covers: bounds how long a guest write can wait.
+const PROTECT_CHUNK: u64 = 64;
 /// UFFD_FEATURE_WP_HUGETLBFS_SHMEM: write-protect shmem (pool memfd) mappings too.
 const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
 /// UFFD_FEATURE_WP_UNPOPULATED: protect pages that were never touched as well.
@@ -480,18 +482,32 @@ impl SharedRam {
                 frame += n;
             }
         }
-        let mut pieces: Vec<(u64, u64, u64)> = work.iter().map(|w| (w.1, w.2, w.3)).collect();
-        pieces.sort_unstable_by_key(|p| p.2);
-        let spans = self.spans(&pieces);
-        self.protected(&spans, |ram| {
-            for &(kind, first, n, hva, frame) in &work {
-                ram.merge_protected(kind, first, n, hva, frame, out)?;
+        // Chunks of at most PROTECT_CHUNK pages: few system calls per page, yet a guest write
+        // that hits the batch waits for one chunk's work at most.
+        let mut start = 0;
+        while start < work.len() {
+            let mut end = start;
+            let mut pages = 0;
+            while end < work.len() && (end == start || pages + work[end].2 <= PROTECT_CHUNK) {
+                pages += work[end].2;
+                end += 1;
             }
-            for &(hva, len) in &spans {
-                ram.reregister(hva, len)?;
-            }
-            Ok(())
-        })
+            let chunk = &work[start..end];
+            let mut pieces: Vec<(u64, u64, u64)> = chunk.iter().map(|w| (w.1, w.2, w.3)).collect();
+            pieces.sort_unstable_by_key(|p| p.2);
+            let spans = self.spans(&pieces);
+            self.protected(&spans, |ram| {
+                for &(kind, first, n, hva, frame) in chunk {
+                    ram.merge_protected(kind, first, n, hva, frame, out)?;
+                }
+                for &(hva, len) in &spans {
+                    ram.reregister(hva, len)?;
+                }
+                Ok(())
+            })?;
+            start = end;
+        }
+        Ok(())
     }
 
     fn merge_protected(
