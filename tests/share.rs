@@ -92,8 +92,8 @@ impl Daemon {
         let _ = c.wait();
     }
 
-    /// `tinyvmm ksm <args> --api-sock <sock>`; stdout parsed as JSON.
-    fn ksm_json(&self, args: &[&str]) -> Value {
+    /// `tinyvmm ksm <args> --api-sock <sock>`, which must succeed.
+    fn ksm(&self, args: &[&str]) -> std::process::Output {
         let out = Command::new(BIN)
             .arg("ksm")
             .args(args)
@@ -106,6 +106,12 @@ impl Daemon {
             "tinyvmm ksm {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        out
+    }
+
+    /// `tinyvmm ksm <args>`; stdout parsed as JSON.
+    fn ksm_json(&self, args: &[&str]) -> Value {
+        let out = self.ksm(args);
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
                 "bad JSON from ksm {args:?}: {e}: {}",
@@ -119,19 +125,9 @@ impl Daemon {
     }
 
     fn set(&self, args: &[&str]) {
-        let out = Command::new(BIN)
-            .arg("ksm")
-            .arg("set")
-            .args(args)
-            .arg("--api-sock")
-            .arg(self.api())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ksm set {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let mut all = vec!["set"];
+        all.extend_from_slice(args);
+        self.ksm(&all);
     }
 
     /// Waits until `done(status)` holds; returns that status.

@@ -352,14 +352,8 @@ pub fn set_body(a: &SetArgs) -> Result<Value, ClientError> {
     Ok(Value::Object(m))
 }
 
-const KNOB_KEYS: &[&str] = &[
-    "run",
-    "sleep_millisecs",
-    "pages_to_scan",
-    "max_page_sharing",
-    "smart_scan",
-    "advisor",
-];
+/// Knobs in the kernel's order: the API's writable knobs.
+const KNOB_KEYS: &[&str] = crate::api::KNOBS;
 /// Counters in the kernel's order, then ours.
 const COUNTER_KEYS: &[&str] = &[
     "pages_shared",
