@@ -602,3 +602,84 @@ fn knobs_steer_the_scanner_run_0_stops_and_pages_to_scan_sets_the_rate() {
     verify_all(&mut guests, 128 * 256);
     exit_all(guests);
 }
+
+#[test]
+fn control_api_over_loopback_tcp_only_when_asked() {
+    use std::io::{Read, Write};
+    let port = 20000 + (std::process::id() % 20000) as u16;
+    let addr = format!("127.0.0.1:{port}");
+    let d = Daemon::start("tcp", &["--api-tcp", &addr]);
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    s.write_all(b"GET /ksm HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("\"pages_to_scan\""), "{resp}");
+    drop(d);
+    // A non-loopback address is refused with a clear error, and no daemon keeps running.
+    let dir = common::scratch_dir("tcp-refused");
+    let out = Command::new(BIN)
+        .env("TINYVMM_RUN_DIR", &dir)
+        .args(["merged", "--api-tcp", "0.0.0.0:1"])
+        .arg("--socket")
+        .arg(dir.join("merged.sock"))
+        .arg("--api-sock")
+        .arg(dir.join("api.sock"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("loopback"), "{err}");
+}
+
+#[test]
+fn guests_with_ram_above_4g_merge_across_both_ram_ranges() {
+    require_kvm!();
+    let d = Daemon::fast("highmem");
+    // 3.25 GiB: 3 GiB below the MMIO gap, 256 MiB above 4 GiB — two RAM slots, one page
+    // index space for the agent and the engine.
+    let p = Profile {
+        mib: 64,
+        extra: String::new(),
+    };
+    let mut guests = Vec::new();
+    let mut shared = 0;
+    for seed in [90, 91] {
+        let cmdline = format!(
+            "console=ttyS0 reboot=k panic=-1 workload=fill,serve mib={} seed=1 guest_seed={seed}",
+            p.mib
+        );
+        let args: Vec<String> = [
+            "--mem",
+            "3328M",
+            "--cmdline",
+            &cmdline,
+            "--share-memory",
+            "--no-daemon-autostart",
+            "--merge-socket",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([d.socket().display().to_string()])
+        .collect();
+        let mut g = GuestProc::spawn(
+            Path::new(BIN),
+            &args,
+            Some(&d.dir.join(format!("g{seed}.log"))),
+        )
+        .unwrap();
+        let fill = g.wait_line("FILL done", LONG).unwrap();
+        shared = field(&fill, "shared").unwrap();
+        g.wait_line("SERVE ready", LONG).unwrap();
+        guests.push(g);
+    }
+    let pages_per_guest = 3328 * 256;
+    // Every untouched page (most of both ranges) is a zero page; the fill's shared pages merge.
+    let s = d.wait_for("both ranges scanned", LONG, |s| {
+        u(s, "pages_sharing") >= shared && u(s, "zero_pages") >= 2 * (pages_per_guest - 64 * 256)
+    });
+    assert!(u(&s, "guests_failed") == 0, "{s:#}");
+    verify_all(&mut guests, 64 * 256);
+    exit_all(guests);
+}

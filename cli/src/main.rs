@@ -43,6 +43,10 @@ struct MergedArgs {
     /// The REST control socket (HTTP/1.1 + JSON, mode 0600).
     #[arg(long)]
     api_sock: Option<PathBuf>,
+    /// Also serve the control API over TCP at this loopback address (e.g. 127.0.0.1:8742);
+    /// any other address is refused. Off by default.
+    #[arg(long)]
+    api_tcp: Option<std::net::SocketAddr>,
     /// Pages visited per wake-up, across all guests.
     #[arg(long)]
     pages_to_scan: Option<u32>,
@@ -341,7 +345,9 @@ fn merged(args: MergedArgs) -> ExitCode {
     let api_sock = args
         .api_sock
         .unwrap_or_else(api::tinyvmm_api_default_socket);
-    let _api = match api::ApiServer::start(&api_sock, std::sync::Arc::new(d.control())) {
+    let mut api_cfg = api::ApiConfig::new(&api_sock);
+    api_cfg.tcp = args.api_tcp;
+    let _api = match api::ApiServer::start_with(api_cfg, std::sync::Arc::new(d.control())) {
         Ok(s) => s,
         Err(e) => {
             eprintln!(

@@ -1080,7 +1080,9 @@ impl Engine {
                 force = true;
             }
             st::ZERO => {
-                if s.d.zero && !s.d.split {
+                // Still zero and not written since it was dropped: nothing to do. Written
+                // (even with zeros) it holds memory again and goes round once more.
+                if s.d.zero && !s.d.split && s.d.dirty != Some(true) {
                     g.pages[gfn].pass = g.pass;
                     return;
                 }

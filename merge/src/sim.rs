@@ -389,6 +389,19 @@ impl SimFleet {
     }
 
     /// Mapping of a page: `Some((frame, holds_private_copy))` under a pool mapping.
+    /// Whether the page holds memory of its own (an anonymous page the guest wrote, or a
+    /// private copy), as opposed to nothing (never written, or dropped as a zero page) or
+    /// a shared frame.
+    pub fn present(&self, id: GuestId, gfn: Gfn) -> bool {
+        let g = &self.guests[&id];
+        let i = gfn as usize;
+        if g.map[i] == 0 {
+            g.flags[i] & PRESENT != 0
+        } else {
+            g.flags[i] & PRIVATE != 0
+        }
+    }
+
     pub fn mapping(&self, id: GuestId, gfn: Gfn) -> Option<(FrameId, bool)> {
         let g = &self.guests[&id];
         let i = gfn as usize;

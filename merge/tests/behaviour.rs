@@ -62,6 +62,32 @@ fn all_zero_guests_use_no_frames() {
 }
 
 #[test]
+fn zero_page_written_with_zeros_again_is_reclaimed_again() {
+    // A guest that zeroes a buffer it had left zero (e.g. while it is still filling its
+    // memory when the daemon first looks) allocates memory that reads zero: the engine must
+    // drop it again, not trust its old ZERO state.
+    let n = 64;
+    let mut f = Fleet::new(knobs(512));
+    let a = f.add(0, n, 0, BIG, true);
+    for gfn in 0..n {
+        f.sim.fill(a, gfn, 0);
+    }
+    f.converge(100);
+    assert_eq!(f.counters().zero_pages, n);
+    assert!((0..n).all(|g| !f.sim.present(a, g)), "zero pages dropped");
+    for gfn in 0..n {
+        f.sim.fill(a, gfn, 0);
+    }
+    assert!((0..n).all(|g| f.sim.present(a, g)));
+    f.converge(100);
+    assert_eq!(f.counters().zero_pages, n);
+    assert!(
+        (0..n).all(|g| !f.sim.present(a, g)),
+        "pages rewritten with zeros are dropped again"
+    );
+}
+
+#[test]
 fn volatile_page_never_merges() {
     let n = 32;
     // One full scan per round: every visit of page 5 sees new content.
