@@ -520,21 +520,27 @@ impl SharedRam {
         out: &mut Vec<MergeResult>,
     ) -> Result<(), PageError> {
         let base = out.len();
+        if kind == OpKind::Populate {
+            // The run's pages are contiguous in guest RAM and its frames in the pool: one
+            // write fills them all.
+            let pool = self.pool.as_ref().ok_or(PageError::NoPool)?;
+            if (frame + n) * PAGE > pool.len {
+                return Err(PageError::Range(format!(
+                    "frames {frame}+{n} beyond the pool"
+                )));
+            }
+            // SAFETY: `n` pages of guest RAM from `hva` (checked by `pieces`), write-protected
+            // by the caller, so their content is stable while it is copied.
+            let run = unsafe { std::slice::from_raw_parts(hva as *const u8, (n * PAGE) as usize) };
+            pool.file
+                .write_all_at(run, frame * PAGE)
+                .map_err(os("write pool frames"))?;
+        }
         // Decide page by page, then map maximal runs of accepted pages with one mmap each.
         for k in 0..n {
             let page = self.page(hva + k * PAGE);
             match kind {
                 OpKind::Populate => {
-                    let pool = self.pool.as_ref().ok_or(PageError::NoPool)?;
-                    if (frame + k + 1) * PAGE > pool.len {
-                        return Err(PageError::Range(format!(
-                            "frame {} beyond the pool",
-                            frame + k
-                        )));
-                    }
-                    pool.file
-                        .write_all_at(page, (frame + k) * PAGE)
-                        .map_err(os("write a pool frame"))?;
                     out.push(MergeResult {
                         outcome: MergeOutcome::Merged,
                         hash: page_hash(page),
