@@ -455,6 +455,20 @@ impl SharedRam {
         let mut unprot = Ok(());
         for &(hva, len) in spans {
             if let Err(e) = self.unprotect(hva, len) {
+                // `work` failed between a remap and its registration: a mapping in the span
+                // is not registered, so the kernel refused the whole call. Register it and
+                // retry, then page by page: a page left protected would block a writing vCPU.
+                tracing::warn!("unprotect {hva:#x}+{len:#x} failed ({e}); retrying");
+                if self
+                    .reregister(hva, len)
+                    .and_then(|()| self.unprotect(hva, len))
+                    .is_err()
+                {
+                    for off in (0..len).step_by(PAGE_SIZE) {
+                        let _ = self.reregister(hva + off, PAGE);
+                        let _ = self.unprotect(hva + off, PAGE);
+                    }
+                }
                 unprot = Err(e);
             }
         }
