@@ -683,3 +683,47 @@ fn guests_with_ram_above_4g_merge_across_both_ram_ranges() {
     verify_all(&mut guests, 64 * 256);
     exit_all(guests);
 }
+
+#[test]
+fn agent_that_stops_answering_keeps_its_frames_while_its_vm_lives() {
+    require_kvm!();
+    let d = Daemon::start(
+        "stalled",
+        &[
+            "--pages-to-scan",
+            "20000",
+            "--sleep-ms",
+            "5",
+            "--request-timeout-ms",
+            "1500",
+        ],
+    );
+    let p = Profile::plain(32);
+    let mut guests: Vec<GuestProc> = (0..2).map(|i| guest(&d, 100 + i, &p, &[]).0).collect();
+    let merged = d.wait_for("merged", LONG, |s| u(s, "pages_sharing") > 3000);
+    // The second VM leaves: the first is now the only one mapping the shared frames.
+    exit_all(guests.split_off(1));
+    d.wait_for("second guest gone", LONG, |s| u(s, "guests") == 1);
+    // Freeze the first VM: its agent stops answering and the daemon drops it after the
+    // timeout. Its pages still map the frames, so they must stay while the VM lives.
+    let frozen = guests[0].pid() as i32;
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(frozen, libc::SIGSTOP) };
+    d.wait_for("the frozen agent dropped", LONG, |s| {
+        u(s, "guests_failed") >= 1 || u(s, "guests") == 0
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let s = d.status();
+    assert!(
+        u(&s, "pool_bytes") >= u(&merged, "pages_shared") * 4096 * 9 / 10,
+        "frames kept while the frozen VM lives: {s:#}"
+    );
+    // SAFETY: as above.
+    unsafe { libc::kill(frozen, libc::SIGCONT) };
+    // Thawed, it reads back everything it wrote, and registers again.
+    verify_all(&mut guests, 32 * 256);
+    exit_all(guests);
+    d.wait_for("all frames released", LONG, |s| {
+        u(s, "pages_shared") == 0 && u(s, "pool_bytes") == 0 && u(s, "guests") == 0
+    });
+}

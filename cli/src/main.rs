@@ -56,6 +56,10 @@ struct MergedArgs {
     /// 0 stop, 1 run (default).
     #[arg(long)]
     run: Option<u8>,
+    /// How long an agent may take to answer one request, ms; a VM whose agent does not
+    /// answer is dropped from merging (its frames stay until its process exits).
+    #[arg(long, default_value_t = 20_000)]
+    request_timeout_ms: u64,
 }
 
 #[derive(Args, Debug)]
@@ -330,6 +334,7 @@ fn merged(args: MergedArgs) -> ExitCode {
     let cfg = daemon::DaemonConfig {
         socket: args.socket.unwrap_or_else(daemon::default_merge_socket),
         knobs,
+        request_timeout: std::time::Duration::from_millis(args.request_timeout_ms.max(1)),
     };
     let d = match daemon::Daemon::bind(cfg) {
         Ok(d) => d,

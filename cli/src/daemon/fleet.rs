@@ -13,8 +13,6 @@ use tinyvmm_merge::host::{
 };
 use tinyvmm_merge::protocol::{self, AgentMsg, AgentStats, DaemonMsg, Hello, Reply, Request};
 
-/// How long an agent may take to answer one request.
-pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
 /// Virtual size of each pool file (sparse: only populated frames use memory).
 pub const POOL_LEN: u64 = 256 << 30;
 
@@ -23,6 +21,49 @@ pub const POOL_LEN: u64 = 256 << 30;
 pub struct Conn {
     pub stream: UnixStream,
     pub hello: Hello,
+    /// The VM process (from the socket's peer credentials, not from `hello`).
+    pub process: Process,
+}
+
+/// A VM process, watched so that its frames are released only once it is gone: its pages
+/// may map them for as long as it lives, even after its agent stopped answering.
+#[derive(Debug)]
+pub struct Process {
+    pub pid: u32,
+    pidfd: Option<std::os::fd::OwnedFd>,
+}
+
+impl Process {
+    /// Watches `pid` (a pidfd where the kernel has them, else signal 0 probes).
+    pub fn watch(pid: u32) -> Self {
+        // SAFETY: pidfd_open takes a pid and flags; it returns a new fd or -1.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+        let pidfd = (fd >= 0).then(|| {
+            // SAFETY: a new descriptor that nothing else owns.
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
+        });
+        Self { pid, pidfd }
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&self) -> bool {
+        match &self.pidfd {
+            Some(fd) => {
+                let mut pfd = libc::pollfd {
+                    fd: fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd, zero timeout.
+                unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+            }
+            None => {
+                // SAFETY: signal 0 only checks for existence.
+                let rc = unsafe { libc::kill(self.pid as libc::pid_t, 0) };
+                rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
+            }
+        }
+    }
 }
 
 /// A merge domain's pool of frames: a memfd.
@@ -80,7 +121,7 @@ impl Pool {
 }
 
 /// All guests and pools: the engine's host.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Fleet {
     pub conns: HashMap<GuestId, Conn>,
     pub pools: HashMap<DomainId, Pool>,
@@ -91,9 +132,28 @@ pub struct Fleet {
     pub dead: Vec<GuestId>,
     /// Latest statistics per agent.
     pub agent_stats: HashMap<GuestId, AgentStats>,
+    /// Guests whose agent is gone but whose process still lives: the engine keeps their
+    /// frame references until the process exits.
+    pub orphans: Vec<(GuestId, Process)>,
+    /// How long an agent may take to answer one request.
+    pub request_timeout: Duration,
 }
 
 impl Fleet {
+    /// No guests yet; agents get `request_timeout` to answer each request.
+    pub fn new(request_timeout: Duration) -> Self {
+        Self {
+            conns: HashMap::new(),
+            pools: HashMap::new(),
+            domains: HashMap::new(),
+            next_request: 0,
+            dead: Vec::new(),
+            agent_stats: HashMap::new(),
+            orphans: Vec::new(),
+            request_timeout,
+        }
+    }
+
     /// The domain of a share group, created (with its pool) on first use.
     pub fn domain(&mut self, group: &str) -> std::io::Result<DomainId> {
         if let Some(d) = self.domains.get(group) {

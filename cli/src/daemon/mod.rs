@@ -123,6 +123,8 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     /// Initial knobs.
     pub knobs: Knobs,
+    /// How long an agent may take to answer one request before its guest is dropped.
+    pub request_timeout: Duration,
 }
 
 /// A daemon that is set up (lock held, socket bound) but not yet scanning.
@@ -206,7 +208,7 @@ impl Daemon {
             .spawn(move || accept_loop(listener, tx))
             .map_err(setup("cannot start acceptor for", &self.cfg.socket))?;
         let mut engine = Engine::new(self.cfg.knobs)?;
-        let mut fleet = Fleet::default();
+        let mut fleet = Fleet::new(self.cfg.request_timeout);
         let mut next_round = Instant::now();
         let mut rounds: u64 = 0;
         let mut budget_warned: Option<Instant> = None;
@@ -361,6 +363,12 @@ fn register(mut stream: UnixStream, hello: Hello, engine: &mut Engine, fleet: &m
         Ok(d) => d,
         Err(e) => return refuse(&mut stream, format!("cannot create the pool: {e}")),
     };
+    // The VM process is who is on the other end of the socket, whatever `hello` says.
+    let pid = match peer_pid(&stream) {
+        Some(pid) => pid,
+        None => return refuse(&mut stream, "cannot read the peer's credentials".into()),
+    };
+    let hello = Hello { pid, ..hello };
     let id = GuestId(next_guest_id());
     let spec = GuestSpec {
         id,
@@ -382,8 +390,8 @@ fn register(mut stream: UnixStream, hello: Hello, engine: &mut Engine, fleet: &m
         let _ = engine.remove_guest(id, fleet);
         return;
     }
-    let _ = stream.set_read_timeout(Some(fleet::REQUEST_TIMEOUT));
-    let _ = stream.set_write_timeout(Some(fleet::REQUEST_TIMEOUT));
+    let _ = stream.set_read_timeout(Some(fleet.request_timeout));
+    let _ = stream.set_write_timeout(Some(fleet.request_timeout));
     tracing::info!(
         guest = id.0,
         pid = hello.pid,
@@ -391,7 +399,32 @@ fn register(mut stream: UnixStream, hello: Hello, engine: &mut Engine, fleet: &m
         group = %hello.share_group,
         "guest registered"
     );
-    fleet.conns.insert(id, Conn { stream, hello });
+    fleet.conns.insert(
+        id,
+        Conn {
+            stream,
+            hello,
+            process: fleet::Process::watch(pid),
+        },
+    );
+}
+
+/// The pid of the process at the other end of a Unix socket (SO_PEERCRED).
+fn peer_pid(stream: &UnixStream) -> Option<u32> {
+    // SAFETY: ucred is plain data; zero is a valid value.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`; the fd is a live socket.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
 }
 
 fn next_guest_id() -> u32 {
@@ -422,14 +455,39 @@ fn remove_dead(engine: &mut Engine, fleet: &mut Fleet) {
     dead.sort_unstable();
     dead.dedup();
     for id in dead {
-        if let Some(conn) = fleet.conns.remove(&id) {
+        fleet.agent_stats.remove(&id);
+        let Some(conn) = fleet.conns.remove(&id) else {
+            continue;
+        };
+        if conn.process.exited() {
             tracing::info!(
                 guest = id.0,
-                pid = conn.hello.pid,
+                pid = conn.process.pid,
                 "guest left; dropping its references"
             );
+            let _ = engine.remove_guest(id, fleet);
+        } else {
+            // Its agent is gone but the VM lives, and its pages may still map our frames:
+            // keep them (the engine has the guest failed, or will on its next call) until
+            // the process exits. A new registration from it is a new guest.
+            tracing::warn!(
+                guest = id.0,
+                pid = conn.process.pid,
+                "agent connection lost while the VM process lives; its frames stay until it exits"
+            );
+            fleet.orphans.push((id, conn.process));
         }
-        fleet.agent_stats.remove(&id);
+    }
+    let (gone, alive): (Vec<_>, Vec<_>) = std::mem::take(&mut fleet.orphans)
+        .into_iter()
+        .partition(|(_, p)| p.exited());
+    fleet.orphans = alive;
+    for (id, p) in gone {
+        tracing::info!(
+            guest = id.0,
+            pid = p.pid,
+            "VM process exited; dropping its references"
+        );
         let _ = engine.remove_guest(id, fleet);
     }
 }
