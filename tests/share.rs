@@ -490,8 +490,18 @@ fn share_memory_autostarts_one_daemon_for_concurrent_guests() {
         let _ = c.kill();
         let _ = c.wait();
     }
+    // SIGTERM stops it (it must not inherit the VMM's blocked signals).
     // SAFETY: signalling the daemon we made.
     unsafe { libc::kill(daemons[0] as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{}", daemons[0])).exists()
+        && !std::fs::read_to_string(format!("/proc/{}/stat", daemons[0]))
+            .unwrap_or_default()
+            .contains(") Z ")
+    {
+        assert!(Instant::now() < deadline, "the daemon ignored SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 #[test]

@@ -24,6 +24,15 @@ extern "C" fn on_termination_signal(_: libc::c_int) {
 pub fn install_termination_flag() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {
+        // A parent may have left them blocked (signal masks survive fork and exec).
+        // SAFETY: sigset operations on a local set; pthread_sigmask with valid pointers.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+        }
         for sig in [libc::SIGINT, libc::SIGTERM] {
             // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
             unsafe {

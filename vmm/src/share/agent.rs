@@ -131,11 +131,15 @@ impl Agent {
             Ok(f) => cmd.stderr(f),
             Err(_) => cmd.stderr(Stdio::null()),
         };
-        // SAFETY: setsid() is async-signal-safe; the child leaves our session so that it
-        // outlives this VM and our terminal's signals.
+        // SAFETY: setsid() and sigprocmask() are async-signal-safe; the child leaves our
+        // session so that it outlives this VM and our terminal's signals, and does not
+        // inherit the VMM's blocked termination signals.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
                 libc::setsid();
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
                 Ok(())
             });
         }
