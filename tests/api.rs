@@ -19,40 +19,18 @@ mod ksm_client;
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use api::testing::{FakeControlPlane, FakeVm};
+use api::testing::{FakeControlPlane, FakeVm, TempDir};
 use api::vm::{VmAction, VmEndpoint, VM_ROUTES};
 use api::{ApiConfig, ApiError, ApiServer, ControlPlane, GuestInfo, KsmState, Limits};
 use clap::Parser;
 use hyper::{Method, StatusCode};
 use ksm_client::{ApiClient, ClientError, KsmArgs};
 use serde_json::Value;
-
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "tinyvmm-apit-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A server on a temp socket against a fresh [`FakeControlPlane`].
 struct Fixture {

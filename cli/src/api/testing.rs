@@ -11,6 +11,29 @@ use tinyvmm_merge::{Counters, GuestCounters, Knobs, KnobsUpdate, RunMode};
 use super::vm::{MergeInfo, ShareMemory, VmAction, VmControl, VmInfo, VmState};
 use super::{ApiError, ControlPlane, GuestInfo, KsmState};
 
+/// A directory under the system temp dir, removed on drop.
+pub struct TempDir(pub std::path::PathBuf);
+
+impl TempDir {
+    /// A fresh directory whose name has `tag`, this process's id and a counter.
+    pub fn new(tag: &str) -> Self {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "tinyvmm-api-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The test backend.
 #[derive(Debug)]
 pub struct FakeControlPlane {

@@ -3,7 +3,6 @@
 //! 50 pollers, the OpenAPI document) are in `tests/api.rs`.
 
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use hyper::{Method, StatusCode};
@@ -11,31 +10,8 @@ use proptest::prelude::*;
 use tinyvmm_merge::{Knobs, RunMode};
 
 use super::routes::{execute, parse_patch, parse_put, resolve, Endpoint};
-use super::testing::FakeControlPlane;
+use super::testing::{FakeControlPlane, TempDir};
 use super::*;
-
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let d = std::env::temp_dir().join(format!(
-            "tinyvmm-api-{tag}-{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn status_of(method: Method, path: &str, body: &[u8], cp: &FakeControlPlane) -> StatusCode {
     match resolve(&method, path) {
