@@ -294,18 +294,14 @@ fn cpu_time() -> Duration {
 }
 
 /// The state for the API; `with_guests` also asks every agent for its statistics (one
-/// round trip each), which `GET /ksm` does not need.
+/// round trip each), which `GET /ksm` does not need. Agents found gone on the way are
+/// removed by the next round.
 fn snapshot(engine: &Engine, fleet: &mut Fleet, with_guests: bool) -> Snapshot {
-    if with_guests {
+    let guests = if with_guests {
         let ids: Vec<GuestId> = fleet.conns.keys().copied().collect();
         for id in ids {
             fleet.refresh_stats(id);
         }
-        remove_dead_quietly(fleet);
-    }
-    let guests = if !with_guests {
-        Vec::new()
-    } else {
         engine
             .guests()
             .into_iter()
@@ -318,6 +314,8 @@ fn snapshot(engine: &Engine, fleet: &mut Fleet, with_guests: bool) -> Snapshot {
                 })
             })
             .collect()
+    } else {
+        Vec::new()
     };
     Snapshot {
         knobs: engine.knobs(),
@@ -325,13 +323,6 @@ fn snapshot(engine: &Engine, fleet: &mut Fleet, with_guests: bool) -> Snapshot {
         pool_bytes: fleet.pools.values().map(|p| p.resident_bytes()).sum(),
         guests,
     }
-}
-
-fn remove_dead_quietly(fleet: &mut Fleet) {
-    // Dead connections found while snapshotting are removed from the engine on the next
-    // round by `remove_dead`; keep them listed until then.
-    fleet.dead.sort_unstable();
-    fleet.dead.dedup();
 }
 
 /// Applies one command; returns whether the scanner should wake up now.
