@@ -129,6 +129,32 @@ const GUEST: &[(&str, &str, &str)] = &[
     ),
     ("vma_budget", "gauge", "Mappings (VMAs) allowed."),
     ("failed", "gauge", "1 when the guest's host failed."),
+    (
+        "protect_batches",
+        "counter",
+        "Write-protected batches the agent ran.",
+    ),
+    (
+        "protect_p50_ns",
+        "gauge",
+        "Median time a batch stayed write-protected, ns.",
+    ),
+    (
+        "protect_p99_ns",
+        "gauge",
+        "99th percentile of the time a batch stayed write-protected, ns.",
+    ),
+    (
+        "protect_max_ns",
+        "gauge",
+        "Longest time a batch stayed write-protected, ns.",
+    ),
+    (
+        "blocked_writes",
+        "counter",
+        "Guest writes that hit a write-protected page and waited.",
+    ),
+    ("vma_count", "gauge", "Mappings of the VM process."),
 ];
 
 /// Fields that are labels or not numbers, never series.
