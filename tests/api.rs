@@ -6,15 +6,11 @@
 //! shutdown action, bad requests, and its OpenAPI document (`tests/vm_api.rs` drives a
 //! real guest).
 //!
-//! The binary crate has no library, so its `api` and `ksm_client` modules are compiled
-//! into this test directly.
+//! The API comes from `tinyvmm-api` (its `testing` feature gives the fake backends), the
+//! client from the binary's library.
 
-#![allow(dead_code)]
-
-#[path = "../cli/src/api/mod.rs"]
-mod api;
-#[path = "../cli/src/ksm_client.rs"]
-mod ksm_client;
+use tinyvmm::ksm_client;
+use tinyvmm_api as api;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -49,7 +45,7 @@ impl Fixture {
         let cp = Arc::new(FakeControlPlane::new());
         let mut cfg = ApiConfig::new(dir.0.join("api.sock"));
         cfg.limits = limits;
-        let server = ApiServer::start_with(cfg, cp.clone()).unwrap();
+        let server = ApiServer::start_daemon(cfg, cp.clone()).unwrap();
         Fixture {
             server,
             cp,
@@ -339,7 +335,7 @@ fn a_daemon_that_does_not_answer_is_503_after_the_call_timeout() {
     let dir = TempDir::new("stuck");
     let mut cfg = ApiConfig::new(dir.0.join("api.sock"));
     cfg.limits.call_timeout = Duration::from_millis(200);
-    let server = ApiServer::start_with(cfg, Arc::new(Stuck)).unwrap();
+    let server = ApiServer::start_daemon(cfg, Arc::new(Stuck)).unwrap();
     let t = Instant::now();
     let r = raw(server.socket_path(), &req("GET", "/ksm", b""));
     assert_eq!(r.status, 503);
@@ -783,7 +779,7 @@ fn scanner_throughput_with_50_pollers() {
         inner: inner.clone(),
     });
     let dir = TempDir::new("bench");
-    let server = ApiServer::start(dir.0.join("api.sock"), cp).unwrap();
+    let server = ApiServer::start_daemon(ApiConfig::new(dir.0.join("api.sock")), cp).unwrap();
     let pages = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let scanner = {
@@ -1105,7 +1101,7 @@ fn ksm_api_sock_defaults_to_the_run_dir() {
     let cli = TestCli::try_parse_from(["tinyvmm", "ksm", "status"]).unwrap();
     let TestCommand::Ksm(args) = cli.command;
     assert_eq!(args.api_sock, None);
-    assert!(api::tinyvmm_api_default_socket().ends_with("api.sock"));
+    assert!(tinyvmm_merged::default_api_socket().ends_with("api.sock"));
     assert!(TestCli::try_parse_from(["tinyvmm", "ksm", "watch", "--interval-ms", "0"]).is_err());
 }
 
@@ -1256,7 +1252,8 @@ fn get_vm_reports_state_memory_and_merge_counters() {
 
 #[test]
 fn vm_merge_is_null_without_an_agent() {
-    use api::vm::{LiveVm, ShareMemory, VmControl, VmDescription};
+    use api::vm::{ShareMemory, VmControl};
+    use tinyvmm::vm_control::{LiveVm, VmDescription};
     let exit = tinyvmm_vmm::ExitSignal::new().unwrap();
     let vm = LiveVm::new(
         VmDescription {
@@ -1276,7 +1273,10 @@ fn vm_merge_is_null_without_an_agent() {
     // The shutdown action is an exit request on the VMM's signal, nothing more.
     vm.act(VmAction::Shutdown).unwrap();
     assert_eq!(exit.reason(), Some(tinyvmm_vmm::ExitReason::Requested));
-    assert_eq!(exit.reason().unwrap().exit_code(), 0);
+    assert_eq!(
+        tinyvmm::exit_status::exit_status(&exit.reason().unwrap()),
+        0
+    );
     assert_eq!(
         serde_json::to_value(vm.info().unwrap()).unwrap()["state"],
         "stopping"

@@ -20,7 +20,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Map, Value};
 
-use crate::api::tinyvmm_api_default_socket;
+use tinyvmm_merged::default_api_socket;
 
 const PAGE_SIZE: f64 = 4096.0;
 const MIB: f64 = (1u64 << 20) as f64;
@@ -287,7 +287,7 @@ pub fn run(args: KsmArgs) -> ExitCode {
 /// Runs `tinyvmm ksm`, writing to `out`. `clear`: `watch` clears the screen (ANSI) before
 /// each refresh.
 pub fn run_to(args: KsmArgs, out: &mut dyn Write, clear: bool) -> Result<(), ClientError> {
-    let socket = args.api_sock.unwrap_or_else(tinyvmm_api_default_socket);
+    let socket = args.api_sock.unwrap_or_else(default_api_socket);
     let client = ApiClient::new(socket)?;
     match args.command {
         KsmCommand::Status(a) => {
@@ -353,7 +353,7 @@ pub fn set_body(a: &SetArgs) -> Result<Value, ClientError> {
 }
 
 /// Knobs in the kernel's order: the API's writable knobs.
-const KNOB_KEYS: &[&str] = crate::api::KNOBS;
+const KNOB_KEYS: &[&str] = tinyvmm_api::KNOBS;
 /// Counters in the kernel's order, then ours.
 const COUNTER_KEYS: &[&str] = &[
     "pages_shared",

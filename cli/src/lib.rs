@@ -1,9 +1,14 @@
-//! The `tinyvmm` front end as a library: the merge daemon, its REST control API and client,
-//! the benchmarks, and helpers that drive real guests (used by the binary and the tests).
+//! The `tinyvmm` front end as a library: what the binary wires together (the VM API's
+//! backend, the daemon launcher, the exit status), the `tinyvmm ksm` client, and the
+//! benchmarks with the guest-process harness they and the tests share.
+//!
+//! The merge daemon is `tinyvmm-merged`, the REST transport and types `tinyvmm-api`, the
+//! VMM `tinyvmm-vmm`.
 
-pub mod api;
 pub mod bench;
-pub mod daemon;
+pub mod exit_status;
 pub mod fleet;
 pub mod ksm_client;
+pub mod launcher;
 pub mod size;
+pub mod vm_control;

@@ -4,7 +4,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use tinyvmm::{api, bench, daemon, ksm_client, size};
+use tinyvmm::vm_control::{LiveVm, VmDescription};
+use tinyvmm::{bench, exit_status, ksm_client, launcher, size};
+use tinyvmm_api::vm::ShareMemory;
+use tinyvmm_api::ApiServer;
+use tinyvmm_merged as daemon;
 use tinyvmm_vmm::{BootSpec, ExitReason, KernelSource, MemoryPolicy, VmConfig, Vmm};
 
 #[derive(Parser, Debug)]
@@ -165,14 +169,14 @@ fn run(args: RunArgs) -> ExitCode {
     };
     let share = args.share_memory == Some(ShareMode::Tinyvmm);
     let kernel_name = args.kernel.clone();
-    let mut description = api::vm::VmDescription {
+    let mut description = VmDescription {
         vcpus: args.vcpus,
         mem_bytes: args.mem,
         kernel: args.kernel.clone(),
         share_memory: match args.share_memory {
-            None => api::vm::ShareMemory::None,
-            Some(ShareMode::Tinyvmm) => api::vm::ShareMemory::Tinyvmm,
-            Some(ShareMode::Kernel) => api::vm::ShareMemory::Kernel,
+            None => ShareMemory::None,
+            Some(ShareMode::Tinyvmm) => ShareMemory::Tinyvmm,
+            Some(ShareMode::Kernel) => ShareMemory::Kernel,
         },
     };
     let cfg = VmConfig {
@@ -198,7 +202,7 @@ fn run(args: RunArgs) -> ExitCode {
     // Threads started from here on (the merge agent, the API server) inherit the mask, so
     // termination signals reach only the VMM's signalfd (`Vmm::run` blocks them too; a
     // signal that comes earlier waits, pending, and stops the guest cleanly then).
-    if let Err(e) = block_termination_signals() {
+    if let Err(e) = tinyvmm_sys::signals::block_termination_signals() {
         eprintln!("tinyvmm: error: cannot block termination signals: {e}");
         return ExitCode::from(1);
     }
@@ -215,7 +219,10 @@ fn run(args: RunArgs) -> ExitCode {
             autostart: if args.no_daemon_autostart {
                 None
             } else {
-                std::env::current_exe().ok()
+                std::env::current_exe().ok().map(|exe| {
+                    std::sync::Arc::new(launcher::MergedLauncher::new(exe))
+                        as std::sync::Arc<dyn tinyvmm_vmm::share::DaemonLauncher>
+                })
             },
         };
         let ram = match tinyvmm_vmm::share::SharedRam::new(
@@ -240,8 +247,8 @@ fn run(args: RunArgs) -> ExitCode {
     let _api = match &args.api_sock {
         Some(sock) => {
             description.mem_bytes = vmm.mem_size();
-            let vm = api::vm::LiveVm::new(description, vmm.exit_signal(), agent_status);
-            match api::ApiServer::start_vm(sock, std::sync::Arc::new(vm)) {
+            let vm = LiveVm::new(description, vmm.exit_signal(), agent_status);
+            match ApiServer::start_vm(sock, std::sync::Arc::new(vm)) {
                 Ok(s) => Some(s),
                 Err(e) => {
                     eprintln!(
@@ -264,32 +271,13 @@ fn run(args: RunArgs) -> ExitCode {
                 ExitReason::Signal(s) => tracing::info!("stopped by signal {s}"),
                 ExitReason::GuestReset | ExitReason::Requested => {}
             }
-            ExitCode::from(reason.exit_code() as u8)
+            ExitCode::from(exit_status::exit_status(&reason))
         }
         Err(e) => {
             eprintln!("tinyvmm: error: {e}");
             ExitCode::from(1)
         }
     }
-}
-
-/// Blocks SIGINT, SIGTERM and SIGHUP in the calling thread (and so in threads it starts
-/// later); the VMM reads them from a signalfd.
-fn block_termination_signals() -> std::io::Result<()> {
-    // SAFETY: sigset operations on a zeroed local set; pthread_sigmask takes a valid pointer
-    // to it (and a null old set) and has no other preconditions.
-    let rc = unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
-    };
-    if rc != 0 {
-        return Err(std::io::Error::from_raw_os_error(rc));
-    }
-    Ok(())
 }
 
 fn guest_image(args: GuestImageArgs) -> ExitCode {
@@ -347,12 +335,10 @@ fn merged(args: MergedArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    let api_sock = args
-        .api_sock
-        .unwrap_or_else(api::tinyvmm_api_default_socket);
-    let mut api_cfg = api::ApiConfig::new(&api_sock);
+    let api_sock = args.api_sock.unwrap_or_else(daemon::default_api_socket);
+    let mut api_cfg = tinyvmm_api::ApiConfig::new(&api_sock);
     api_cfg.tcp = args.api_tcp;
-    let _api = match api::ApiServer::start_with(api_cfg, std::sync::Arc::new(d.control())) {
+    let _api = match ApiServer::start_daemon(api_cfg, std::sync::Arc::new(d.control())) {
         Ok(s) => s,
         Err(e) => {
             eprintln!(
@@ -362,8 +348,8 @@ fn merged(args: MergedArgs) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    tinyvmm::fleet::install_termination_flag();
-    match d.run(&tinyvmm::fleet::terminating) {
+    tinyvmm_sys::signals::install_termination_flag();
+    match d.run(&tinyvmm_sys::signals::terminating) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tinyvmm: error: {e}");

@@ -18,17 +18,6 @@ pub enum ExitReason {
     VcpuFault(String),
 }
 
-impl ExitReason {
-    /// The process exit status for this reason.
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            ExitReason::GuestReset | ExitReason::Signal(_) | ExitReason::Requested => 0,
-            ExitReason::DebugExit(v) => (i32::from(*v) << 1) | 1,
-            ExitReason::VcpuFault(_) => 1,
-        }
-    }
-}
-
 /// A one-shot "stop the VM" signal shared by devices, vCPUs and the event loop.
 #[derive(Debug, Clone)]
 pub struct ExitSignal {
@@ -73,15 +62,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn first_reason_wins_and_codes_match_isa_debug_exit() {
+    fn first_reason_wins() {
         let s = ExitSignal::new().unwrap();
         assert_eq!(s.reason(), None);
         s.request(ExitReason::DebugExit(1));
         s.request(ExitReason::GuestReset);
         assert_eq!(s.reason(), Some(ExitReason::DebugExit(1)));
-        assert_eq!(s.reason().unwrap().exit_code(), 3);
-        assert_eq!(ExitReason::GuestReset.exit_code(), 0);
-        assert_eq!(ExitReason::VcpuFault("x".into()).exit_code(), 1);
         assert_eq!(s.eventfd().read().unwrap(), 2);
     }
 }

@@ -6,8 +6,6 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use tinyvmm_devices::{ExitReason, ExitSignal};
 use vmm_sys_util::epoll::EventSet;
 
-const TERMINATION_SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
-
 /// Turns SIGINT/SIGTERM/SIGHUP into a clean exit request through a signalfd.
 ///
 /// The signals are blocked in the calling thread before any vCPU thread starts, so every
@@ -19,20 +17,10 @@ pub struct SignalWatcher {
 
 impl SignalWatcher {
     pub fn new(exit: ExitSignal) -> std::io::Result<Self> {
-        // SAFETY: sigset operations on a zeroed local set; pthread_sigmask and signalfd take
-        // valid pointers to it and have no other preconditions.
-        let fd = unsafe {
-            let mut set: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut set);
-            for s in TERMINATION_SIGNALS {
-                libc::sigaddset(&mut set, s);
-            }
-            let rc = libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            if rc != 0 {
-                return Err(std::io::Error::from_raw_os_error(rc));
-            }
-            libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC)
-        };
+        tinyvmm_sys::signals::block_termination_signals()?;
+        let set = tinyvmm_sys::signals::termination_set();
+        // SAFETY: `set` is a valid, initialised sigset; signalfd has no other preconditions.
+        let fd = unsafe { libc::signalfd(-1, &set, libc::SFD_NONBLOCK | libc::SFD_CLOEXEC) };
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }

@@ -417,7 +417,7 @@ fn run_mode(mode: Mode, a: &DensityArgs, n: u32) -> Result<ModeResult, String> {
     let mut last_change = Instant::now();
     let mut last_saved = 0;
     loop {
-        sleep_unless_terminating(Duration::from_millis(250))?;
+        sleep_unless_terminating(Duration::from_millis(250)).map_err(|e| e.to_string())?;
         let saved = merger.pages_saved();
         let s = Sample {
             t: t0.elapsed().as_secs_f64(),
@@ -474,7 +474,7 @@ fn run_mode(mode: Mode, a: &DensityArgs, n: u32) -> Result<ModeResult, String> {
     // Idle window: nobody writes, the merger keeps running.
     let c0 = merger.cpu_since_enable(&guests);
     let w0 = Instant::now();
-    sleep_unless_terminating(Duration::from_secs(a.idle_s))?;
+    sleep_unless_terminating(Duration::from_secs(a.idle_s)).map_err(|e| e.to_string())?;
     let idle = merger.cpu_since_enable(&guests) - c0;
     result.idle_cpu_pct = 100.0 * idle / w0.elapsed().as_secs_f64();
     result.merger_overhead_bytes = merger.overhead();

@@ -2,13 +2,13 @@
 //! daemon's requests on it.
 
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use tinyvmm_merge::protocol::{
-    self, AgentMsg, AgentStats, DaemonMsg, Hello, Reply, Request, PROTOCOL_VERSION,
+use tinyvmm_merge_protocol::{
+    wire, AgentMsg, AgentStats, DaemonMsg, Hello, Reply, Request, PROTOCOL_VERSION,
 };
 
 use super::bitmap::Bitmap;
@@ -42,8 +42,15 @@ pub struct AgentStatus {
 /// A shared view of [`AgentStatus`].
 pub type AgentStatusHandle = std::sync::Arc<std::sync::Mutex<AgentStatus>>;
 
+/// Starts a merge daemon when none answers on the agent's socket. The binary hands one to
+/// the agent: it alone knows how its daemon is started.
+pub trait DaemonLauncher: Send + Sync {
+    /// Starts a daemon that will listen on `socket`; returns its process id.
+    fn launch(&self, socket: &Path) -> std::io::Result<u32>;
+}
+
 /// How the agent finds its daemon.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AgentConfig {
     /// The daemon's socket.
     pub socket: PathBuf,
@@ -53,8 +60,20 @@ pub struct AgentConfig {
     pub name: String,
     /// Override of the VMA budget (default: what `vm.max_map_count` leaves, minus a margin).
     pub vma_budget: Option<u32>,
-    /// Start a daemon (this program, `merged`) if none answers at first.
-    pub autostart: Option<PathBuf>,
+    /// Starts a daemon if none answers at first.
+    pub autostart: Option<Arc<dyn DaemonLauncher>>,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("socket", &self.socket)
+            .field("share_group", &self.share_group)
+            .field("name", &self.name)
+            .field("vma_budget", &self.vma_budget)
+            .field("autostart", &self.autostart.is_some())
+            .finish()
+    }
 }
 
 /// Mappings left for merged runs: `vm.max_map_count` minus what the process uses, minus a
@@ -114,37 +133,9 @@ impl Agent {
         UnixStream::connect(&self.cfg.socket)
     }
 
-    fn start_daemon(&self, exe: &PathBuf) {
-        let mut cmd = Command::new(exe);
-        cmd.arg("merged")
-            .arg("--socket")
-            .arg(&self.cfg.socket)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        // Keep the daemon's log where users find it.
-        let log = self.cfg.socket.with_extension("log");
-        match std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-        {
-            Ok(f) => cmd.stderr(f),
-            Err(_) => cmd.stderr(Stdio::null()),
-        };
-        // SAFETY: setsid() and sigprocmask() are async-signal-safe; the child leaves our
-        // session so that it outlives this VM and our terminal's signals, and does not
-        // inherit the VMM's blocked termination signals.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
-                libc::setsid();
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
-                Ok(())
-            });
-        }
-        match cmd.spawn() {
-            Ok(child) => tracing::info!(pid = child.id(), "started a merge daemon"),
+    fn start_daemon(&self, launcher: &dyn DaemonLauncher) {
+        match launcher.launch(&self.cfg.socket) {
+            Ok(pid) => tracing::info!(pid, "started a merge daemon"),
             Err(e) => tracing::warn!("cannot start a merge daemon: {e}"),
         }
     }
@@ -163,7 +154,7 @@ impl Agent {
         Ok(())
     }
 
-    fn mark_digested(&mut self, runs: &[tinyvmm_merge::host::PageRun]) {
+    fn mark_digested(&mut self, runs: &[tinyvmm_merge_protocol::PageRun]) {
         for r in runs {
             for p in r.gfn..r.gfn + u64::from(r.len) {
                 if p < self.digested.len() {
@@ -271,7 +262,7 @@ impl Agent {
         pages.sort_unstable();
         let runs: Vec<_> = pages
             .iter()
-            .map(|&g| tinyvmm_merge::host::PageRun { gfn: g, len: 1 })
+            .map(|&g| tinyvmm_merge_protocol::PageRun { gfn: g, len: 1 })
             .collect();
         let mut digests = Vec::new();
         self.ram
@@ -287,10 +278,9 @@ impl Agent {
 
     /// One registration: hello, welcome, then requests until the daemon goes away.
     fn session(&mut self, mut stream: UnixStream) -> Result<(), String> {
-        protocol::send(&mut stream, &AgentMsg::Hello(self.hello()), None)
-            .map_err(|e| e.to_string())?;
+        wire::send(&mut stream, &AgentMsg::Hello(self.hello()), None).map_err(|e| e.to_string())?;
         let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-        let (msg, fd) = protocol::recv::<DaemonMsg>(&mut stream).map_err(|e| e.to_string())?;
+        let (msg, fd) = wire::recv::<DaemonMsg>(&mut stream).map_err(|e| e.to_string())?;
         match (msg, fd) {
             (DaemonMsg::Welcome { guest, pool_len }, Some(fd)) => {
                 // A new daemon has digested nothing: start the dirty state afresh.
@@ -312,7 +302,7 @@ impl Agent {
         }
         let _ = stream.set_read_timeout(None);
         loop {
-            let (msg, _) = protocol::recv::<DaemonMsg>(&mut stream).map_err(|e| e.to_string())?;
+            let (msg, _) = wire::recv::<DaemonMsg>(&mut stream).map_err(|e| e.to_string())?;
             let DaemonMsg::Request { id, request } = msg else {
                 return Err("unexpected message from the daemon".into());
             };
@@ -322,7 +312,7 @@ impl Agent {
                 Reply::Stats(s) => Some(s.clone()),
                 _ => None,
             };
-            protocol::send(&mut stream, &AgentMsg::Reply { id, reply }, None)
+            wire::send(&mut stream, &AgentMsg::Reply { id, reply }, None)
                 .map_err(|e| e.to_string())?;
             let mapped = self.ram.pool_mapped_pages();
             self.publish(|st| {
@@ -344,8 +334,8 @@ impl Agent {
             let stream = match self.connect() {
                 Ok(s) => s,
                 Err(e) => {
-                    if let Some(exe) = autostart.take() {
-                        self.start_daemon(&exe);
+                    if let Some(launcher) = autostart.take() {
+                        self.start_daemon(launcher.as_ref());
                         // Give it a moment, then keep trying below.
                         let deadline = Instant::now() + Duration::from_secs(5);
                         let mut s = None;

@@ -11,5 +11,7 @@ pub mod agent;
 pub mod bitmap;
 pub mod pages;
 
-pub use agent::{spawn_agent, AgentConfig, AgentStatus, AgentStatusHandle, DirtySource};
+pub use agent::{
+    spawn_agent, AgentConfig, AgentStatus, AgentStatusHandle, DaemonLauncher, DirtySource,
+};
 pub use pages::{RamRange, SharedRam};

@@ -24,7 +24,7 @@ use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::FileExt;
 
-use tinyvmm_merge::host::{
+use tinyvmm_merge_protocol::{
     MergeOp, MergeOutcome, MergeResult, OpKind, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome,
     PAGE_SIZE,
 };

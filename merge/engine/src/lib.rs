@@ -109,7 +109,6 @@ mod engine;
 pub mod host;
 mod index;
 pub mod knobs;
-pub mod protocol;
 #[cfg(feature = "sim")]
 pub mod sim;
 

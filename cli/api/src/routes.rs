@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use hyper::{Method, StatusCode};
-use serde::Serialize;
 use tinyvmm_merge::KnobsUpdate;
 
-use super::server::{Call, Routes};
-use super::{metrics, ApiError, ControlPlane};
+use crate::response::{method_not_allowed, ApiResponse, PROMETHEUS_TEXT};
+use crate::server::{ApiServer, Call, Routes};
+use crate::{metrics, ApiConfig, ApiError, ControlPlane};
 
 /// Every route the server answers, as `(path template, methods)`; the OpenAPI document
 /// (`cli/api/openapi.yaml`) lists exactly these.
@@ -33,11 +33,6 @@ pub const KNOBS: &[&str] = &[
     "smart_scan",
     "advisor",
 ];
-
-/// `Content-Type` of JSON bodies.
-pub const JSON: &str = "application/json";
-/// `Content-Type` of `/metrics` (Prometheus text exposition format 0.0.4).
-pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// A resolved request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,74 +57,6 @@ impl Endpoint {
     /// Whether the endpoint reads a request body.
     pub fn takes_body(&self) -> bool {
         matches!(self, Endpoint::PatchKsm | Endpoint::PutKnob(_))
-    }
-}
-
-/// A response, before it becomes an HTTP one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ApiResponse {
-    /// The status.
-    pub status: StatusCode,
-    /// `Content-Type`.
-    pub content_type: &'static str,
-    /// The body.
-    pub body: Bytes,
-    /// `Allow`, on a 405.
-    pub allow: Option<String>,
-    /// What was wrong, for the log (the body says the same to the client).
-    pub error: Option<String>,
-}
-
-impl ApiResponse {
-    /// A JSON response.
-    pub fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> ApiResponse {
-        match serde_json::to_vec(value) {
-            Ok(body) => ApiResponse {
-                status,
-                content_type: JSON,
-                body: Bytes::from(body),
-                allow: None,
-                error: None,
-            },
-            Err(e) => ApiResponse::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot encode the response: {e}"),
-            ),
-        }
-    }
-
-    /// An empty answer (no `Content-Type`), e.g. 204 No Content.
-    pub fn empty(status: StatusCode) -> ApiResponse {
-        ApiResponse {
-            status,
-            content_type: "",
-            body: Bytes::new(),
-            allow: None,
-            error: None,
-        }
-    }
-
-    /// An error: `{"error": "..."}`.
-    pub fn error(status: StatusCode, msg: impl Into<String>) -> ApiResponse {
-        let msg = msg.into();
-        let body = serde_json::json!({ "error": msg }).to_string();
-        ApiResponse {
-            status,
-            content_type: JSON,
-            body: Bytes::from(body),
-            allow: None,
-            error: Some(msg),
-        }
-    }
-
-    /// The answer to a failed backend call: 400, 404 or 503 with `{"error": ...}`.
-    pub(super) fn from_api_error(e: ApiError) -> ApiResponse {
-        let status = match e {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-        };
-        ApiResponse::error(status, e.to_string())
     }
 }
 
@@ -195,17 +122,6 @@ pub fn resolve(method: &Method, path: &str) -> Result<Endpoint, ApiResponse> {
     })
 }
 
-/// 405 for `method` on the route `template`, with `Allow: methods`.
-pub(super) fn method_not_allowed(method: &Method, template: &str, methods: &[&str]) -> ApiResponse {
-    let allow = methods.join(", ");
-    let mut r = ApiResponse::error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!("method {method} is not allowed on {template}: use {allow}"),
-    );
-    r.allow = Some(allow);
-    r
-}
-
 /// The merge daemon's API for the server: [`resolve`] and [`execute`] against a
 /// [`ControlPlane`].
 pub struct DaemonRoutes {
@@ -231,6 +147,14 @@ impl Routes for DaemonRoutes {
 
     fn backend(&self) -> &'static str {
         "the merge daemon"
+    }
+}
+
+impl ApiServer {
+    /// Serves the merge daemon's API of `cp` as `cfg` says. Fails as [`ApiServer::serve`]
+    /// does.
+    pub fn start_daemon(cfg: ApiConfig, cp: Arc<dyn ControlPlane>) -> std::io::Result<ApiServer> {
+        Self::serve(cfg, Arc::new(DaemonRoutes::new(cp)))
     }
 }
 

@@ -16,7 +16,7 @@ use std::os::unix::net::UnixStream;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::host::{Gfn, MergeOp, MergeResult, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome};
+use crate::page::{Gfn, MergeOp, MergeResult, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome};
 
 /// Bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -42,7 +42,7 @@ pub struct Hello {
     pub dirty_source: bool,
 }
 
-/// Work the daemon asks of an agent: one batched round trip each (see `MergeHost`).
+/// Work the daemon asks of an agent: one batched round trip each (the merge engine's `MergeHost` calls).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum Request {
     /// Digest these runs.
@@ -195,7 +195,7 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::host::{MergeOutcome, OpKind};
+    use crate::page::{MergeOutcome, OpKind};
 
     #[test]
     fn messages_round_trip_with_an_fd() {

@@ -14,6 +14,7 @@
 //! lifetime, so racing starts (two guests starting at once) leave exactly one daemon.
 
 mod fleet;
+mod rundir;
 
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::PermissionsExt;
@@ -23,21 +24,18 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
 use tinyvmm_merge::host::GuestId;
-use tinyvmm_merge::protocol::{self, AgentMsg, DaemonMsg, Hello, PROTOCOL_VERSION};
 use tinyvmm_merge::{Counters, Engine, GuestCounters, GuestSpec, Knobs, KnobsUpdate};
+use tinyvmm_merge_protocol::wire::{self, AgentMsg, DaemonMsg, Hello, PROTOCOL_VERSION};
 
 pub use fleet::POOL_LEN;
 use fleet::{Conn, Fleet};
+pub use rundir::{default_api_socket, default_merge_socket, run_dir};
+use tinyvmm_sys::process::ProcessWatch;
 
 /// Largest guest the daemon registers (pages of 4 KiB: 4 TiB).
 const MAX_GUEST_PAGES: u64 = 1 << 30;
 /// How long a new connection has to say hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The default socket agents register on.
-pub fn default_merge_socket() -> PathBuf {
-    crate::api::run_dir().join("merged.sock")
-}
 
 /// Errors starting the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +79,7 @@ pub struct GuestSnapshot {
     /// From its registration.
     pub hello: Hello,
     /// Its agent's statistics (write-protect stalls, VMAs).
-    pub agent: tinyvmm_merge::protocol::AgentStats,
+    pub agent: tinyvmm_merge_protocol::AgentStats,
 }
 
 enum Cmd {
@@ -171,14 +169,8 @@ impl Daemon {
         }
         // We hold the lock: any socket file left there is stale.
         let _ = std::fs::remove_file(&cfg.socket);
-        // SAFETY: umask only changes this process's file creation mask.
-        let old = unsafe { libc::umask(0o177) };
-        let listener = UnixListener::bind(&cfg.socket);
-        // SAFETY: as above, restoring it.
-        unsafe { libc::umask(old) };
-        let listener = listener.map_err(setup("cannot bind", &cfg.socket))?;
-        std::fs::set_permissions(&cfg.socket, std::fs::Permissions::from_mode(0o600))
-            .map_err(setup("cannot chmod", &cfg.socket))?;
+        let listener = tinyvmm_sys::socket::bind_unix_0600(&cfg.socket)
+            .map_err(setup("cannot listen on", &cfg.socket))?;
         let (tx, rx) = mpsc::channel();
         Ok(Self {
             cfg,
@@ -348,7 +340,7 @@ fn handle(cmd: Cmd, engine: &mut Engine, fleet: &mut Fleet) -> bool {
 fn register(mut stream: UnixStream, hello: Hello, engine: &mut Engine, fleet: &mut Fleet) {
     let refuse = |stream: &mut UnixStream, why: String| {
         tracing::warn!(pid = hello.pid, "registration refused: {why}");
-        let _ = protocol::send(stream, &DaemonMsg::Refused(why), None);
+        let _ = wire::send(stream, &DaemonMsg::Refused(why), None);
     };
     let domain = match fleet.domain(&hello.share_group) {
         Ok(d) => d,
@@ -376,7 +368,7 @@ fn register(mut stream: UnixStream, hello: Hello, engine: &mut Engine, fleet: &m
         guest: id.0,
         pool_len: POOL_LEN,
     };
-    if let Err(e) = protocol::send(&mut stream, &welcome, Some(pool_fd)) {
+    if let Err(e) = wire::send(&mut stream, &welcome, Some(pool_fd)) {
         tracing::warn!(pid = hello.pid, "cannot welcome the agent: {e}");
         let _ = engine.remove_guest(id, fleet);
         return;
@@ -395,7 +387,7 @@ fn register(mut stream: UnixStream, hello: Hello, engine: &mut Engine, fleet: &m
         Conn {
             stream,
             hello,
-            process: fleet::Process::watch(pid),
+            process: ProcessWatch::new(pid),
         },
     );
 }
@@ -453,7 +445,7 @@ fn remove_dead(engine: &mut Engine, fleet: &mut Fleet) {
         if conn.process.exited() {
             tracing::info!(
                 guest = id.0,
-                pid = conn.process.pid,
+                pid = conn.process.pid(),
                 "guest left; dropping its references"
             );
             let _ = engine.remove_guest(id, fleet);
@@ -463,7 +455,7 @@ fn remove_dead(engine: &mut Engine, fleet: &mut Fleet) {
             // the process exits. A new registration from it is a new guest.
             tracing::warn!(
                 guest = id.0,
-                pid = conn.process.pid,
+                pid = conn.process.pid(),
                 "agent connection lost while the VM process lives; its frames stay until it exits"
             );
             fleet.orphans.push((id, conn.process));
@@ -476,7 +468,7 @@ fn remove_dead(engine: &mut Engine, fleet: &mut Fleet) {
     for (id, p) in gone {
         tracing::info!(
             guest = id.0,
-            pid = p.pid,
+            pid = p.pid(),
             "VM process exited; dropping its references"
         );
         let _ = engine.remove_guest(id, fleet);
@@ -492,7 +484,7 @@ fn accept_loop(listener: UnixListener, tx: Sender<Cmd>) {
             .name("merged-hello".into())
             .spawn(move || {
                 let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
-                match protocol::recv::<AgentMsg>(&mut stream) {
+                match wire::recv::<AgentMsg>(&mut stream) {
                     Ok((AgentMsg::Hello(h), None)) => {
                         if h.version != PROTOCOL_VERSION {
                             let why = format!(
@@ -500,11 +492,11 @@ fn accept_loop(listener: UnixListener, tx: Sender<Cmd>) {
                                 h.version
                             );
                             tracing::warn!("registration refused: {why}");
-                            let _ = protocol::send(&mut stream, &DaemonMsg::Refused(why), None);
+                            let _ = wire::send(&mut stream, &DaemonMsg::Refused(why), None);
                         } else if h.pages == 0 || h.pages > MAX_GUEST_PAGES {
                             let why = format!("guest size of {} pages is out of range", h.pages);
                             tracing::warn!("registration refused: {why}");
-                            let _ = protocol::send(&mut stream, &DaemonMsg::Refused(why), None);
+                            let _ = wire::send(&mut stream, &DaemonMsg::Refused(why), None);
                         } else {
                             let _ = tx.send(Cmd::Register(Box::new(stream), h));
                         }
@@ -519,8 +511,8 @@ fn accept_loop(listener: UnixListener, tx: Sender<Cmd>) {
 }
 
 impl Snapshot {
-    fn ksm_state(&self) -> crate::api::KsmState {
-        crate::api::KsmState {
+    fn ksm_state(&self) -> tinyvmm_api::KsmState {
+        tinyvmm_api::KsmState {
             knobs: self.knobs,
             counters: self.counters,
             pool_bytes: self.pool_bytes,
@@ -529,26 +521,29 @@ impl Snapshot {
     }
 }
 
-impl crate::api::ControlPlane for Control {
-    fn ksm(&self) -> Result<crate::api::KsmState, crate::api::ApiError> {
+impl tinyvmm_api::ControlPlane for Control {
+    fn ksm(&self) -> Result<tinyvmm_api::KsmState, tinyvmm_api::ApiError> {
         self.snapshot(false)
             .map(|s| s.ksm_state())
-            .ok_or_else(|| crate::api::ApiError::Unavailable("the daemon is stopping".into()))
+            .ok_or_else(|| tinyvmm_api::ApiError::Unavailable("the daemon is stopping".into()))
     }
 
-    fn update_knobs(&self, upd: KnobsUpdate) -> Result<crate::api::KsmState, crate::api::ApiError> {
+    fn update_knobs(
+        &self,
+        upd: KnobsUpdate,
+    ) -> Result<tinyvmm_api::KsmState, tinyvmm_api::ApiError> {
         self.update(upd)
             .map(|s| s.ksm_state())
-            .map_err(crate::api::ApiError::BadRequest)
+            .map_err(tinyvmm_api::ApiError::BadRequest)
     }
 
-    fn guests(&self) -> Result<Vec<crate::api::GuestInfo>, crate::api::ApiError> {
+    fn guests(&self) -> Result<Vec<tinyvmm_api::GuestInfo>, tinyvmm_api::ApiError> {
         let s = self
             .snapshot(true)
-            .ok_or_else(|| crate::api::ApiError::Unavailable("the daemon is stopping".into()))?;
+            .ok_or_else(|| tinyvmm_api::ApiError::Unavailable("the daemon is stopping".into()))?;
         Ok(s.guests
             .into_iter()
-            .map(|g| crate::api::GuestInfo {
+            .map(|g| tinyvmm_api::GuestInfo {
                 counters: g.counters,
                 pid: g.hello.pid,
                 name: g.hello.name,

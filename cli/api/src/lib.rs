@@ -30,9 +30,10 @@
 //! dropped, 408 for a stalled body), and connections are capped.
 
 mod metrics;
+mod response;
 mod routes;
 mod server;
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 #[cfg(test)]
 mod tests;
@@ -45,7 +46,8 @@ use std::time::Duration;
 use serde::Serialize;
 use tinyvmm_merge::{Counters, GuestCounters, Knobs, KnobsUpdate};
 
-pub use routes::{ApiResponse, DaemonRoutes, KNOBS, ROUTES};
+pub use response::{ApiResponse, JSON, PROMETHEUS_TEXT};
+pub use routes::{DaemonRoutes, KNOBS, ROUTES};
 pub use server::{ApiServer, Call, Routes};
 
 /// What the API needs from the daemon.
@@ -95,7 +97,7 @@ pub struct GuestInfo {
     /// Its agent's page-work statistics: how long pages stayed write-protected (the
     /// longest a guest write could wait), writes that did wait, the VM's mapping count.
     #[serde(flatten)]
-    pub agent: tinyvmm_merge::protocol::AgentStats,
+    pub agent: tinyvmm_merge_protocol::AgentStats,
 }
 
 /// A control-plane call failed.
@@ -163,26 +165,4 @@ impl ApiConfig {
             limits: Limits::default(),
         }
     }
-}
-
-/// The directory of the daemon's sockets: `$TINYVMM_RUN_DIR`, else `/run/tinyvmm` for
-/// root, else `$XDG_RUNTIME_DIR/tinyvmm`, else `/tmp/tinyvmm-$UID`.
-pub fn run_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("TINYVMM_RUN_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d);
-    }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    if uid == 0 {
-        return PathBuf::from("/run/tinyvmm");
-    }
-    if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d).join("tinyvmm");
-    }
-    PathBuf::from(format!("/tmp/tinyvmm-{uid}"))
-}
-
-/// The merge daemon's default API socket: [`run_dir`]`/api.sock`.
-pub fn tinyvmm_api_default_socket() -> PathBuf {
-    run_dir().join("api.sock")
 }

@@ -8,8 +8,8 @@ use std::sync::Mutex;
 use tinyvmm_merge::host::{DomainId, GuestId};
 use tinyvmm_merge::{Counters, GuestCounters, Knobs, KnobsUpdate, RunMode};
 
-use super::vm::{MergeInfo, ShareMemory, VmAction, VmControl, VmInfo, VmState};
-use super::{ApiError, ControlPlane, GuestInfo, KsmState};
+use crate::vm::{MergeInfo, ShareMemory, VmAction, VmControl, VmInfo, VmState};
+use crate::{ApiError, ControlPlane, GuestInfo, KsmState};
 
 /// A directory under the system temp dir, removed on drop.
 pub struct TempDir(pub std::path::PathBuf);
@@ -71,7 +71,7 @@ fn guest(id: u32, name: &str, group: &str, merging: u64, zero: u64) -> GuestInfo
         pid: 1000 + id,
         name: name.to_string(),
         share_group: group.to_string(),
-        agent: tinyvmm_merge::protocol::AgentStats {
+        agent: tinyvmm_merge_protocol::AgentStats {
             protect_batches: 40,
             protect_p50_ns: 90_000,
             protect_p99_ns: 900_000,

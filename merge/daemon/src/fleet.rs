@@ -7,11 +7,13 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use tinyvmm_sys::process::ProcessWatch;
+
 use tinyvmm_merge::host::{
     DomainId, FrameId, Gfn, GuestId, HostError, MergeHost, MergeOp, MergeResult, PageDigest,
     PageRun, UnmergeOutcome, ZeroOutcome, PAGE_SIZE,
 };
-use tinyvmm_merge::protocol::{self, AgentMsg, AgentStats, DaemonMsg, Hello, Reply, Request};
+use tinyvmm_merge_protocol::wire::{self, AgentMsg, AgentStats, DaemonMsg, Hello, Reply, Request};
 
 /// Virtual size of each pool file (sparse: only populated frames use memory).
 pub const POOL_LEN: u64 = 256 << 30;
@@ -22,50 +24,11 @@ pub struct Conn {
     pub stream: UnixStream,
     pub hello: Hello,
     /// The VM process (from the socket's peer credentials, not from `hello`).
-    pub process: Process,
+    pub process: ProcessWatch,
 }
 
 /// A VM process, watched so that its frames are released only once it is gone: its pages
 /// may map them for as long as it lives, even after its agent stopped answering.
-#[derive(Debug)]
-pub struct Process {
-    pub pid: u32,
-    pidfd: Option<std::os::fd::OwnedFd>,
-}
-
-impl Process {
-    /// Watches `pid` (a pidfd where the kernel has them, else signal 0 probes).
-    pub fn watch(pid: u32) -> Self {
-        // SAFETY: pidfd_open takes a pid and flags; it returns a new fd or -1.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        let pidfd = (fd >= 0).then(|| {
-            // SAFETY: a new descriptor that nothing else owns.
-            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) }
-        });
-        Self { pid, pidfd }
-    }
-
-    /// Whether the process has exited.
-    pub fn exited(&self) -> bool {
-        match &self.pidfd {
-            Some(fd) => {
-                let mut pfd = libc::pollfd {
-                    fd: fd.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd, zero timeout.
-                unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
-            }
-            None => {
-                // SAFETY: signal 0 only checks for existence.
-                let rc = unsafe { libc::kill(self.pid as libc::pid_t, 0) };
-                rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH)
-            }
-        }
-    }
-}
-
 /// A merge domain's pool of frames: a memfd.
 #[derive(Debug)]
 pub struct Pool {
@@ -74,15 +37,7 @@ pub struct Pool {
 
 impl Pool {
     pub fn create(name: &str) -> std::io::Result<Self> {
-        let cname = std::ffi::CString::new(format!("tinyvmm-pool-{name}"))
-            .map_err(|_| std::io::Error::other("share group name contains NUL"))?;
-        // SAFETY: a valid C string; memfd_create has no other preconditions.
-        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a new descriptor owned by nothing else.
-        let file = unsafe { <File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let file = tinyvmm_sys::memfd::create(&format!("tinyvmm-pool-{name}"), 0)?;
         file.set_len(POOL_LEN)?;
         Ok(Self { file })
     }
@@ -134,7 +89,7 @@ pub struct Fleet {
     pub agent_stats: HashMap<GuestId, AgentStats>,
     /// Guests whose agent is gone but whose process still lives: the engine keeps their
     /// frame references until the process exits.
-    pub orphans: Vec<(GuestId, Process)>,
+    pub orphans: Vec<(GuestId, ProcessWatch)>,
     /// How long an agent may take to answer one request.
     pub request_timeout: Duration,
 }
@@ -178,11 +133,10 @@ impl Fleet {
             dead.push(guest);
             HostError::GuestGone { guest }
         };
-        if let Err(e) = protocol::send(&mut conn.stream, &DaemonMsg::Request { id, request }, None)
-        {
+        if let Err(e) = wire::send(&mut conn.stream, &DaemonMsg::Request { id, request }, None) {
             return Err(gone(&mut self.dead, &e));
         }
-        match protocol::recv::<AgentMsg>(&mut conn.stream) {
+        match wire::recv::<AgentMsg>(&mut conn.stream) {
             Ok((AgentMsg::Reply { id: rid, reply }, None)) if rid == id => match reply {
                 Reply::Error(e) => {
                     tracing::warn!(guest = guest.0, "agent could not do the work: {e}");

@@ -1,10 +1,6 @@
-//! The host interface: the page work the engine asks a guest's agent to do.
-//!
-//! Every method is one round trip to one guest's agent (or, for [`MergeHost::free_frames`],
-//! one operation on one domain's pool) and carries a whole batch of pages. The exact
-//! semantics below are what the real agent implements with userfaultfd write-protect,
-//! `memcmp`, `mmap(MAP_FIXED)` of the pool memfd and `MADV_DONTNEED`, and what
-//! [`crate::sim`] models.
+//! The page work's vocabulary: guest pages, pool frames, runs, digests, and the outcome of
+//! each operation an agent carries out on its guest's RAM. The merge engine plans with
+//! these types and the agent answers in them; the wire carries them unchanged.
 
 use serde::{Deserialize, Serialize};
 
@@ -105,7 +101,7 @@ pub struct MergeResult {
     pub hash: u64,
 }
 
-/// Outcome for one page of [`MergeHost::reclaim_zero`].
+/// Outcome for one page of a zero-page reclaim (`Request::ReclaimZero`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ZeroOutcome {
     /// Verified zero under write protection and dropped with `MADV_DONTNEED`.
@@ -114,95 +110,11 @@ pub enum ZeroOutcome {
     NotZero,
 }
 
-/// Outcome for one page of [`MergeHost::unmerge`].
+/// Outcome for one page of an unmerge (`Request::Unmerge`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum UnmergeOutcome {
     /// The page is private anonymous memory again, with its content.
     Unmerged,
     /// The anonymous remap failed with ENOMEM: the page is as it was.
     NoVmaBudget,
-}
-
-/// A host operation failed. For a guest this means its agent is gone or misbehaved: the
-/// engine marks that guest failed and carries on with the others.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HostError {
-    /// The guest's agent no longer answers (its VM process exited or the socket closed).
-    #[error("{guest}: its agent is gone")]
-    GuestGone {
-        /// The guest.
-        guest: GuestId,
-    },
-    /// The agent answered something that does not fit the request.
-    #[error("{guest}: agent protocol error: {reason}")]
-    Protocol {
-        /// The guest.
-        guest: GuestId,
-        /// What was wrong.
-        reason: String,
-    },
-    /// An operation on a domain's pool (punching a hole) failed.
-    #[error("pool of domain {}: {reason}", domain.0)]
-    Pool {
-        /// The domain.
-        domain: DomainId,
-        /// What failed.
-        reason: String,
-    },
-}
-
-/// The page work, carried out on guests' memory by their agents.
-///
-/// Each call is one batched round trip. Results are appended to `out` (cleared by the
-/// callee first), one per page, in request order.
-pub trait MergeHost {
-    /// Digests every page of `runs` of `guest` (see [`PageDigest`]); clears the dirty state
-    /// of the pages digested.
-    fn digest(
-        &mut self,
-        guest: GuestId,
-        runs: &[PageRun],
-        out: &mut Vec<PageDigest>,
-    ) -> Result<(), HostError>;
-
-    /// With a dirty-page source: digests of at most `max` pages written since their last
-    /// digest (split pages included, they were written), in ascending gfn order, clearing
-    /// their dirty state. Returns `true` if more dirty pages remain.
-    fn digest_dirty(
-        &mut self,
-        guest: GuestId,
-        max: u32,
-        out: &mut Vec<(Gfn, PageDigest)>,
-    ) -> Result<bool, HostError>;
-
-    /// Carries out merge runs on `guest` (see [`OpKind`]); one [`MergeResult`] per page.
-    fn merge(
-        &mut self,
-        guest: GuestId,
-        ops: &[MergeOp],
-        out: &mut Vec<MergeResult>,
-    ) -> Result<(), HostError>;
-
-    /// Verifies each page is all zero under write protection, then `MADV_DONTNEED`s it.
-    /// CAUTION: a page whose mapping is a pool frame (merged once, split since) then reads
-    /// that pool offset again, not zeros: the engine only sends anonymously mapped pages.
-    fn reclaim_zero(
-        &mut self,
-        guest: GuestId,
-        gfns: &[Gfn],
-        out: &mut Vec<ZeroOutcome>,
-    ) -> Result<(), HostError>;
-
-    /// Gives pages private anonymous memory again with their current content (copy out,
-    /// remap anonymous, copy back, under write protection).
-    fn unmerge(
-        &mut self,
-        guest: GuestId,
-        gfns: &[Gfn],
-        out: &mut Vec<UnmergeOutcome>,
-    ) -> Result<(), HostError>;
-
-    /// Releases frames of `domain`'s pool (`fallocate(PUNCH_HOLE)`); no page maps them.
-    /// Their indices may be reused by later `Populate` ops.
-    fn free_frames(&mut self, domain: DomainId, frames: &[FrameId]) -> Result<(), HostError>;
 }

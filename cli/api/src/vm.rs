@@ -8,22 +8,19 @@
 //!
 //! The document of record is `cli/api/vm-openapi.yaml`; a test checks that it and
 //! [`VM_ROUTES`] agree. As with the daemon, the API thread only parses and validates: it
-//! hands a typed [`VmAction`] to a [`VmControl`] (for a real VM, [`LiveVm`], which records
+//! hands a typed [`VmAction`] to a [`VmControl`] (for a real VM, the binary's, which records
 //! an exit request that the VMM's event loop acts on) and never touches VM state itself.
 
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
 
 use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
-use tinyvmm_vmm::share::{AgentStatus, AgentStatusHandle};
-use tinyvmm_vmm::{ExitReason, ExitSignal};
 
-use super::routes::{method_not_allowed, ApiResponse};
-use super::server::{Call, Routes};
-use super::{ApiConfig, ApiError, ApiServer};
+use crate::response::{method_not_allowed, ApiResponse};
+use crate::server::{Call, Routes};
+use crate::{ApiConfig, ApiError, ApiServer};
 
 /// Every route of the VM API, as `(path template, methods)`; the OpenAPI document
 /// (`cli/api/vm-openapi.yaml`) lists exactly these.
@@ -105,24 +102,6 @@ pub struct MergeInfo {
     pub blocked_writes: u64,
     /// Mappings (VMAs) of the VM process.
     pub vma_count: u32,
-}
-
-impl From<&AgentStatus> for MergeInfo {
-    fn from(s: &AgentStatus) -> Self {
-        MergeInfo {
-            registered: s.registered,
-            guest_id: s.guest_id,
-            registrations: s.registrations,
-            requests: s.requests,
-            pool_mapped_pages: s.pool_mapped_pages,
-            pages: s.pages,
-            protect_p50_ns: s.stats.protect_p50_ns,
-            protect_p99_ns: s.stats.protect_p99_ns,
-            protect_max_ns: s.stats.protect_max_ns,
-            blocked_writes: s.stats.blocked_writes,
-            vma_count: s.stats.vma_count,
-        }
-    }
 }
 
 /// An action of `PUT /vm/actions`.
@@ -244,74 +223,5 @@ impl ApiServer {
     /// Serves the VM API of `vm` on the Unix socket `socket` (mode 0600), default limits.
     pub fn start_vm(socket: impl Into<PathBuf>, vm: Arc<dyn VmControl>) -> io::Result<ApiServer> {
         Self::serve(ApiConfig::new(socket), Arc::new(VmRoutes::new(vm)))
-    }
-}
-
-/// What `GET /vm` reports that never changes while the VM runs.
-#[derive(Debug, Clone)]
-pub struct VmDescription {
-    /// Number of vCPUs.
-    pub vcpus: u8,
-    /// Guest RAM, bytes.
-    pub mem_bytes: u64,
-    /// The kernel as given on the command line.
-    pub kernel: String,
-    /// How guest RAM is offered for merging.
-    pub share_memory: ShareMemory,
-}
-
-/// The [`VmControl`] of a real VM: reads the merge agent's published status and records
-/// exit requests on the VMM's [`ExitSignal`]; it holds no VM state of its own.
-#[derive(Debug)]
-pub struct LiveVm {
-    desc: VmDescription,
-    exit: ExitSignal,
-    agent: Option<AgentStatusHandle>,
-    started: Instant,
-}
-
-impl LiveVm {
-    /// The VM described by `desc`, stopped through `exit`, with the status of its merge
-    /// agent if it has one. Uptime counts from now.
-    pub fn new(desc: VmDescription, exit: ExitSignal, agent: Option<AgentStatusHandle>) -> Self {
-        LiveVm {
-            desc,
-            exit,
-            agent,
-            started: Instant::now(),
-        }
-    }
-}
-
-impl VmControl for LiveVm {
-    fn info(&self) -> Result<VmInfo, ApiError> {
-        let merge = self.agent.as_ref().map(|a| {
-            let status = a.lock().unwrap_or_else(|p| p.into_inner());
-            MergeInfo::from(&*status)
-        });
-        Ok(VmInfo {
-            state: if self.exit.reason().is_some() {
-                VmState::Stopping
-            } else {
-                VmState::Running
-            },
-            pid: std::process::id(),
-            vcpus: self.desc.vcpus,
-            mem_bytes: self.desc.mem_bytes,
-            kernel: self.desc.kernel.clone(),
-            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
-            share_memory: self.desc.share_memory,
-            merge,
-        })
-    }
-
-    fn act(&self, action: VmAction) -> Result<(), ApiError> {
-        match action {
-            VmAction::Shutdown => {
-                tracing::info!("shutdown requested through the VM API");
-                self.exit.request(ExitReason::Requested);
-            }
-        }
-        Ok(())
     }
 }

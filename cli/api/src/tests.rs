@@ -215,11 +215,6 @@ fn metrics_have_help_type_and_guest_labels() {
 }
 
 #[test]
-fn default_socket_is_api_sock_in_the_run_dir() {
-    assert_eq!(tinyvmm_api_default_socket(), run_dir().join("api.sock"));
-}
-
-#[test]
 fn socket_is_0600_replaces_stale_refuses_live_and_is_removed_on_drop() {
     let dir = TempDir::new("sock");
     let path = dir.0.join("sub").join("api.sock");
@@ -227,18 +222,18 @@ fn socket_is_0600_replaces_stale_refuses_live_and_is_removed_on_drop() {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
     let cp: Arc<dyn ControlPlane> = Arc::new(FakeControlPlane::new());
-    let server = ApiServer::start(&path, cp.clone()).unwrap();
+    let server = ApiServer::start_daemon(ApiConfig::new(&path), cp.clone()).unwrap();
     let meta = std::fs::metadata(&path).unwrap();
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
     // A live one is not.
-    let e = ApiServer::start(&path, cp.clone()).unwrap_err();
+    let e = ApiServer::start_daemon(ApiConfig::new(&path), cp.clone()).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::AddrInUse, "{e}");
     drop(server);
     assert!(!path.exists(), "socket file left behind");
     // A regular file is never replaced.
     std::fs::write(&path, b"x").unwrap();
-    let e = ApiServer::start(&path, cp).unwrap_err();
+    let e = ApiServer::start_daemon(ApiConfig::new(&path), cp).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
     assert_eq!(std::fs::read(&path).unwrap(), b"x");
 }
@@ -248,7 +243,7 @@ fn created_run_dir_is_0700() {
     let dir = TempDir::new("dir");
     let path = dir.0.join("run").join("api.sock");
     let cp: Arc<dyn ControlPlane> = Arc::new(FakeControlPlane::new());
-    let _server = ApiServer::start(&path, cp).unwrap();
+    let _server = ApiServer::start_daemon(ApiConfig::new(&path), cp).unwrap();
     let mode = std::fs::metadata(dir.0.join("run"))
         .unwrap()
         .permissions()
@@ -262,7 +257,7 @@ fn tcp_listener_only_on_loopback() {
     let cp: Arc<dyn ControlPlane> = Arc::new(FakeControlPlane::new());
     let mut cfg = ApiConfig::new(dir.0.join("api.sock"));
     cfg.tcp = Some("0.0.0.0:0".parse().unwrap());
-    let e = ApiServer::start_with(cfg.clone(), cp.clone()).unwrap_err();
+    let e = ApiServer::start_daemon(cfg.clone(), cp.clone()).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
     assert!(e.to_string().contains("loopback"), "{e}");
     assert!(
@@ -270,7 +265,7 @@ fn tcp_listener_only_on_loopback() {
         "a refused start must not leave a socket"
     );
     cfg.tcp = Some("127.0.0.1:0".parse().unwrap());
-    let server = ApiServer::start_with(cfg, cp).unwrap();
+    let server = ApiServer::start_daemon(cfg, cp).unwrap();
     let addr = server.tcp_addr().unwrap();
     assert!(addr.ip().is_loopback() && addr.port() != 0);
     use std::io::{Read, Write};
