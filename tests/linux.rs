@@ -2,7 +2,7 @@
 //! `resources/linux/fetch.sh`) with an initramfs whose init prints a marker and reboots.
 //!
 //! On a host with hardware virtualization the whole boot runs and the init marker is
-//! checked. On hosts whose KVM emulates guest kernel code (kvm_pvm, see DESIGN.md), Linux
+//! checked. On hosts whose KVM emulates guest kernel code (kvm_pvm, see docs/design.md), Linux
 //! stops early with a KVM internal error: then what can be seen is checked — the banner,
 //! our exact command line echoed back, a memory line consistent with `--mem` — and the VMM
 //! must end with a clear one-line error and a non-zero status, not hang or panic.

@@ -2,7 +2,7 @@
 //!
 //! RAM is `MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE` (vm-memory's default), so that the
 //! merge agent can later replace any page of it with a copy-on-write mapping of a shared
-//! frame (see DESIGN.md). Merge-eligible RAM is kept off transparent huge pages: remapping one
+//! frame (see docs/design.md). Merge-eligible RAM is kept off transparent huge pages: remapping one
 //! 4 KiB page of a 2 MiB THP would split it.
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};

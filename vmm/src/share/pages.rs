@@ -1,5 +1,5 @@
 //! The page mechanism on this VM's own RAM: what the merge agent does when the daemon
-//! orders it (see DESIGN.md, "How merging works on Linux from user space").
+//! orders it (see docs/design.md, "The page mechanism").
 //!
 //! - Write protection is userfaultfd write-protect over all guest RAM: a vCPU (or any VMM
 //!   thread) that writes a protected page blocks in the kernel until the page is
