@@ -215,9 +215,12 @@ fn exit_all(guests: Vec<GuestProc>) {
 }
 
 fn converge(n: u64, mib: u64) {
+    // The scanner starts stopped, so that the baseline below is the guests' memory before
+    // any merging (with it running, the first guests would be merged before the last one
+    // has filled, and the baseline would already be low).
     let d = Daemon::start(
         &format!("converge{n}"),
-        &["--pages-to-scan", "20000", "--sleep-ms", "5"],
+        &["--pages-to-scan", "20000", "--sleep-ms", "5", "--run", "0"],
     );
     let p = Profile {
         mib,
@@ -238,6 +241,8 @@ fn converge(n: u64, mib: u64) {
         .iter()
         .map(|g| procfs::pss_bytes(g.pid()).unwrap())
         .sum();
+    assert_eq!(u(&d.status(), "pages_sharing"), 0, "nothing merged with run=0");
+    d.set(&["--run", "1"]);
     // Converged: pages_sharing covers (n-1) copies of every shared fill page.
     let want_sharing = (n - 1) * shared;
     let s = d.wait_for("convergence", LONG, |s| {
