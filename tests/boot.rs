@@ -160,6 +160,45 @@ fn fill_then_verify_256mib() {
     assert_eq!(verified, filled);
 }
 
+/// Every layout: the guest's fill counts and checksum match the Rust copy of the content
+/// functions, the content verifies, and `LAYOUT` names the layout.
+#[test]
+fn fill_layouts_match_the_content_functions_and_verify() {
+    use tinyvmm_guests::content::{fill_summary, FillParams, Layout};
+    require_kvm!();
+    for layout in [
+        Layout::Same,
+        Layout::Shuffled,
+        Layout::Clustered { run: 16 },
+    ] {
+        let words = format!(
+            "workload=fill,verify mib=32 mem_mib=64 {}",
+            layout.cmdline()
+        );
+        let cmdline = guest_cmdline(&words);
+        let out = run_vm(&["--mem", "64M", "--cmdline", &cmdline], T);
+        out.assert_ok();
+        let p = FillParams {
+            layout,
+            ..FillParams::default()
+        };
+        let (shared, zero, unique, sum) = fill_summary(&p, 8192);
+        let f = |k: &str| out.field("FILL done", k).unwrap();
+        assert_eq!(f("pages"), "8192", "{layout:?}");
+        assert_eq!(f("shared"), shared.to_string(), "{layout:?}");
+        assert_eq!(f("zero"), zero.to_string(), "{layout:?}");
+        assert_eq!(f("unique"), unique.to_string(), "{layout:?}");
+        assert_eq!(f("checksum"), format!("0x{sum:016x}"), "{layout:?}");
+        assert_eq!(out.field("VERIFY OK", "pages").unwrap(), "8192");
+        let name = layout.cmdline();
+        let name = name.split_whitespace().next().unwrap();
+        assert_eq!(
+            format!("layout={}", out.field("LAYOUT", "layout").unwrap()),
+            name
+        );
+    }
+}
+
 #[test]
 fn two_vcpus_boot() {
     require_kvm!();

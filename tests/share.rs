@@ -241,7 +241,11 @@ fn converge(n: u64, mib: u64) {
         .iter()
         .map(|g| procfs::pss_bytes(g.pid()).unwrap())
         .sum();
-    assert_eq!(u(&d.status(), "pages_sharing"), 0, "nothing merged with run=0");
+    assert_eq!(
+        u(&d.status(), "pages_sharing"),
+        0,
+        "nothing merged with run=0"
+    );
     d.set(&["--run", "1"]);
     // Converged: pages_sharing covers (n-1) copies of every shared fill page.
     let want_sharing = (n - 1) * shared;

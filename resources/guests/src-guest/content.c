@@ -46,3 +46,56 @@ u64 page_write(volatile u64 *page, enum page_class cls, u32 version, u64 key)
 	}
 	return sum;
 }
+
+#define PERM_TAG 0x7065726d75746531ULL
+
+/*
+ * A keyed bijection on [0, n): a 4-round Feistel network on the smallest even power of
+ * two >= n, cycle-walked until the result falls inside [0, n) (at most 4n values, so a few
+ * rounds on average).
+ */
+static u64 permute(u64 key, u64 n, u64 x)
+{
+	if (n <= 1)
+		return x;
+	u32 bits = 64 - __builtin_clzll(n - 1);
+	if (bits & 1)
+		bits++;
+	u32 half = bits / 2;
+	u64 mask = (1ULL << half) - 1;
+	do {
+		u64 l = x >> half, r = x & mask;
+		for (u64 round = 0; round < 4; round++) {
+			u64 f = mix64(key ^ (round << 56) ^ r) & mask;
+			u64 t = l ^ f;
+			l = r;
+			r = t;
+		}
+		x = (l << half) | r;
+	} while (x >= n);
+	return x;
+}
+
+u64 layout_logical(const struct layout *l, u64 i)
+{
+	switch (l->kind) {
+	case LAYOUT_SHUFFLED:
+		return permute(l->key ^ PERM_TAG, l->npages, i);
+	case LAYOUT_CLUSTERED: {
+		/* Whole blocks are permuted; a partial last block stays in place. */
+		u64 blocks = l->npages / l->run;
+		u64 b = i / l->run;
+		if (b >= blocks)
+			return i;
+		return permute(l->key ^ PERM_TAG, blocks, b) * l->run + i % l->run;
+	}
+	case LAYOUT_SAME:
+	default:
+		return i;
+	}
+}
+
+enum page_class layout_class(const struct layout *l, u64 seed, u64 lp, u32 shared_pct, u32 zero_pct)
+{
+	return page_class(seed, l->kind == LAYOUT_CLUSTERED ? lp / l->run : lp, shared_pct, zero_pct);
+}

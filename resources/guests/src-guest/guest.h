@@ -130,6 +130,24 @@ static inline u64 mix64(u64 z)
 	return z ^ (z >> 31);
 }
 enum page_class page_class(u64 seed, u64 index, u32 shared_pct, u32 zero_pct);
+
+/*
+ * Where content sits in guest-physical memory. Page i of the fill area holds the content
+ * of *logical* page layout_logical(l, i): itself (`same`, every guest alike), a per-guest
+ * permutation of all pages (`shuffled`, as page cache is), or a per-guest permutation of
+ * blocks of `run` pages whose class is chosen per block (`clustered`: shared content in
+ * runs of `run` pages, each run somewhere else in each guest).
+ */
+enum layout_kind { LAYOUT_SAME = 0, LAYOUT_SHUFFLED = 1, LAYOUT_CLUSTERED = 2 };
+struct layout {
+	enum layout_kind kind;
+	u64 run;    /* pages per block (clustered); 1 otherwise */
+	u64 npages; /* fill pages */
+	u64 key;    /* the permutation's key (from guest_seed) */
+};
+u64 layout_logical(const struct layout *l, u64 i);
+/* The class of logical page `lp` under layout `l`. */
+enum page_class layout_class(const struct layout *l, u64 seed, u64 lp, u32 shared_pct, u32 zero_pct);
 u64 page_key(u64 seed, u64 guest_seed, enum page_class cls, u64 index, u32 version);
 /* Write page contents; returns the wrapping sum of the 512 words. */
 u64 page_write(volatile u64 *page, enum page_class cls, u32 version, u64 key);

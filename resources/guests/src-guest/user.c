@@ -28,7 +28,10 @@ static struct params {
 	u64 churn_tick_ms, serve_poll_ms;
 	u64 corrupt_page;
 	u64 mem_mib; /* 0: no check */
+	enum layout_kind layout;
+	u64 run;
 } P;
+static struct layout L;
 
 static u64 tsc_khz;
 static const char *tsc_source;
@@ -209,6 +212,8 @@ static void parse_cmdline(const char *s, usize len)
 	P.duration_ms = 1000;
 	P.churn_tick_ms = 1;
 	P.serve_poll_ms = 100;
+	P.layout = LAYOUT_SAME;
+	P.run = 16;
 
 	usize i = 0;
 	while (i < len) {
@@ -242,9 +247,21 @@ static void parse_cmdline(const char *s, usize len)
 			{ "churn_tick_ms", &P.churn_tick_ms },
 			{ "serve_poll_ms", &P.serve_poll_ms },
 			{ "corrupt_page", &P.corrupt_page },
+			{ "run", &P.run },
 		};
 		if (streq_n(k, kn, "workload")) {
 			parse_workloads(v, vn);
+			continue;
+		}
+		if (streq_n(k, kn, "layout")) {
+			if (streq_n(v, vn, "same"))
+				P.layout = LAYOUT_SAME;
+			else if (streq_n(v, vn, "shuffled"))
+				P.layout = LAYOUT_SHUFFLED;
+			else if (streq_n(v, vn, "clustered"))
+				P.layout = LAYOUT_CLUSTERED;
+			else
+				check_fail("bad layout (same, shuffled or clustered)", NULL);
 			continue;
 		}
 		for (u32 n = 0; n < sizeof(nums) / sizeof(nums[0]); n++) {
@@ -264,6 +281,8 @@ static void parse_cmdline(const char *s, usize len)
 		P.serve_poll_ms = 1;
 	if (P.shared_pct + P.zero_pct > 100)
 		check_fail("shared_pct+zero_pct>100", NULL);
+	if (!P.run)
+		check_fail("run=0", NULL);
 }
 
 /* --------------------------------------------------------- boot checks */
@@ -475,10 +494,15 @@ static void layout(void)
 		nsegs++;
 		npages += cnt;
 	}
+	L.kind = P.layout;
+	L.run = P.layout == LAYOUT_CLUSTERED ? P.run : 1;
+	L.npages = npages;
+	L.key = P.guest_seed;
+	static const char *const layout_names[] = { "same", "shuffled", "clustered" };
 	kprintf("LAYOUT fill_pages=%llu fill_kib=%llu segments=%u first_gpa=0x%llx meta_gpa=0x%llx "
-		"meta_pages=%llu image_end=0x%llx\n",
+		"meta_pages=%llu image_end=0x%llx layout=%s run=%llu\n",
 		npages, npages * 4, nsegs, nsegs ? segs[0].gpa : 0, meta, meta_pages,
-		boot_info.image_end);
+		boot_info.image_end, layout_names[L.kind], L.run);
 	if (P.mib && npages < P.mib * (MIB / PAGE_SIZE)) {
 		kprintf("BOOTCHECK FAIL mib=%llu exceeds the free RAM (%llu KiB)\n", P.mib, npages * 4);
 		failed = 1;
@@ -502,11 +526,12 @@ static void do_fill(int bump)
 	for (u32 s = 0; s < nsegs; s++) {
 		volatile u64 *page = (volatile u64 *)segs[s].gpa;
 		for (u64 i = segs[s].first; i < segs[s].first + segs[s].n; i++, page += WORDS_PER_PAGE) {
-			enum page_class cls = page_class(P.seed, i, P.shared_pct, P.zero_pct);
+			u64 lp = layout_logical(&L, i);
+			enum page_class cls = layout_class(&L, P.seed, lp, P.shared_pct, P.zero_pct);
 			u32 v = bump ? versions[i] + 1 : 0;
 			versions[i] = v;
 			counts[cls]++;
-			sum += page_write(page, cls, v, page_key(P.seed, P.guest_seed, cls, i, v));
+			sum += page_write(page, cls, v, page_key(P.seed, P.guest_seed, cls, lp, v));
 		}
 	}
 	u64 c = rdtsc() - t0;
@@ -522,7 +547,8 @@ static void do_fill(int bump)
 /* Check one page; returns the byte offset of the first bad word or -1. */
 static i64 verify_page(u64 i, const volatile u64 *p, u64 *expected, u64 *got)
 {
-	enum page_class cls = page_class(P.seed, i, P.shared_pct, P.zero_pct);
+	u64 lp = layout_logical(&L, i);
+	enum page_class cls = layout_class(&L, P.seed, lp, P.shared_pct, P.zero_pct);
 	u32 v = versions[i];
 	if (cls == CLASS_ZERO && v == 0) {
 		for (u32 j = 0; j < WORDS_PER_PAGE; j++) {
@@ -534,7 +560,7 @@ static i64 verify_page(u64 i, const volatile u64 *p, u64 *expected, u64 *got)
 		}
 		return -1;
 	}
-	u64 key = page_key(P.seed, P.guest_seed, cls, i, v);
+	u64 key = page_key(P.seed, P.guest_seed, cls, lp, v);
 	for (u32 j = 0; j < WORDS_PER_PAGE; j++) {
 		u64 w = page_word(key, j);
 		if (p[j] != w) {
@@ -620,11 +646,12 @@ static inline u64 rng_next(void)
 static u64 churn_one(void)
 {
 	u64 i = (u64)(((unsigned __int128)rng_next() * npages) >> 64);
-	enum page_class cls = page_class(P.seed, i, P.shared_pct, P.zero_pct);
+	u64 lp = layout_logical(&L, i);
+	enum page_class cls = layout_class(&L, P.seed, lp, P.shared_pct, P.zero_pct);
 	u32 v = versions[i] + 1;
 	if (!v)
 		v = 1;
-	u64 key = page_key(P.seed, P.guest_seed, cls, i, v);
+	u64 key = page_key(P.seed, P.guest_seed, cls, lp, v);
 	volatile u64 *p = (volatile u64 *)page_gpa(i);
 	u64 w0 = page_word(key, 0);
 	u32 lo, hi;

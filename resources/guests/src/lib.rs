@@ -113,6 +113,90 @@ pub mod content {
         words
     }
 
+    /// Where content sits in guest-physical memory (`layout=` and `run=` on the guest's
+    /// command line): fill page `i` holds the content of logical page [`Layout::logical`]`(i)`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+    pub enum Layout {
+        /// Logical page `i` at fill page `i` in every guest (the kindest layout).
+        #[default]
+        Same,
+        /// A per-guest permutation (keyed by `guest_seed`) of all fill pages.
+        Shuffled,
+        /// Blocks of `run` pages, each block's class chosen per block, the whole blocks
+        /// permuted per guest: shared content in runs of `run` pages.
+        Clustered {
+            /// Pages per block.
+            run: u64,
+        },
+    }
+
+    const PERM_TAG: u64 = 0x7065_726d_7574_6531;
+
+    /// A keyed bijection on `[0, n)`: a 4-round Feistel network on the smallest even power
+    /// of two ≥ `n`, cycle-walked into `[0, n)`.
+    pub fn permute(key: u64, n: u64, mut x: u64) -> u64 {
+        if n <= 1 {
+            return x;
+        }
+        let mut bits = 64 - (n - 1).leading_zeros();
+        if bits & 1 == 1 {
+            bits += 1;
+        }
+        let half = bits / 2;
+        let mask = (1u64 << half) - 1;
+        loop {
+            let (mut l, mut r) = (x >> half, x & mask);
+            for round in 0..4u64 {
+                let f = mix64(key ^ (round << 56) ^ r) & mask;
+                let t = l ^ f;
+                l = r;
+                r = t;
+            }
+            x = (l << half) | r;
+            if x < n {
+                return x;
+            }
+        }
+    }
+
+    impl Layout {
+        /// The `layout=` and `run=` words of the guest's command line.
+        pub fn cmdline(&self) -> String {
+            match self {
+                Layout::Same => "layout=same".into(),
+                Layout::Shuffled => "layout=shuffled".into(),
+                Layout::Clustered { run } => format!("layout=clustered run={run}"),
+            }
+        }
+
+        /// The logical page held by fill page `i` of a guest with `pages` fill pages and
+        /// `guest_seed`.
+        pub fn logical(&self, guest_seed: u64, pages: u64, i: u64) -> u64 {
+            match *self {
+                Layout::Same => i,
+                Layout::Shuffled => permute(guest_seed ^ PERM_TAG, pages, i),
+                Layout::Clustered { run } => {
+                    let blocks = pages / run;
+                    let b = i / run;
+                    if b >= blocks {
+                        i
+                    } else {
+                        permute(guest_seed ^ PERM_TAG, blocks, b) * run + i % run
+                    }
+                }
+            }
+        }
+
+        /// The class of logical page `lp`.
+        pub fn class(&self, p: &FillParams, lp: u64) -> PageClass {
+            let index = match *self {
+                Layout::Clustered { run } => lp / run,
+                _ => lp,
+            };
+            page_class(p.seed, index, p.shared_pct, p.zero_pct)
+        }
+    }
+
     /// The parameters of a `fill` (the guest's defaults in [`FillParams::default`]).
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub struct FillParams {
@@ -124,6 +208,8 @@ pub mod content {
         pub shared_pct: u64,
         /// `zero_pct=`.
         pub zero_pct: u64,
+        /// `layout=` and `run=`.
+        pub layout: Layout,
     }
 
     impl Default for FillParams {
@@ -133,6 +219,7 @@ pub mod content {
                 guest_seed: 2,
                 shared_pct: 60,
                 zero_pct: 20,
+                layout: Layout::Same,
             }
         }
     }
@@ -142,13 +229,14 @@ pub mod content {
     pub fn fill_summary(p: &FillParams, pages: u64) -> (u64, u64, u64, u64) {
         let (mut shared, mut zero, mut unique, mut sum) = (0, 0, 0, 0u64);
         for i in 0..pages {
-            let class = page_class(p.seed, i, p.shared_pct, p.zero_pct);
+            let lp = p.layout.logical(p.guest_seed, pages, i);
+            let class = p.layout.class(p, lp);
             match class {
                 PageClass::Shared => shared += 1,
                 PageClass::Zero => zero += 1,
                 PageClass::Unique => unique += 1,
             }
-            for w in page_contents(p.seed, p.guest_seed, class, i, 0) {
+            for w in page_contents(p.seed, p.guest_seed, class, lp, 0) {
                 sum = sum.wrapping_add(w);
             }
         }
@@ -324,11 +412,69 @@ mod tests {
             guest_seed: 9,
             shared_pct: 30,
             zero_pct: 50,
+            layout: Layout::Same,
         };
         assert_eq!(
             fill_summary(&p, 16384),
             (4973, 8168, 3243, 0xddc9_4b5f_250c_fc21)
         );
+    }
+
+    #[test]
+    fn layouts_are_bijections_onto_the_fill_pages() {
+        for pages in [1u64, 2, 3, 1000, 4096, 65178] {
+            for layout in [
+                Layout::Same,
+                Layout::Shuffled,
+                Layout::Clustered { run: 16 },
+                Layout::Clustered { run: 7 },
+            ] {
+                let mut seen = vec![false; pages as usize];
+                for i in 0..pages {
+                    let lp = layout.logical(5, pages, i);
+                    assert!(lp < pages && !seen[lp as usize], "{layout:?} {pages} {i}");
+                    seen[lp as usize] = true;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shuffled_guests_hold_the_same_content_at_different_addresses() {
+        let pages = 4096;
+        let (a, b) = (Layout::Shuffled, Layout::Shuffled);
+        let moved = (0..pages)
+            .filter(|&i| a.logical(2, pages, i) != b.logical(3, pages, i))
+            .count();
+        assert!(
+            moved > pages as usize * 9 / 10,
+            "{moved} of {pages} pages moved"
+        );
+        // A permutation: the same pages and content as `same`, so the same summary.
+        let same = FillParams::default();
+        let shuffled = FillParams {
+            layout: Layout::Shuffled,
+            ..same
+        };
+        assert_eq!(fill_summary(&same, pages), fill_summary(&shuffled, pages));
+    }
+
+    #[test]
+    fn clustered_layout_keeps_shared_content_in_runs() {
+        let p = FillParams {
+            layout: Layout::Clustered { run: 16 },
+            ..FillParams::default()
+        };
+        let pages = 16 * 256;
+        let classes: Vec<PageClass> = (0..pages)
+            .map(|i| p.layout.class(&p, p.layout.logical(p.guest_seed, pages, i)))
+            .collect();
+        for block in classes.chunks(16) {
+            assert!(block.iter().all(|c| *c == block[0]));
+        }
+        let (s, z, u, _) = fill_summary(&p, pages);
+        assert_eq!(s + z + u, pages);
+        assert!(s > pages / 2 && s < pages * 7 / 10, "{s} shared of {pages}");
     }
 
     #[test]
