@@ -1587,6 +1587,136 @@ mod vm_props {
     }
 }
 
+#[test]
+fn a_guest_name_in_the_path_is_percent_decoded() {
+    let f = Fixture::new();
+    let c = f.client();
+    // Guest 2 is named `vm "b"`: raw, then through the typed client (which encodes it).
+    let r = raw(f.sock(), &req("GET", "/guests/vm%20%22b%22", b""));
+    assert_eq!(r.status, 200, "{:?}", r.json());
+    assert_eq!(r.json().unwrap()["id"], 2);
+    assert_eq!(c.guest("vm \"b\"").unwrap().counters.id.0, 2);
+    assert_eq!(c.guest("1").unwrap().name, "vm-a");
+    // A broken escape is a 400 that says so; an unknown name a 404.
+    let r = raw(f.sock(), &req("GET", "/guests/vm%2", b""));
+    assert_eq!(r.status, 400);
+    assert!(r.json().unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("percent-encoding"));
+    let r = raw(f.sock(), &req("GET", "/guests/my%20guest.elf", b""));
+    assert_eq!(r.status, 404);
+    assert!(r.json().unwrap()["error"]
+        .as_str()
+        .unwrap()
+        .contains("\"my guest.elf\""));
+}
+
+/// A request with `Content-Type: content_type` (none if empty) and `body`.
+fn req_typed(method: &str, path: &str, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let ct = if content_type.is_empty() {
+        String::new()
+    } else {
+        format!("Content-Type: {content_type}\r\n")
+    };
+    let mut r = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{ct}Content-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    r.extend_from_slice(body);
+    r
+}
+
+#[test]
+fn bodies_must_be_declared_as_json_else_415() {
+    let f = Fixture::new();
+    let before = f.state();
+    for (method, path, body) in [
+        ("PATCH", "/ksm", &br#"{"run": 0}"#[..]),
+        ("PUT", "/ksm/run", b"0"),
+    ] {
+        for ct in [
+            "",
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "application/jsonx",
+        ] {
+            let r = raw(f.sock(), &req_typed(method, path, ct, body));
+            assert_eq!(r.status, 415, "{method} {path} with {ct:?}");
+            let e = r.json().unwrap()["error"].as_str().unwrap().to_string();
+            assert!(e.contains("application/json"), "{e}");
+        }
+        for ct in ["application/json; charset=utf-8", "Application/JSON"] {
+            let r = raw(f.sock(), &req_typed(method, path, ct, body));
+            assert_eq!(r.status, 200, "{method} {path} with {ct:?}");
+        }
+    }
+    assert_eq!(f.cp.updates.load(Ordering::Relaxed), 4);
+    assert_ne!(f.state(), before);
+    // The VM API: a text/plain body does not shut the VM down.
+    let vm = VmFixture::new();
+    let action = br#"{"action": "shutdown"}"#;
+    let r = raw(
+        vm.sock(),
+        &req_typed("PUT", "/vm/actions", "text/plain", action),
+    );
+    assert_eq!(r.status, 415);
+    assert!(r.json().unwrap()["error"].is_string());
+    assert_eq!(vm.shutdowns(), 0);
+    // The typed client sends the header.
+    vm.client().vm_action(VmAction::Shutdown).unwrap();
+    assert_eq!(vm.shutdowns(), 1);
+}
+
+#[test]
+fn vm_action_of_the_wrong_shape_says_invalid_action() {
+    let f = VmFixture::new();
+    for body in [&br#"{"action":1}"#[..], br#"{"action": null}"#, b"{}"] {
+        let r = raw(f.sock(), &req("PUT", "/vm/actions", body));
+        assert_eq!(r.status, 400);
+        let e = r.json().unwrap()["error"].as_str().unwrap().to_string();
+        assert!(e.starts_with("invalid action: "), "{e}");
+        assert!(!e.contains("column"), "{e}");
+    }
+    assert_eq!(f.shutdowns(), 0);
+}
+
+#[test]
+fn typed_client_calls_return_the_servers_types() {
+    let f = Fixture::new();
+    let c = f.client();
+    let s = c.ksm().unwrap();
+    assert_eq!(s.counters.pages_sharing, 3000);
+    assert_eq!(s.engine_metadata_bytes, s.counters.metadata_bytes);
+    let s = c
+        .patch_ksm(&tinyvmm_merge::KnobsUpdate {
+            pages_to_scan: Some(77),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(s.knobs.pages_to_scan, 77);
+    assert_eq!(c.knob("pages_to_scan").unwrap(), 77);
+    assert_eq!(
+        c.put_knob("sleep_millisecs", &9)
+            .unwrap()
+            .knobs
+            .sleep_millisecs,
+        9
+    );
+    assert_eq!(c.guests().unwrap().len(), 2);
+    assert!(c.metrics().unwrap().contains("tinyvmm_ksm_pages_sharing"));
+    let e = c.put_knob("run", &3).unwrap_err();
+    assert!(
+        matches!(&e, ClientError::Refused { status, .. } if *status == StatusCode::BAD_REQUEST),
+        "{e:?}"
+    );
+    let vm = VmFixture::new();
+    let info = vm.client().vm().unwrap();
+    assert_eq!(info.vcpus, 2);
+    assert_eq!(info.merge.unwrap().guest_id, Some(7));
+}
+
 // ---------------------------------------------------------------------------------------
 // The contract as an independent client sees it: schemathesis generates requests from each
 // OpenAPI document (valid and invalid ones) and checks every answer against it (status
@@ -1715,5 +1845,8 @@ fn schemathesis_finds_no_contract_violation_in_vm_openapi_yaml() {
     )
     .unwrap();
     run_schemathesis(&exe, "vm-openapi.yaml", server.tcp_addr().unwrap());
-    assert!(vm.shutdowns.load(Ordering::Relaxed) > 0, "no valid action was sent");
+    assert!(
+        vm.shutdowns.load(Ordering::Relaxed) > 0,
+        "no valid action was sent"
+    );
 }

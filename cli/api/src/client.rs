@@ -222,10 +222,7 @@ impl ApiClient {
             tokio::time::timeout(REQUEST_TIMEOUT, exchange)
                 .await
                 .unwrap_or_else(|_| {
-                    Err(self.http(format!(
-                        "no answer within {} s",
-                        REQUEST_TIMEOUT.as_secs()
-                    )))
+                    Err(self.http(format!("no answer within {} s", REQUEST_TIMEOUT.as_secs())))
                 })
         })
     }

@@ -211,7 +211,9 @@ impl ApiServer {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PatchError {
     /// No body, or only whitespace.
-    #[error("empty body: PATCH /ksm takes a JSON object of knobs, e.g. {{\"pages_to_scan\": 1000}}")]
+    #[error(
+        "empty body: PATCH /ksm takes a JSON object of knobs, e.g. {{\"pages_to_scan\": 1000}}"
+    )]
     Empty,
     /// Not JSON.
     #[error("invalid JSON: {0}")]
@@ -314,8 +316,8 @@ fn kind_of(v: &serde_json::Value) -> &'static str {
 /// the advisor), by comparing the input's keys with the update serialized back.
 fn knobs_update(mut value: serde_json::Value) -> Result<KnobsUpdate, KnobsShapeError> {
     integral_numbers(&mut value);
-    let upd: KnobsUpdate = serde_json::from_value(value.clone())
-        .map_err(|e| KnobsShapeError::Serde(e.to_string()))?;
+    let upd: KnobsUpdate =
+        serde_json::from_value(value.clone()).map_err(|e| KnobsShapeError::Serde(e.to_string()))?;
     let back = serde_json::to_value(upd).map_err(|e| KnobsShapeError::Serde(e.to_string()))?;
     match first_unknown_key(&value, &back, "") {
         Some(path) => Err(KnobsShapeError::UnknownField(path)),

@@ -86,10 +86,19 @@ fn put_body_is_a_bare_value_like_a_sysfs_write() {
         parse_put("smart_scan", b"false").unwrap().smart_scan,
         Some(false)
     );
-    assert!(parse_put("run", b"null").unwrap_err().to_string().contains("null"));
-    assert!(parse_put("run", b"").unwrap_err().to_string().contains("empty"));
+    assert!(parse_put("run", b"null")
+        .unwrap_err()
+        .to_string()
+        .contains("null"));
+    assert!(parse_put("run", b"")
+        .unwrap_err()
+        .to_string()
+        .contains("empty"));
     assert!(parse_put("run", b"\"1\"").is_err());
-    assert!(parse_put("run", b"3").unwrap_err().to_string().contains("0, 1 or 2"));
+    assert!(parse_put("run", b"3")
+        .unwrap_err()
+        .to_string()
+        .contains("0, 1 or 2"));
 }
 
 #[test]
@@ -438,7 +447,12 @@ fn json_content_types() {
     ] {
         assert!(is_json_content_type(ok), "{ok}");
     }
-    for bad in ["text/plain", "application/jsonx", "", "application/x-www-form-urlencoded"] {
+    for bad in [
+        "text/plain",
+        "application/jsonx",
+        "",
+        "application/x-www-form-urlencoded",
+    ] {
         assert!(!is_json_content_type(bad), "{bad}");
     }
 }
@@ -510,7 +524,10 @@ fn shared_types_round_trip_through_json() {
     let vm = super::testing::FakeVm::new();
     let info = vm.info().unwrap();
     let v = serde_json::to_value(&info).unwrap();
-    assert_eq!(serde_json::from_value::<super::vm::VmInfo>(v).unwrap(), info);
+    assert_eq!(
+        serde_json::from_value::<super::vm::VmInfo>(v).unwrap(),
+        info
+    );
     assert_eq!(
         serde_json::to_value(VmAction::Shutdown).unwrap(),
         serde_json::json!("shutdown")
@@ -530,11 +547,16 @@ fn path_segments_are_percent_encoded_and_decoded() {
 
 #[test]
 fn integral_numbers_are_integers_as_in_json_schema() {
-    assert_eq!(parse_put("pages_to_scan", b"272.0").unwrap().pages_to_scan, Some(272));
+    assert_eq!(
+        parse_put("pages_to_scan", b"272.0").unwrap().pages_to_scan,
+        Some(272)
+    );
     assert_eq!(parse_put("run", b"1.0").unwrap().run, Some(RunMode::Run));
     assert_eq!(parse_put("run", b"1e0").unwrap().run, Some(RunMode::Run));
-    let upd = parse_patch(br#"{"advisor": {"mode": "scan-time", "target_scan_secs": 60.0, "max_cpu_pct": 2e1}}"#)
-        .unwrap();
+    let upd = parse_patch(
+        br#"{"advisor": {"mode": "scan-time", "target_scan_secs": 60.0, "max_cpu_pct": 2e1}}"#,
+    )
+    .unwrap();
     assert_eq!(
         upd.advisor,
         Some(tinyvmm_merge::Advisor::ScanTime {

@@ -25,7 +25,9 @@ impl std::fmt::Display for GuestId {
 
 /// A merge domain (share group). Pages are never merged across domains; each domain has
 /// its own pool of frames.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct DomainId(pub u32);
 
 /// A run of consecutive guest pages.
