@@ -119,6 +119,32 @@ fn get_vm_then_shutdown_action_ends_the_vmm_with_status_0() {
         StatusCode::BAD_REQUEST
     );
     assert_eq!(get_vm(&sock)["state"], "running");
+    // Well-formed JSON of the wrong shape is an invalid action, not invalid JSON.
+    let client = ApiClient::vm_client(&sock).unwrap();
+    let (status, body) = client
+        .request(
+            Method::PUT,
+            "/vm/actions",
+            Some(br#"{"action":1}"#.to_vec()),
+        )
+        .unwrap();
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(
+        String::from_utf8_lossy(&body).contains("invalid action: "),
+        "{body:?}"
+    );
+    // A body not declared as JSON is refused (415) and does not stop the VM.
+    let (status, _) = client
+        .request_with_type(
+            Method::PUT,
+            "/vm/actions",
+            Some(("text/plain", br#"{"action": "shutdown"}"#.to_vec())),
+        )
+        .unwrap();
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let info = client.vm().unwrap();
+    assert_eq!(info.state, tinyvmm_api::vm::VmState::Running);
+    assert_eq!(info.pid, g.pid());
 
     let t = Instant::now();
     assert_eq!(
@@ -257,10 +283,16 @@ fn get_vm_reports_registration_and_merged_pages_with_share_memory() {
     // Two guests with the same page classes: their shared pages merge into pool frames.
     let socks = [dir.join("vm-a.sock"), dir.join("vm-b.sock")];
     let mut guests = Vec::new();
+    // The first is named with --name (a space in it: the API path is percent-encoded);
+    // the second keeps the default name, its --kernel argument.
     for (i, sock) in socks.iter().enumerate() {
         let cmdline = format!("{CMDLINE} seed=1 guest_seed={}", 10 + i);
         let log = dir.join(format!("guest-{i}.log"));
-        guests.push(start_guest(sock, &cmdline, &share, &log));
+        let mut extra = share.to_vec();
+        if i == 0 {
+            extra.extend(["--name", "vm a"]);
+        }
+        guests.push(start_guest(sock, &cmdline, &extra, &log));
     }
 
     let v = get_vm(&socks[0]);
@@ -272,6 +304,31 @@ fn get_vm_reports_registration_and_merged_pages_with_share_memory() {
         v["merge"]["registered"] == true
     });
     assert!(v["merge"]["guest_id"].is_u64(), "{v:#}");
+    // The daemon knows the guest by the name given with --name.
+    let api = ApiClient::new(dir.join("api.sock")).unwrap();
+    let named = api.guest("vm a").unwrap();
+    assert_eq!(named.name, "vm a");
+    assert_eq!(
+        Some(named.counters.id.0),
+        v["merge"]["guest_id"].as_u64().map(|i| i as u32)
+    );
+    assert_eq!(named.pid, guests[0].pid());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !api
+        .guests()
+        .unwrap()
+        .iter()
+        .any(|g| g.pid == guests[1].pid())
+    {
+        assert!(Instant::now() < deadline, "guest b did not register");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let other = api.guests().unwrap();
+    let other = other.iter().find(|g| g.pid == guests[1].pid()).unwrap();
+    assert_eq!(
+        other.name, "builtin",
+        "the default name is the --kernel argument"
+    );
     assert!(v["merge"]["registrations"].as_u64().unwrap() >= 1, "{v:#}");
     let first = v["merge"]["pool_mapped_pages"].as_u64().unwrap();
     // A fresh VM maps no pool frame; FILL reports ~60 % of the 4096 fill pages as shared

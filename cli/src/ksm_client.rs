@@ -12,20 +12,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use clap::{Args, Subcommand};
-use http_body_util::{BodyExt, Full};
-use hyper::header::{CONTENT_TYPE, HOST};
-use hyper::{Method, Request, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::{Map, Value};
+use tinyvmm_api::{GuestInfo, KsmState};
+use tinyvmm_merge::{KnobError, KnobsUpdate, RunMode};
 
+pub use tinyvmm_api::client::{ApiClient, ClientError};
 use tinyvmm_merged::default_api_socket;
 
 const PAGE_SIZE: f64 = 4096.0;
 const MIB: f64 = (1u64 << 20) as f64;
-/// How long one request may take.
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `tinyvmm ksm`: inspect and tune the merge daemon (the user-space ksmd).
 #[derive(Args, Debug)]
@@ -103,171 +99,19 @@ pub struct GuestsArgs {
 
 /// Why a `tinyvmm ksm` command failed.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientError {
-    /// Nothing listens on the socket.
-    #[error("no merge daemon is listening on {}: start one with `tinyvmm merged` or run a guest with --share-memory", .0.display())]
-    NoDaemon(PathBuf),
-    /// Connecting failed for another reason.
-    #[error("cannot connect to the merge daemon at {}: {source}{hint}", path.display())]
-    Connect {
-        /// The socket.
-        path: PathBuf,
-        /// The OS error.
-        source: io::Error,
-        /// What to do about it.
-        hint: &'static str,
-    },
-    /// The HTTP exchange failed.
-    #[error("talking to the merge daemon at {}: {msg}", path.display())]
-    Http {
-        /// The socket.
-        path: PathBuf,
-        /// What failed.
-        msg: String,
-    },
-    /// The daemon refused the request.
-    #[error("the merge daemon refused the request ({status}): {msg}")]
-    Refused {
-        /// The HTTP status.
-        status: StatusCode,
-        /// The daemon's `error` text.
-        msg: String,
-    },
-    /// The daemon's answer is not what this client expects.
-    #[error("unexpected answer from the merge daemon: {0}")]
-    BadReply(String),
+pub enum KsmError {
+    /// Talking to the daemon failed, or it refused the request.
+    #[error(transparent)]
+    Client(#[from] ClientError),
     /// `set` without any knob.
     #[error("nothing to set: give at least one of --run, --pages-to-scan, --sleep-ms, --max-page-sharing, --smart-scan")]
     NothingToSet,
+    /// `set --run` with a value other than 0, 1, 2.
+    #[error("invalid --run: {0}")]
+    Run(#[source] KnobError),
     /// Writing the output failed.
     #[error("cannot write the output: {0}")]
     Output(#[from] io::Error),
-}
-
-/// A small blocking HTTP/1.1 client for the control socket (hyper on a current-thread
-/// runtime; one connection per request).
-pub struct ApiClient {
-    socket: PathBuf,
-    rt: tokio::runtime::Runtime,
-}
-
-impl ApiClient {
-    /// A client for the daemon at `socket`; connects on each request.
-    pub fn new(socket: impl Into<PathBuf>) -> Result<Self, ClientError> {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| ClientError::Http {
-                path: PathBuf::new(),
-                msg: format!("cannot start the I/O runtime: {e}"),
-            })?;
-        Ok(ApiClient {
-            socket: socket.into(),
-            rt,
-        })
-    }
-
-    /// The socket this client talks to.
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
-    /// One request; returns the status and body whatever the status.
-    pub fn request(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<(StatusCode, Bytes), ClientError> {
-        let http = |msg: String| ClientError::Http {
-            path: self.socket.clone(),
-            msg,
-        };
-        let exchange = async {
-            let stream = tokio::net::UnixStream::connect(&self.socket)
-                .await
-                .map_err(|e| self.connect_error(e))?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-                .await
-                .map_err(|e| http(e.to_string()))?;
-            let conn = tokio::spawn(conn);
-            let mut req = Request::builder()
-                .method(method)
-                .uri(path)
-                .header(HOST, "localhost");
-            if body.is_some() {
-                req = req.header(CONTENT_TYPE, "application/json");
-            }
-            let req = req
-                .body(Full::new(Bytes::from(body.unwrap_or_default())))
-                .map_err(|e| http(e.to_string()))?;
-            let resp = sender
-                .send_request(req)
-                .await
-                .map_err(|e| http(e.to_string()))?;
-            let status = resp.status();
-            let bytes = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| http(e.to_string()))?
-                .to_bytes();
-            drop(sender);
-            conn.abort();
-            Ok((status, bytes))
-        };
-        self.rt.block_on(async {
-            tokio::time::timeout(REQUEST_TIMEOUT, exchange)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(http(format!(
-                        "no answer within {} s",
-                        REQUEST_TIMEOUT.as_secs()
-                    )))
-                })
-        })
-    }
-
-    fn connect_error(&self, e: io::Error) -> ClientError {
-        match e.kind() {
-            io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused => {
-                ClientError::NoDaemon(self.socket.clone())
-            }
-            io::ErrorKind::PermissionDenied => ClientError::Connect {
-                path: self.socket.clone(),
-                source: e,
-                hint: " (the socket is mode 0600: run as the daemon's user)",
-            },
-            _ if e.raw_os_error() == Some(libc::ENOTDIR) => {
-                ClientError::NoDaemon(self.socket.clone())
-            }
-            _ => ClientError::Connect {
-                path: self.socket.clone(),
-                source: e,
-                hint: "",
-            },
-        }
-    }
-
-    /// A request whose answer must be 2xx JSON.
-    pub fn json(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<Value, ClientError> {
-        let body = body.map(|b| b.to_string().into_bytes());
-        let (status, bytes) = self.request(method, path, body)?;
-        let value: Result<Value, _> = serde_json::from_slice(&bytes);
-        if !status.is_success() {
-            let msg = value
-                .ok()
-                .and_then(|v| v.get("error").and_then(Value::as_str).map(str::to_string))
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned());
-            return Err(ClientError::Refused { status, msg });
-        }
-        value.map_err(|e| ClientError::BadReply(format!("{path}: {e}")))
-    }
 }
 
 /// Runs `tinyvmm ksm`; errors go to stderr with exit status 1.
@@ -275,7 +119,7 @@ pub fn run(args: KsmArgs) -> ExitCode {
     let mut out = io::stdout().lock();
     match run_to(args, &mut out, true) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(ClientError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(KsmError::Output(e)) if e.kind() == io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
         Err(e) => {
             let _ = out.flush();
             eprintln!("tinyvmm: error: {e}");
@@ -286,12 +130,12 @@ pub fn run(args: KsmArgs) -> ExitCode {
 
 /// Runs `tinyvmm ksm`, writing to `out`. `clear`: `watch` clears the screen (ANSI) before
 /// each refresh.
-pub fn run_to(args: KsmArgs, out: &mut dyn Write, clear: bool) -> Result<(), ClientError> {
+pub fn run_to(args: KsmArgs, out: &mut dyn Write, clear: bool) -> Result<(), KsmError> {
     let socket = args.api_sock.unwrap_or_else(default_api_socket);
     let client = ApiClient::new(socket)?;
     match args.command {
         KsmCommand::Status(a) => {
-            let state = client.json(Method::GET, "/ksm", None)?;
+            let state = client.ksm()?;
             if a.json {
                 writeln!(out, "{}", pretty(&state))?;
             } else {
@@ -300,7 +144,7 @@ pub fn run_to(args: KsmArgs, out: &mut dyn Write, clear: bool) -> Result<(), Cli
         }
         KsmCommand::Set(a) => {
             let update = set_body(&a)?;
-            let state = client.json(Method::PATCH, "/ksm", Some(&update))?;
+            let state = client.patch_ksm(&update)?;
             if a.json {
                 writeln!(out, "{}", pretty(&state))?;
             } else {
@@ -309,14 +153,11 @@ pub fn run_to(args: KsmArgs, out: &mut dyn Write, clear: bool) -> Result<(), Cli
         }
         KsmCommand::Watch(a) => watch(&client, &a, out, clear)?,
         KsmCommand::Guests(a) => {
-            let guests = client.json(Method::GET, "/guests", None)?;
+            let guests = client.guests()?;
             if a.json {
                 writeln!(out, "{}", pretty(&guests))?;
             } else {
-                let list = guests
-                    .as_array()
-                    .ok_or_else(|| ClientError::BadReply("/guests is not a list".into()))?;
-                write_guests(out, list)?;
+                write_guests(out, &guests)?;
             }
         }
     }
@@ -324,32 +165,28 @@ pub fn run_to(args: KsmArgs, out: &mut dyn Write, clear: bool) -> Result<(), Cli
     Ok(())
 }
 
-fn pretty(v: &Value) -> String {
-    serde_json::to_string_pretty(v).unwrap_or_else(|_| v.to_string())
+fn pretty(v: &impl serde::Serialize) -> String {
+    serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
 /// The `PATCH /ksm` body of `tinyvmm ksm set`.
-pub fn set_body(a: &SetArgs) -> Result<Value, ClientError> {
-    let mut m = Map::new();
-    if let Some(v) = a.run {
-        m.insert("run".into(), v.into());
+pub fn set_body(a: &SetArgs) -> Result<KnobsUpdate, KsmError> {
+    let update = KnobsUpdate {
+        run: a
+            .run
+            .map(RunMode::try_from)
+            .transpose()
+            .map_err(KsmError::Run)?,
+        pages_to_scan: a.pages_to_scan,
+        sleep_millisecs: a.sleep_ms,
+        max_page_sharing: a.max_page_sharing,
+        smart_scan: a.smart_scan,
+        advisor: None,
+    };
+    if update == KnobsUpdate::default() {
+        return Err(KsmError::NothingToSet);
     }
-    if let Some(v) = a.pages_to_scan {
-        m.insert("pages_to_scan".into(), v.into());
-    }
-    if let Some(v) = a.sleep_ms {
-        m.insert("sleep_millisecs".into(), v.into());
-    }
-    if let Some(v) = a.max_page_sharing {
-        m.insert("max_page_sharing".into(), v.into());
-    }
-    if let Some(v) = a.smart_scan {
-        m.insert("smart_scan".into(), v.into());
-    }
-    if m.is_empty() {
-        return Err(ClientError::NothingToSet);
-    }
-    Ok(Value::Object(m))
+    Ok(update)
 }
 
 /// Knobs in the kernel's order: the API's writable knobs.
@@ -379,13 +216,13 @@ const COUNTER_KEYS: &[&str] = &[
 ];
 const MEMORY_KEYS: &[&str] = &["pool_bytes", "engine_metadata_bytes"];
 
-fn num(v: &Value, key: &str) -> f64 {
-    v.get(key).and_then(Value::as_f64).unwrap_or(0.0)
+fn mib(bytes: f64) -> f64 {
+    bytes / MIB
 }
 
 /// Bytes saved: pages no longer backed by a private copy.
-pub fn saved_mib(state: &Value) -> f64 {
-    (num(state, "pages_sharing") + num(state, "zero_pages")) * PAGE_SIZE / MIB
+pub fn saved_mib(state: &KsmState) -> f64 {
+    (state.counters.pages_sharing + state.counters.zero_pages) as f64 * PAGE_SIZE / MIB
 }
 
 fn show(key: &str, v: &Value) -> String {
@@ -414,24 +251,28 @@ fn show(key: &str, v: &Value) -> String {
     }
 }
 
-/// The `tinyvmm ksm status` table.
-pub fn write_status(out: &mut dyn Write, socket: &Path, state: &Value) -> io::Result<()> {
-    let empty = Map::new();
-    let obj = state.as_object().unwrap_or(&empty);
+/// The `tinyvmm ksm status` table: every field of `state` under its API name, then the
+/// memory saved.
+pub fn write_status(out: &mut dyn Write, socket: &Path, state: &KsmState) -> io::Result<()> {
+    // The fields by their API names, in the order of the kernel's files.
+    let fields = match serde_json::to_value(state) {
+        Ok(Value::Object(m)) => m,
+        _ => Map::new(),
+    };
     writeln!(out, "merge daemon at {}", socket.display())?;
     writeln!(out, "knobs")?;
     for k in KNOB_KEYS {
-        if let Some(v) = obj.get(*k) {
+        if let Some(v) = fields.get(*k) {
             writeln!(out, "  {k:<26} {}", show(k, v))?;
         }
     }
     writeln!(out, "counters")?;
     for k in COUNTER_KEYS {
-        if let Some(v) = obj.get(*k) {
+        if let Some(v) = fields.get(*k) {
             writeln!(out, "  {k:<26} {}", show(k, v))?;
         }
     }
-    for (k, v) in obj {
+    for (k, v) in &fields {
         let listed = KNOB_KEYS.contains(&k.as_str())
             || COUNTER_KEYS.contains(&k.as_str())
             || MEMORY_KEYS.contains(&k.as_str());
@@ -450,25 +291,25 @@ pub fn write_status(out: &mut dyn Write, socket: &Path, state: &Value) -> io::Re
         out,
         "  {:<26} {:.1} MiB",
         "general_profit",
-        num(state, "general_profit") / MIB
+        mib(state.counters.general_profit as f64)
     )?;
     writeln!(
         out,
         "  {:<26} {:.1} MiB",
         "shared frames (pool)",
-        num(state, "pool_bytes") / MIB
+        mib(state.pool_bytes as f64)
     )?;
     writeln!(
         out,
         "  {:<26} {:.1} MiB",
         "engine metadata",
-        num(state, "engine_metadata_bytes") / MIB
+        mib(state.engine_metadata_bytes as f64)
     )?;
     Ok(())
 }
 
 /// The `tinyvmm ksm guests` table.
-pub fn write_guests(out: &mut dyn Write, guests: &[Value]) -> io::Result<()> {
+pub fn write_guests(out: &mut dyn Write, guests: &[GuestInfo]) -> io::Result<()> {
     if guests.is_empty() {
         return writeln!(out, "no guests registered with the merge daemon");
     }
@@ -485,31 +326,23 @@ pub fn write_guests(out: &mut dyn Write, guests: &[Value]) -> io::Result<()> {
         "VMAS",
         "STATE",
     ];
-    let text = |g: &Value, k: &str| match g.get(k) {
-        Some(Value::String(s)) => s.clone(),
-        Some(v) => v.to_string(),
-        None => "-".into(),
-    };
     let rows: Vec<Vec<String>> = guests
         .iter()
         .map(|g| {
-            let saved = (num(g, "merging_pages") + num(g, "zero_pages")) * PAGE_SIZE / MIB;
+            let c = &g.counters;
+            let saved = (c.merging_pages + c.zero_pages) as f64 * PAGE_SIZE / MIB;
             vec![
-                text(g, "id"),
-                text(g, "name"),
-                text(g, "pid"),
-                text(g, "share_group"),
-                text(g, "pages"),
-                text(g, "merging_pages"),
-                text(g, "zero_pages"),
+                c.id.0.to_string(),
+                g.name.clone(),
+                g.pid.to_string(),
+                g.share_group.clone(),
+                c.pages.to_string(),
+                c.merging_pages.to_string(),
+                c.zero_pages.to_string(),
                 format!("{saved:.1}"),
-                format!("{:.1}", num(g, "profit") / MIB),
-                format!("{}/{}", text(g, "vma_mappings"), text(g, "vma_budget")),
-                if g.get("failed").and_then(Value::as_bool) == Some(true) {
-                    "failed".into()
-                } else {
-                    "ok".into()
-                },
+                format!("{:.1}", mib(c.profit as f64)),
+                format!("{}/{}", c.vma_mappings, c.vma_budget),
+                if c.failed { "failed" } else { "ok" }.into(),
             ]
         })
         .collect();
@@ -550,12 +383,12 @@ fn watch(
     a: &WatchArgs,
     out: &mut dyn Write,
     clear: bool,
-) -> Result<(), ClientError> {
+) -> Result<(), KsmError> {
     let interval = Duration::from_millis(a.interval_ms);
-    let mut prev: Option<(Instant, Value)> = None;
+    let mut prev: Option<(Instant, KsmState)> = None;
     let mut n = 0u64;
     loop {
-        let state = client.json(Method::GET, "/ksm", None)?;
+        let state = client.ksm()?;
         let now = Instant::now();
         if clear {
             write!(out, "{CLEAR}")?;
@@ -569,8 +402,14 @@ fn watch(
         if let Some((then, before)) = &prev {
             let secs = now.duration_since(*then).as_secs_f64().max(1e-3);
             writeln!(out, "rates")?;
-            for k in ["pages_scanned", "merges", "splits", "full_scans"] {
-                let rate = (num(&state, k) - num(before, k)) / secs;
+            let (c, b) = (&state.counters, &before.counters);
+            for (k, now, was) in [
+                ("pages_scanned", c.pages_scanned, b.pages_scanned),
+                ("merges", c.merges, b.merges),
+                ("splits", c.splits, b.splits),
+                ("full_scans", c.full_scans, b.full_scans),
+            ] {
+                let rate = now.saturating_sub(was) as f64 / secs;
                 writeln!(out, "  {:<26} {rate:.1}/s", k)?;
             }
         }

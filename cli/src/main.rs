@@ -94,6 +94,10 @@ struct RunArgs {
     /// Share group (merge domain): guests in different groups never share a frame.
     #[arg(long, default_value = "default")]
     share_group: String,
+    /// The guest's name at the merge daemon (`GET /guests/{name}`, `tinyvmm ksm guests`)
+    /// [default: the --kernel argument].
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
     /// Mappings (VMAs) merged runs may use in this process (default: what vm.max_map_count
     /// leaves).
     #[arg(long)]
@@ -168,7 +172,7 @@ fn run(args: RunArgs) -> ExitCode {
         Some(ShareMode::Tinyvmm) => MemoryPolicy::Shareable,
     };
     let share = args.share_memory == Some(ShareMode::Tinyvmm);
-    let kernel_name = args.kernel.clone();
+    let guest_name = args.name.clone().unwrap_or_else(|| args.kernel.clone());
     let mut description = VmDescription {
         vcpus: args.vcpus,
         mem_bytes: args.mem,
@@ -214,7 +218,7 @@ fn run(args: RunArgs) -> ExitCode {
                 .clone()
                 .unwrap_or_else(daemon::default_merge_socket),
             share_group: args.share_group.clone(),
-            name: kernel_name,
+            name: guest_name,
             vma_budget: args.vma_budget,
             autostart: if args.no_daemon_autostart {
                 None

@@ -25,10 +25,29 @@
 //!
 //! # Errors
 //! Every refused request gets a 4xx and a JSON body `{"error": "..."}` saying what is
-//! wrong; the state is unchanged. Bodies are limited ([`Limits::max_body_bytes`], 413),
-//! headers and bodies must arrive within a deadline (slow or half-open clients are
-//! dropped, 408 for a stalled body), and connections are capped.
+//! wrong; the state is unchanged. Every error is an [`ApiError`] first, and
+//! [`ApiResponse::from_api_error`] is the one place where its kind becomes a status:
+//!
+//! | [`ApiError`] | status |
+//! |---|---|
+//! | `BadRequest` (malformed JSON, wrong shape or value) | 400 |
+//! | `NotFound` (unknown path, knob or guest) | 404 |
+//! | `MethodNotAllowed` (known path, other method; with `Allow`) | 405 |
+//! | `Timeout` (the body did not arrive in time) | 408 |
+//! | `PayloadTooLarge` (body over [`Limits::max_body_bytes`]) | 413 |
+//! | `UnsupportedMediaType` (a body without `Content-Type: application/json`) | 415 |
+//! | `Internal` (the endpoint failed) | 500 |
+//! | `Unavailable` (the daemon or VMM is busy, stopping, or did not answer in time) | 503 |
+//!
+//! Headers and bodies must arrive within a deadline (slow or half-open clients are
+//! dropped), and connections are capped.
+//!
+//! # Client
+//! [`client::ApiClient`] speaks both APIs over the Unix socket with the same types the
+//! server sends ([`KsmState`], [`GuestInfo`], [`vm::VmInfo`], ...), which all implement
+//! `Serialize` and `Deserialize`.
 
+pub mod client;
 mod metrics;
 mod response;
 mod routes;
@@ -43,12 +62,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tinyvmm_merge::{Counters, GuestCounters, Knobs, KnobsUpdate};
 
-pub use response::{ApiResponse, JSON, PROMETHEUS_TEXT};
+pub use response::{status_of, ApiResponse, JSON, PROMETHEUS_TEXT};
 pub use routes::{DaemonRoutes, KNOBS, ROUTES};
-pub use server::{ApiServer, Call, Routes};
+pub use server::{is_json_content_type, ApiServer, Call, CallFn, Routes};
 
 /// What the API needs from the daemon.
 ///
@@ -67,8 +86,9 @@ pub trait ControlPlane: Send + Sync + 'static {
 }
 
 /// The body of `GET /ksm`: the knobs and counters with the kernel's names, flattened into
-/// one object, plus what only the daemon knows.
-#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+/// one object, plus what only the daemon knows. (`metadata_bytes`, among the counters, and
+/// `engine_metadata_bytes` carry the same value; both are part of the documented API.)
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct KsmState {
     /// The scanner's settings.
     #[serde(flatten)]
@@ -83,7 +103,7 @@ pub struct KsmState {
 }
 
 /// One guest, for `GET /guests`: its counters (like `/proc/PID/ksm_stat`) and identity.
-#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct GuestInfo {
     /// Engine counters (`id`, `domain`, `merging_pages`, ...).
     #[serde(flatten)]
@@ -100,7 +120,8 @@ pub struct GuestInfo {
     pub agent: tinyvmm_merge_protocol::AgentStats,
 }
 
-/// A control-plane call failed.
+/// A request failed: refused by the transport, the routing, the parsing of its body, or
+/// the backend. [`ApiResponse::from_api_error`] turns each kind into its HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ApiError {
     /// The request is invalid (400); nothing was changed.
@@ -109,7 +130,27 @@ pub enum ApiError {
     /// The thing asked for does not exist (404).
     #[error("{0}")]
     NotFound(String),
-    /// The daemon cannot answer now: busy or stopping (503).
+    /// The path exists but does not take this method (405, with `Allow: allow`).
+    #[error("{msg}")]
+    MethodNotAllowed {
+        /// What is wrong.
+        msg: String,
+        /// The methods the path takes, e.g. `GET, PUT`.
+        allow: String,
+    },
+    /// The request body did not arrive in time (408).
+    #[error("{0}")]
+    Timeout(String),
+    /// The request body is over the limit (413).
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// The request body is not declared as JSON (415).
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// The endpoint failed inside the server (500).
+    #[error("{0}")]
+    Internal(String),
+    /// The daemon (or VMM) cannot answer now: busy, stopping, or too slow (503).
     #[error("{0}")]
     Unavailable(String),
 }

@@ -38,10 +38,9 @@ impl ApiResponse {
                 allow: None,
                 error: None,
             },
-            Err(e) => ApiResponse::error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("cannot encode the response: {e}"),
-            ),
+            Err(e) => ApiResponse::from_api_error(ApiError::Internal(format!(
+                "cannot encode the response: {e}"
+            ))),
         }
     }
 
@@ -56,7 +55,8 @@ impl ApiResponse {
         }
     }
 
-    /// An error: `{"error": "..."}`.
+    /// An error: `{"error": "..."}` with `status`. The APIs of this crate never call it
+    /// directly: their errors are [`ApiError`]s, answered by [`ApiResponse::from_api_error`].
     pub fn error(status: StatusCode, msg: impl Into<String>) -> ApiResponse {
         let msg = msg.into();
         let body = serde_json::json!({ "error": msg }).to_string();
@@ -69,24 +69,39 @@ impl ApiResponse {
         }
     }
 
-    /// The answer to a failed backend call: 400, 404 or 503 with `{"error": ...}`.
+    /// The answer to a failed request, `{"error": ...}`: the one place where the kind of
+    /// an error becomes an HTTP status (see the table in the crate docs).
     pub fn from_api_error(e: ApiError) -> ApiResponse {
-        let status = match e {
-            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        let status = status_of(&e);
+        let allow = match &e {
+            ApiError::MethodNotAllowed { allow, .. } => Some(allow.clone()),
+            _ => None,
         };
-        ApiResponse::error(status, e.to_string())
+        let mut r = ApiResponse::error(status, e.to_string());
+        r.allow = allow;
+        r
+    }
+}
+
+/// The HTTP status of an error kind.
+pub fn status_of(e: &ApiError) -> StatusCode {
+    match e {
+        ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+        ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+        ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+        ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+        ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
     }
 }
 
 /// 405 for `method` on the route `template`, with `Allow: methods`.
-pub fn method_not_allowed(method: &Method, template: &str, methods: &[&str]) -> ApiResponse {
+pub fn method_not_allowed(method: &Method, template: &str, methods: &[&str]) -> ApiError {
     let allow = methods.join(", ");
-    let mut r = ApiResponse::error(
-        StatusCode::METHOD_NOT_ALLOWED,
-        format!("method {method} is not allowed on {template}: use {allow}"),
-    );
-    r.allow = Some(allow);
-    r
+    ApiError::MethodNotAllowed {
+        msg: format!("method {method} is not allowed on {template}: use {allow}"),
+        allow,
+    }
 }

@@ -15,14 +15,23 @@ use crate::server::{ApiServer, Call, Routes};
 use crate::{metrics, ApiConfig, ApiError, ControlPlane};
 
 /// Every route the server answers, as `(path template, methods)`; the OpenAPI document
-/// (`cli/api/openapi.yaml`) lists exactly these.
+/// (`cli/api/openapi.yaml`) lists exactly these. Each knob has its own path (`/ksm/run`,
+/// ...: [`KNOBS`], in that order), so that each can document its own body schema.
 pub const ROUTES: &[(&str, &[&str])] = &[
     ("/ksm", &["GET", "PATCH"]),
-    ("/ksm/{knob}", &["GET", "PUT"]),
+    ("/ksm/run", &["GET", "PUT"]),
+    ("/ksm/sleep_millisecs", &["GET", "PUT"]),
+    ("/ksm/pages_to_scan", &["GET", "PUT"]),
+    ("/ksm/max_page_sharing", &["GET", "PUT"]),
+    ("/ksm/smart_scan", &["GET", "PUT"]),
+    ("/ksm/advisor", &["GET", "PUT"]),
     ("/guests", &["GET"]),
     ("/guests/{id}", &["GET"]),
     ("/metrics", &["GET"]),
 ];
+
+/// The index in [`ROUTES`] of the first knob path.
+const FIRST_KNOB_ROUTE: usize = 1;
 
 /// The knobs of `/ksm/{knob}`: the writable fields of `KnobsUpdate`.
 pub const KNOBS: &[&str] = &[
@@ -60,24 +69,57 @@ impl Endpoint {
     }
 }
 
-fn not_found(path: &str) -> ApiResponse {
-    let routes: Vec<&str> = ROUTES.iter().map(|(p, _)| *p).collect();
-    ApiResponse::error(
-        StatusCode::NOT_FOUND,
-        format!(
-            "no such resource: {path} (the API has {})",
-            routes.join(", ")
-        ),
-    )
+fn not_found(path: &str) -> ApiError {
+    ApiError::NotFound(format!(
+        "no such resource: {path} (the API has /ksm, /ksm/{{knob}}, /guests, /guests/{{id}}, \
+         /metrics)"
+    ))
+}
+
+/// Decodes the percent-escapes (`%20`) of one path segment; `None` for a broken escape or
+/// bytes that are not UTF-8.
+pub fn percent_decode(seg: &str) -> Option<String> {
+    if !seg.contains('%') {
+        return Some(seg.to_string());
+    }
+    let b = seg.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b.get(i + 1..i + 3)?;
+            let hex = std::str::from_utf8(hex).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
 }
 
 /// Maps a request line to an endpoint: 404 for an unknown path, 405 (with `Allow`) for a
-/// known path and a method it does not take.
+/// known path and a method it does not take. Path segments are percent-decoded
+/// (`/guests/my%20vm` names the guest `my vm`); a broken escape is a 400.
 pub fn resolve(method: &Method, path: &str) -> Result<Endpoint, ApiResponse> {
-    let segs: Vec<&str> = match path.strip_prefix('/') {
+    resolve_endpoint(method, path).map_err(ApiResponse::from_api_error)
+}
+
+fn resolve_endpoint(method: &Method, path: &str) -> Result<Endpoint, ApiError> {
+    let raw: Vec<&str> = match path.strip_prefix('/') {
         Some(rest) => rest.split('/').collect(),
         None => return Err(not_found(path)),
     };
+    let mut segs = Vec::with_capacity(raw.len());
+    for seg in raw {
+        segs.push(percent_decode(seg).ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "invalid percent-encoding in the path {path:?}: escapes are %XX of UTF-8 bytes"
+            ))
+        })?);
+    }
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
     let (route, endpoint): (usize, Option<Endpoint>) = match segs.as_slice() {
         ["ksm"] => (
             0,
@@ -88,7 +130,7 @@ pub fn resolve(method: &Method, path: &str) -> Result<Endpoint, ApiResponse> {
             },
         ),
         ["ksm", knob] => {
-            let Some(knob) = KNOBS.iter().copied().find(|k| k == knob) else {
+            let Some(i) = KNOBS.iter().position(|k| k == knob) else {
                 let msg = if knob.is_empty() {
                     "no knob named in the path: use /ksm/{knob}".to_string()
                 } else {
@@ -97,10 +139,11 @@ pub fn resolve(method: &Method, path: &str) -> Result<Endpoint, ApiResponse> {
                         KNOBS.join(", ")
                     )
                 };
-                return Err(ApiResponse::error(StatusCode::NOT_FOUND, msg));
+                return Err(ApiError::NotFound(msg));
             };
+            let knob = KNOBS[i];
             (
-                1,
+                FIRST_KNOB_ROUTE + i,
                 match *method {
                     Method::GET => Some(Endpoint::GetKnob(knob)),
                     Method::PUT => Some(Endpoint::PutKnob(knob)),
@@ -108,12 +151,18 @@ pub fn resolve(method: &Method, path: &str) -> Result<Endpoint, ApiResponse> {
                 },
             )
         }
-        ["guests"] => (2, (*method == Method::GET).then_some(Endpoint::ListGuests)),
+        ["guests"] => (
+            FIRST_KNOB_ROUTE + KNOBS.len(),
+            (*method == Method::GET).then_some(Endpoint::ListGuests),
+        ),
         ["guests", id] if !id.is_empty() => (
-            3,
+            FIRST_KNOB_ROUTE + KNOBS.len() + 1,
             (*method == Method::GET).then(|| Endpoint::GetGuest(id.to_string())),
         ),
-        ["metrics"] => (4, (*method == Method::GET).then_some(Endpoint::Metrics)),
+        ["metrics"] => (
+            FIRST_KNOB_ROUTE + KNOBS.len() + 2,
+            (*method == Method::GET).then_some(Endpoint::Metrics),
+        ),
         _ => return Err(not_found(path)),
     };
     endpoint.ok_or_else(|| {
@@ -158,23 +207,97 @@ impl ApiServer {
     }
 }
 
+/// Why a `PATCH /ksm` body was refused (400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PatchError {
+    /// No body, or only whitespace.
+    #[error(
+        "empty body: PATCH /ksm takes a JSON object of knobs, e.g. {{\"pages_to_scan\": 1000}}"
+    )]
+    Empty,
+    /// Not JSON.
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    /// JSON, but not an object (`kind` says what it is: "an array", ...).
+    #[error("PATCH /ksm takes a JSON object of knobs, not {kind}")]
+    NotAnObject {
+        /// What the body is.
+        kind: &'static str,
+    },
+    /// An object, but an unknown field, a wrong type or a value out of the type's range.
+    #[error("invalid knobs: {0}")]
+    Knobs(#[source] KnobsShapeError),
+}
+
+/// Why a `PUT /ksm/{knob}` body was refused (400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PutError {
+    /// No body, or only whitespace.
+    #[error("empty body: PUT /ksm/{knob} takes a bare JSON value, e.g. 1")]
+    Empty {
+        /// The knob.
+        knob: &'static str,
+    },
+    /// Not JSON.
+    #[error("invalid JSON for {knob}: {msg}")]
+    Json {
+        /// The knob.
+        knob: &'static str,
+        /// The parser's message.
+        msg: String,
+    },
+    /// `null`, which would leave the knob unchanged.
+    #[error("{knob} cannot be null")]
+    Null {
+        /// The knob.
+        knob: &'static str,
+    },
+    /// JSON of the wrong type, or out of the type's range.
+    #[error("invalid value for {knob}: {source}")]
+    Value {
+        /// The knob.
+        knob: &'static str,
+        /// What is wrong.
+        source: KnobsShapeError,
+    },
+}
+
+/// A knobs object that does not have the shape of a `KnobsUpdate`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KnobsShapeError {
+    /// A wrong type, an out-of-range value or an unknown field, as serde reports it.
+    #[error("{0}")]
+    Serde(String),
+    /// A field that deserializing would drop silently (e.g. `advisor.x`).
+    #[error("unknown field `{0}`")]
+    UnknownField(String),
+}
+
+impl From<PatchError> for ApiError {
+    fn from(e: PatchError) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
+impl From<PutError> for ApiError {
+    fn from(e: PutError) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
+}
+
 /// Parses a `PATCH /ksm` body.
-pub fn parse_patch(body: &[u8]) -> Result<KnobsUpdate, String> {
+pub fn parse_patch(body: &[u8]) -> Result<KnobsUpdate, PatchError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(
-            "empty body: PATCH /ksm takes a JSON object of knobs, e.g. {\"pages_to_scan\": 1000}"
-                .into(),
-        );
+        return Err(PatchError::Empty);
     }
     let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("invalid JSON: {e}"))?;
+        serde_json::from_slice(body).map_err(|e| PatchError::Json(e.to_string()))?;
     if !value.is_object() {
-        return Err(format!(
-            "PATCH /ksm takes a JSON object of knobs, not {}",
-            kind_of(&value)
-        ));
+        return Err(PatchError::NotAnObject {
+            kind: kind_of(&value),
+        });
     }
-    knobs_update(value).map_err(|e| format!("invalid knobs: {e}"))
+    knobs_update(value).map_err(PatchError::Knobs)
 }
 
 fn kind_of(v: &serde_json::Value) -> &'static str {
@@ -191,12 +314,38 @@ fn kind_of(v: &serde_json::Value) -> &'static str {
 /// Deserializes a `KnobsUpdate` and refuses any field it would drop silently (serde's
 /// `deny_unknown_fields` does not cover every shape, e.g. `{"mode": "none", "x": 1}` for
 /// the advisor), by comparing the input's keys with the update serialized back.
-fn knobs_update(value: serde_json::Value) -> Result<KnobsUpdate, String> {
-    let upd: KnobsUpdate = serde_json::from_value(value.clone()).map_err(|e| e.to_string())?;
-    let back = serde_json::to_value(upd).map_err(|e| e.to_string())?;
+fn knobs_update(mut value: serde_json::Value) -> Result<KnobsUpdate, KnobsShapeError> {
+    integral_numbers(&mut value);
+    let upd: KnobsUpdate =
+        serde_json::from_value(value.clone()).map_err(|e| KnobsShapeError::Serde(e.to_string()))?;
+    let back = serde_json::to_value(upd).map_err(|e| KnobsShapeError::Serde(e.to_string()))?;
     match first_unknown_key(&value, &back, "") {
-        Some(path) => Err(format!("unknown field `{path}`")),
+        Some(path) => Err(KnobsShapeError::UnknownField(path)),
         None => Ok(upd),
+    }
+}
+
+/// Writes every integral number (`272.0`) as an integer (`272`): JSON has one number
+/// type, and JSON Schema's `integer` (the OpenAPI document's) includes `272.0`. Fractions
+/// and numbers out of the 64-bit range stay as they are (and are refused as the wrong
+/// type).
+fn integral_numbers(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Number(n) if n.is_f64() => {
+            let Some(f) = n.as_f64() else { return };
+            if f.fract() != 0.0 {
+                return;
+            }
+            // 2^64 and -2^63 are exact as f64; the casts cannot saturate inside the range.
+            if (0.0..18_446_744_073_709_551_616.0).contains(&f) {
+                *n = serde_json::Number::from(f as u64);
+            } else if (-9_223_372_036_854_775_808.0..0.0).contains(&f) {
+                *n = serde_json::Number::from(f as i64);
+            }
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(integral_numbers),
+        serde_json::Value::Object(o) => o.values_mut().for_each(integral_numbers),
+        _ => {}
     }
 }
 
@@ -229,39 +378,34 @@ fn first_unknown_key(
 }
 
 /// Parses a `PUT /ksm/{knob}` body: one bare JSON value, as written to a sysfs file.
-pub fn parse_put(knob: &str, body: &[u8]) -> Result<KnobsUpdate, String> {
+pub fn parse_put(knob: &'static str, body: &[u8]) -> Result<KnobsUpdate, PutError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(format!(
-            "empty body: PUT /ksm/{knob} takes a bare JSON value, e.g. 1"
-        ));
+        return Err(PutError::Empty { knob });
     }
-    let value: serde_json::Value =
-        serde_json::from_slice(body).map_err(|e| format!("invalid JSON for {knob}: {e}"))?;
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| PutError::Json {
+        knob,
+        msg: e.to_string(),
+    })?;
     if value.is_null() {
-        return Err(format!("{knob} cannot be null"));
+        return Err(PutError::Null { knob });
     }
     let mut obj = serde_json::Map::new();
     obj.insert(knob.to_string(), value);
-    knobs_update(serde_json::Value::Object(obj))
-        .map_err(|e| format!("invalid value for {knob}: {e}"))
+    knobs_update(serde_json::Value::Object(obj)).map_err(|source| PutError::Value { knob, source })
 }
 
 /// Runs an endpoint. `body` is the whole request body (ignored by endpoints that take none).
 pub fn execute(endpoint: &Endpoint, body: &[u8], cp: &dyn ControlPlane) -> ApiResponse {
     let result = match endpoint {
         Endpoint::GetKsm => cp.ksm().map(|s| ApiResponse::json(StatusCode::OK, &s)),
-        Endpoint::PatchKsm => match parse_patch(body) {
-            Ok(upd) => cp
-                .update_knobs(upd)
-                .map(|s| ApiResponse::json(StatusCode::OK, &s)),
-            Err(msg) => Err(ApiError::BadRequest(msg)),
-        },
-        Endpoint::PutKnob(knob) => match parse_put(knob, body) {
-            Ok(upd) => cp
-                .update_knobs(upd)
-                .map(|s| ApiResponse::json(StatusCode::OK, &s)),
-            Err(msg) => Err(ApiError::BadRequest(msg)),
-        },
+        Endpoint::PatchKsm => parse_patch(body)
+            .map_err(ApiError::from)
+            .and_then(|upd| cp.update_knobs(upd))
+            .map(|s| ApiResponse::json(StatusCode::OK, &s)),
+        Endpoint::PutKnob(knob) => parse_put(knob, body)
+            .map_err(ApiError::from)
+            .and_then(|upd| cp.update_knobs(upd))
+            .map(|s| ApiResponse::json(StatusCode::OK, &s)),
         Endpoint::GetKnob(knob) => cp.ksm().and_then(|s| {
             let v = serde_json::to_value(&s)
                 .ok()

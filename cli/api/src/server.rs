@@ -14,16 +14,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Method, Request, Response, StatusCode};
+use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{oneshot, watch, Semaphore};
 
-use crate::response::ApiResponse;
-use crate::{ApiConfig, Limits};
+use crate::response::{ApiResponse, JSON};
+use crate::{ApiConfig, ApiError, Limits};
 
 /// How long [`ApiServer::shutdown`] lets requests in flight finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
@@ -278,15 +278,12 @@ fn spawn_connection<S>(
 }
 
 /// Reads the whole body within the limits.
-async fn read_body(req: Request<Incoming>, limits: &Limits) -> Result<Bytes, ApiResponse> {
+async fn read_body(req: Request<Incoming>, limits: &Limits) -> Result<Bytes, ApiError> {
     let too_large = || {
-        ApiResponse::error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "request body too large: the limit is {} bytes",
-                limits.max_body_bytes
-            ),
-        )
+        ApiError::PayloadTooLarge(format!(
+            "request body too large: the limit is {} bytes",
+            limits.max_body_bytes
+        ))
     };
     if let Some(len) = req.headers().get(CONTENT_LENGTH) {
         let len = len.to_str().ok().and_then(|s| s.parse::<u64>().ok());
@@ -298,16 +295,43 @@ async fn read_body(req: Request<Incoming>, limits: &Limits) -> Result<Bytes, Api
     match tokio::time::timeout(limits.body_read_timeout, body.collect()).await {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(e)) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Ok(Err(e)) => Err(ApiResponse::error(
-            StatusCode::BAD_REQUEST,
-            format!("cannot read the request body: {e}"),
+        Ok(Err(e)) => Err(ApiError::BadRequest(format!(
+            "cannot read the request body: {e}"
+        ))),
+        Err(_) => Err(ApiError::Timeout(format!(
+            "the request body did not arrive within {} ms",
+            limits.body_read_timeout.as_millis()
+        ))),
+    }
+}
+
+/// Whether a `Content-Type` value is JSON: `application/json`, any case, parameters
+/// (`; charset=utf-8`) allowed.
+pub fn is_json_content_type(value: &str) -> bool {
+    let media = value.split(';').next().unwrap_or("").trim();
+    media.eq_ignore_ascii_case(JSON)
+}
+
+/// A request body must be declared as JSON (415 otherwise). An empty body needs no
+/// `Content-Type`: the endpoint refuses it with a 400 that says what it takes.
+fn check_content_type(headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> {
+    if body.is_empty() {
+        return Ok(());
+    }
+    match headers.get(CONTENT_TYPE).map(|v| v.to_str()) {
+        Some(Ok(v)) if is_json_content_type(v) => Ok(()),
+        Some(Ok(v)) => Err(ApiError::UnsupportedMediaType(format!(
+            "unsupported Content-Type {v:?}: request bodies are JSON, sent with \
+             Content-Type: application/json"
+        ))),
+        Some(Err(_)) => Err(ApiError::UnsupportedMediaType(
+            "unreadable Content-Type: request bodies are JSON, sent with \
+             Content-Type: application/json"
+                .into(),
         )),
-        Err(_) => Err(ApiResponse::error(
-            StatusCode::REQUEST_TIMEOUT,
-            format!(
-                "the request body did not arrive within {} ms",
-                limits.body_read_timeout.as_millis()
-            ),
+        None => Err(ApiError::UnsupportedMediaType(
+            "no Content-Type: request bodies are JSON, sent with Content-Type: application/json"
+                .into(),
         )),
     }
 }
@@ -321,35 +345,10 @@ async fn handle(
     let path = req.uri().path().to_string();
     let resp = match ctx.routes.resolve(&method, &path) {
         Err(r) => r,
-        Ok(call) => {
-            let body = if call.takes_body {
-                read_body(req, &ctx.limits).await
-            } else {
-                Ok(Bytes::new())
-            };
-            match body {
-                Err(r) => r,
-                Ok(body) => {
-                    let run = call.run;
-                    let call = tokio::task::spawn_blocking(move || run(&body));
-                    let backend = ctx.routes.backend();
-                    match tokio::time::timeout(ctx.limits.call_timeout, call).await {
-                        Ok(Ok(r)) => r,
-                        Ok(Err(e)) => ApiResponse::error(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            format!("the request failed inside {backend}: {e}"),
-                        ),
-                        Err(_) => ApiResponse::error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            format!(
-                                "{backend} did not answer within {} s",
-                                ctx.limits.call_timeout.as_secs()
-                            ),
-                        ),
-                    }
-                }
-            }
-        }
+        Ok(call) => match run_call(req, call, &ctx).await {
+            Ok(r) => r,
+            Err(e) => ApiResponse::from_api_error(e),
+        },
     };
     match &resp.error {
         Some(err) if resp.status.is_server_error() => {
@@ -361,6 +360,32 @@ async fn handle(
         None => tracing::debug!(%method, %path, status = resp.status.as_u16(), "control API"),
     }
     Ok(into_response(resp))
+}
+
+/// Reads the body (if the endpoint takes one), checks its type, and runs the call within
+/// the deadline.
+async fn run_call(req: Request<Incoming>, call: Call, ctx: &Ctx) -> Result<ApiResponse, ApiError> {
+    let body = if call.takes_body {
+        let headers = req.headers().clone();
+        let body = read_body(req, &ctx.limits).await?;
+        check_content_type(&headers, &body)?;
+        body
+    } else {
+        Bytes::new()
+    };
+    let run = call.run;
+    let call = tokio::task::spawn_blocking(move || run(&body));
+    let backend = ctx.routes.backend();
+    match tokio::time::timeout(ctx.limits.call_timeout, call).await {
+        Ok(Ok(r)) => Ok(r),
+        Ok(Err(e)) => Err(ApiError::Internal(format!(
+            "the request failed inside {backend}: {e}"
+        ))),
+        Err(_) => Err(ApiError::Unavailable(format!(
+            "{backend} did not answer within {} s",
+            ctx.limits.call_timeout.as_secs()
+        ))),
+    }
 }
 
 fn into_response(r: ApiResponse) -> Response<Full<Bytes>> {

@@ -33,6 +33,20 @@ fn routes_resolve_to_endpoints_404_or_405() {
         ),
         (Method::GET, "/guests", Ok(Endpoint::ListGuests)),
         (Method::GET, "/guests/3", Ok(Endpoint::GetGuest("3".into()))),
+        (
+            Method::GET,
+            "/guests/my%20guest.elf",
+            Ok(Endpoint::GetGuest("my guest.elf".into())),
+        ),
+        (
+            Method::GET,
+            "/guests/a%2Fb",
+            Ok(Endpoint::GetGuest("a/b".into())),
+        ),
+        (Method::GET, "/ksm/r%75n", Ok(Endpoint::GetKnob("run"))),
+        (Method::GET, "/guests/%zz", Err(400)),
+        (Method::GET, "/guests/%ff", Err(400)),
+        (Method::GET, "/guests/%4", Err(400)),
         (Method::GET, "/metrics", Ok(Endpoint::Metrics)),
         (Method::POST, "/ksm", Err(405)),
         (Method::DELETE, "/ksm/run", Err(405)),
@@ -72,21 +86,32 @@ fn put_body_is_a_bare_value_like_a_sysfs_write() {
         parse_put("smart_scan", b"false").unwrap().smart_scan,
         Some(false)
     );
-    assert!(parse_put("run", b"null").unwrap_err().contains("null"));
-    assert!(parse_put("run", b"").unwrap_err().contains("empty"));
+    assert!(parse_put("run", b"null")
+        .unwrap_err()
+        .to_string()
+        .contains("null"));
+    assert!(parse_put("run", b"")
+        .unwrap_err()
+        .to_string()
+        .contains("empty"));
     assert!(parse_put("run", b"\"1\"").is_err());
-    assert!(parse_put("run", b"3").unwrap_err().contains("0, 1 or 2"));
+    assert!(parse_put("run", b"3")
+        .unwrap_err()
+        .to_string()
+        .contains("0, 1 or 2"));
 }
 
 #[test]
 fn patch_body_rejects_unknown_fields_and_wrong_types() {
     assert!(parse_patch(b"{\"bogus\": 1}")
         .unwrap_err()
+        .to_string()
         .contains("unknown field"));
     assert!(parse_patch(b"{\"pages_to_scan\": \"5\"}")
         .unwrap_err()
+        .to_string()
         .contains("invalid type"));
-    assert!(parse_patch(b" ").unwrap_err().contains("empty"));
+    assert!(parse_patch(b" ").unwrap_err().to_string().contains("empty"));
     assert_eq!(parse_patch(b"{}").unwrap(), KnobsUpdate::default());
 }
 
@@ -358,4 +383,188 @@ proptest! {
 #[test]
 fn knobs_default_is_valid() {
     assert!(Knobs::default().validate().is_ok());
+}
+
+#[test]
+fn every_error_kind_has_one_status() {
+    use super::response::status_of;
+    let cases = [
+        (ApiError::BadRequest("x".into()), 400, None),
+        (ApiError::NotFound("x".into()), 404, None),
+        (
+            ApiError::MethodNotAllowed {
+                msg: "x".into(),
+                allow: "GET".into(),
+            },
+            405,
+            Some("GET"),
+        ),
+        (ApiError::Timeout("x".into()), 408, None),
+        (ApiError::PayloadTooLarge("x".into()), 413, None),
+        (ApiError::UnsupportedMediaType("x".into()), 415, None),
+        (ApiError::Internal("x".into()), 500, None),
+        (ApiError::Unavailable("x".into()), 503, None),
+    ];
+    for (e, status, allow) in cases {
+        assert_eq!(status_of(&e).as_u16(), status, "{e:?}");
+        let r = ApiResponse::from_api_error(e);
+        assert_eq!(r.status.as_u16(), status);
+        assert_eq!(r.allow.as_deref(), allow);
+        let body: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(body["error"], "x");
+    }
+}
+
+#[test]
+fn unavailable_backend_is_503_on_every_endpoint() {
+    let cp = FakeControlPlane::new();
+    cp.unavailable
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    for (m, p, body) in [
+        (Method::GET, "/ksm", &b""[..]),
+        (Method::PATCH, "/ksm", b"{\"run\": 1}"),
+        (Method::GET, "/ksm/run", b""),
+        (Method::PUT, "/ksm/run", b"1"),
+        (Method::GET, "/guests", b""),
+        (Method::GET, "/guests/1", b""),
+        (Method::GET, "/metrics", b""),
+    ] {
+        assert_eq!(
+            status_of(m.clone(), p, body, &cp),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{m} {p}"
+        );
+    }
+}
+
+#[test]
+fn json_content_types() {
+    for ok in [
+        "application/json",
+        "Application/JSON",
+        "application/json; charset=utf-8",
+        " application/json ;charset=UTF-8",
+    ] {
+        assert!(is_json_content_type(ok), "{ok}");
+    }
+    for bad in [
+        "text/plain",
+        "application/jsonx",
+        "",
+        "application/x-www-form-urlencoded",
+    ] {
+        assert!(!is_json_content_type(bad), "{bad}");
+    }
+}
+
+#[test]
+fn parse_errors_are_typed_with_the_same_texts() {
+    use super::routes::{PatchError, PutError};
+    assert_eq!(parse_patch(b"").unwrap_err(), PatchError::Empty);
+    assert_eq!(
+        parse_patch(b"[1]").unwrap_err().to_string(),
+        "PATCH /ksm takes a JSON object of knobs, not an array"
+    );
+    assert!(matches!(
+        parse_put("run", b"null").unwrap_err(),
+        PutError::Null { knob: "run" }
+    ));
+    assert_eq!(
+        parse_put("run", b"").unwrap_err().to_string(),
+        "empty body: PUT /ksm/run takes a bare JSON value, e.g. 1"
+    );
+}
+
+#[test]
+fn vm_action_of_the_wrong_shape_is_an_invalid_action_not_invalid_json() {
+    use super::vm::{parse_action, ActionError, VmAction};
+    assert_eq!(
+        parse_action(br#"{"action": "shutdown"}"#).unwrap(),
+        VmAction::Shutdown
+    );
+    for body in [
+        &br#"{"action":1}"#[..],
+        br#"{"action": null}"#,
+        br#"{"action": {"shutdown": 1}}"#,
+        br#"{"action": "reboot"}"#,
+        b"{}",
+    ] {
+        let e = parse_action(body).unwrap_err();
+        assert!(
+            matches!(e, ActionError::Action(_)),
+            "{}: {e:?}",
+            String::from_utf8_lossy(body)
+        );
+        assert!(e.to_string().starts_with("invalid action: "), "{e}");
+        assert!(!e.to_string().contains("column"), "{e}");
+    }
+    assert!(matches!(
+        parse_action(br#"{"action": "shutdown", "action": "shutdown"}"#).unwrap_err(),
+        ActionError::Action(_)
+    ));
+    assert!(matches!(
+        parse_action(br#"{"action": "shut"#).unwrap_err(),
+        ActionError::Json(_)
+    ));
+    assert_eq!(parse_action(b"[1]").unwrap_err(), ActionError::NotAnObject);
+}
+
+#[test]
+fn shared_types_round_trip_through_json() {
+    use super::vm::{VmAction, VmControl};
+    let cp = FakeControlPlane::new();
+    let s = cp.ksm().unwrap();
+    let v = serde_json::to_value(&s).unwrap();
+    // Both names of the metadata size are in the documented body.
+    assert_eq!(v["metadata_bytes"], v["engine_metadata_bytes"]);
+    assert_eq!(serde_json::from_value::<KsmState>(v).unwrap(), s);
+    let g = cp.guests().unwrap();
+    let v = serde_json::to_value(&g).unwrap();
+    assert_eq!(serde_json::from_value::<Vec<GuestInfo>>(v).unwrap(), g);
+    let vm = super::testing::FakeVm::new();
+    let info = vm.info().unwrap();
+    let v = serde_json::to_value(&info).unwrap();
+    assert_eq!(
+        serde_json::from_value::<super::vm::VmInfo>(v).unwrap(),
+        info
+    );
+    assert_eq!(
+        serde_json::to_value(VmAction::Shutdown).unwrap(),
+        serde_json::json!("shutdown")
+    );
+}
+
+#[test]
+fn path_segments_are_percent_encoded_and_decoded() {
+    use super::client::encode_segment;
+    use super::routes::percent_decode;
+    for s in ["vm-a", "my guest.elf", "a/b", "vm \"b\"", "é%", ""] {
+        assert_eq!(percent_decode(&encode_segment(s)).as_deref(), Some(s));
+    }
+    assert_eq!(encode_segment("my guest"), "my%20guest");
+    assert_eq!(percent_decode("%"), None);
+}
+
+#[test]
+fn integral_numbers_are_integers_as_in_json_schema() {
+    assert_eq!(
+        parse_put("pages_to_scan", b"272.0").unwrap().pages_to_scan,
+        Some(272)
+    );
+    assert_eq!(parse_put("run", b"1.0").unwrap().run, Some(RunMode::Run));
+    assert_eq!(parse_put("run", b"1e0").unwrap().run, Some(RunMode::Run));
+    let upd = parse_patch(
+        br#"{"advisor": {"mode": "scan-time", "target_scan_secs": 60.0, "max_cpu_pct": 2e1}}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        upd.advisor,
+        Some(tinyvmm_merge::Advisor::ScanTime {
+            target_scan_secs: 60,
+            max_cpu_pct: 20
+        })
+    );
+    for bad in [&b"1.5"[..], b"-1.0", b"4294967296.0", b"1e300"] {
+        assert!(parse_put("pages_to_scan", bad).is_err(), "{bad:?}");
+    }
 }

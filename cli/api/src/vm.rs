@@ -35,7 +35,7 @@ pub trait VmControl: Send + Sync + 'static {
 }
 
 /// The body of `GET /vm`.
-#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct VmInfo {
     /// Running, or stopping once an exit was requested.
     pub state: VmState,
@@ -56,7 +56,7 @@ pub struct VmInfo {
 }
 
 /// The VM's life-cycle state.
-#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     /// The guest runs.
@@ -66,7 +66,7 @@ pub enum VmState {
 }
 
 /// `--share-memory`, as `GET /vm` reports it.
-#[derive(Serialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum ShareMemory {
     /// Private memory, never merged.
@@ -78,7 +78,7 @@ pub enum ShareMemory {
 }
 
 /// This guest's merge agent: its registration and what it has done.
-#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 pub struct MergeInfo {
     /// Registered with a daemon now.
     pub registered: bool,
@@ -105,18 +105,42 @@ pub struct MergeInfo {
 }
 
 /// An action of `PUT /vm/actions`.
-#[derive(Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum VmAction {
     /// Stop the guest and end the VMM process with status 0.
     Shutdown,
 }
 
-/// The body of `PUT /vm/actions`.
-#[derive(Deserialize, Debug)]
+/// The body of `PUT /vm/actions`: `{"action": "shutdown"}`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
-struct ActionBody {
-    action: VmAction,
+pub struct ActionBody {
+    /// What to do.
+    pub action: VmAction,
+}
+
+/// Why a `PUT /vm/actions` body was refused (400).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ActionError {
+    /// No body, or only whitespace.
+    #[error("empty body: PUT /vm/actions takes a JSON object, e.g. {{\"action\": \"shutdown\"}}")]
+    Empty,
+    /// Not JSON.
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    /// Well-formed JSON, but not an object.
+    #[error("PUT /vm/actions takes a JSON object, e.g. {{\"action\": \"shutdown\"}}")]
+    NotAnObject,
+    /// An object of the wrong shape: no action, an unknown one, an unknown field.
+    #[error("invalid action: {0}")]
+    Action(String),
+}
+
+impl From<ActionError> for ApiError {
+    fn from(e: ActionError) -> Self {
+        ApiError::BadRequest(e.to_string())
+    }
 }
 
 /// A resolved VM API request.
@@ -136,45 +160,40 @@ pub fn resolve_vm(method: &Method, path: &str) -> Result<VmEndpoint, ApiResponse
         "/vm/actions" => (1, (*method == Method::PUT).then_some(VmEndpoint::PutAction)),
         _ => {
             let routes: Vec<&str> = VM_ROUTES.iter().map(|(p, _)| *p).collect();
-            return Err(ApiResponse::error(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "no such resource: {path} (the VM API has {})",
-                    routes.join(", ")
-                ),
-            ));
+            return Err(ApiResponse::from_api_error(ApiError::NotFound(format!(
+                "no such resource: {path} (the VM API has {})",
+                routes.join(", ")
+            ))));
         }
     };
     endpoint.ok_or_else(|| {
         let (template, methods) = VM_ROUTES[route];
-        method_not_allowed(method, template, methods)
+        ApiResponse::from_api_error(method_not_allowed(method, template, methods))
     })
 }
 
-/// Parses a `PUT /vm/actions` body: `{"action": "shutdown"}`.
-pub fn parse_action(body: &[u8]) -> Result<VmAction, String> {
+/// Parses a `PUT /vm/actions` body: `{"action": "shutdown"}`. Malformed JSON is
+/// "invalid JSON"; well-formed JSON of the wrong shape is "not an object" or "invalid
+/// action".
+pub fn parse_action(body: &[u8]) -> Result<VmAction, ActionError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(
-            "empty body: PUT /vm/actions takes a JSON object, e.g. {\"action\": \"shutdown\"}"
-                .into(),
-        );
+        return Err(ActionError::Empty);
     }
+    // Syntax first, on its own: serde reports some shape errors (a number where an enum
+    // goes) as syntax errors.
+    let value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| ActionError::Json(e.to_string()))?;
     // Checked first: serde would also take the struct from an array (`["shutdown"]`).
-    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-        return Err(
-            match serde_json::from_slice::<serde::de::IgnoredAny>(body) {
-                Err(e) => format!("invalid JSON: {e}"),
-                Ok(_) => {
-                    "PUT /vm/actions takes a JSON object, e.g. {\"action\": \"shutdown\"}".into()
-                }
-            },
-        );
+    if !value.is_object() {
+        return Err(ActionError::NotAnObject);
     }
+    // From the bytes (the `Value` has dropped duplicate fields); the message from the
+    // `Value`, which names the type found rather than a column.
     serde_json::from_slice::<ActionBody>(body)
         .map(|b| b.action)
-        .map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => format!("invalid action: {e}"),
-            _ => format!("invalid JSON: {e}"),
+        .map_err(|e| match serde_json::from_value::<ActionBody>(value) {
+            Err(v) => ActionError::Action(v.to_string()),
+            Ok(_) => ActionError::Action(e.to_string()),
         })
 }
 
@@ -182,12 +201,10 @@ pub fn parse_action(body: &[u8]) -> Result<VmAction, String> {
 pub fn execute_vm(endpoint: VmEndpoint, body: &[u8], vm: &dyn VmControl) -> ApiResponse {
     let result = match endpoint {
         VmEndpoint::GetVm => vm.info().map(|i| ApiResponse::json(StatusCode::OK, &i)),
-        VmEndpoint::PutAction => match parse_action(body) {
-            Ok(action) => vm
-                .act(action)
-                .map(|()| ApiResponse::empty(StatusCode::NO_CONTENT)),
-            Err(msg) => Err(ApiError::BadRequest(msg)),
-        },
+        VmEndpoint::PutAction => parse_action(body)
+            .map_err(ApiError::from)
+            .and_then(|action| vm.act(action))
+            .map(|()| ApiResponse::empty(StatusCode::NO_CONTENT)),
     };
     result.unwrap_or_else(ApiResponse::from_api_error)
 }

@@ -11,7 +11,7 @@ use tinyvmm_guests::content::{
 };
 
 use super::median;
-use crate::fleet::guest::{field, GuestProc};
+use crate::fleet::guest::{field, GuestError, GuestProc};
 use crate::fleet::procfs;
 
 /// Options of `bench boot`.
@@ -25,8 +25,22 @@ pub struct BootArgs {
     pub fill_mib: u64,
 }
 
-fn exe() -> Result<PathBuf, String> {
-    std::env::current_exe().map_err(|e| format!("cannot find the tinyvmm binary: {e}"))
+/// Why `bench boot` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BootBenchError {
+    /// The benchmark runs this binary's `tinyvmm run`.
+    #[error("cannot find the tinyvmm binary: {0}")]
+    NoExe(#[source] std::io::Error),
+    /// A guest process could not be started.
+    #[error("cannot start a guest: {0}")]
+    Spawn(#[source] std::io::Error),
+    /// A guest did not boot or answer as expected.
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+}
+
+fn exe() -> Result<PathBuf, BootBenchError> {
+    std::env::current_exe().map_err(BootBenchError::NoExe)
 }
 
 /// The fill loop on the host: the guest's content functions over `pages` pages.
@@ -53,7 +67,7 @@ fn host_fill(buf: &mut [u64], pages: u64) -> Duration {
     start.elapsed()
 }
 
-pub fn run(args: BootArgs) -> Result<(), String> {
+pub fn run(args: BootArgs) -> Result<(), BootBenchError> {
     let exe = exe()?;
     let mut first_line_ms = Vec::new();
     let mut ready_ms = Vec::new();
@@ -64,7 +78,7 @@ pub fn run(args: BootArgs) -> Result<(), String> {
             &["--mem".into(), "64M".into(), "--cmdline".into(), cmdline],
             None,
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(BootBenchError::Spawn)?;
         g.wait_line("TINYVMM TESTGUEST READY", Duration::from_secs(30))?;
         let first = g.first_line.unwrap_or_else(Instant::now) - g.started;
         g.wait_line("BOOTCHECK OK", Duration::from_secs(30))?;
@@ -84,12 +98,15 @@ pub fn run(args: BootArgs) -> Result<(), String> {
         &["--mem".into(), mem, "--cmdline".into(), cmdline],
         None,
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(BootBenchError::Spawn)?;
     let fill1 = g.wait_line("FILL done", Duration::from_secs(120))?;
     g.wait_line("SERVE ready", Duration::from_secs(30))?;
     let rss = procfs::rss_bytes(g.pid()).unwrap_or(0);
     let guest_rss = guest_ram_rss(g.pid()).unwrap_or(0);
-    g.send("fill").map_err(|e| e.to_string())?;
+    g.send("fill").map_err(|source| GuestError::Send {
+        pid: g.pid(),
+        source,
+    })?;
     let fill2 = g.wait_line("FILL done", Duration::from_secs(120))?;
     g.wait_line("SERVE ready", Duration::from_secs(30))?;
     let _ = g.exit(Duration::from_secs(10));

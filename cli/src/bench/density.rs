@@ -11,12 +11,83 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use serde::Serialize;
 
-use super::plot::{line_chart, Series};
-use crate::fleet::guest::{field, GuestProc};
+use super::plot::{line_chart, PlotError, Series};
+use crate::fleet::guest::{field, GuestError, GuestProc};
 use crate::fleet::procfs::{self, KsmGuard};
 use crate::fleet::sleep_unless_terminating;
-use crate::ksm_client::ApiClient;
-use hyper::Method;
+use tinyvmm_api::client::{ApiClient, ClientError};
+use tinyvmm_merge::{KnobsUpdate, RunMode};
+
+/// Why `bench density` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DensityError {
+    /// Kernel KSM cannot be driven here (the kernel mode is skipped).
+    #[error("kernel KSM needs root and /sys/kernel/mm/ksm ({0}); skipped")]
+    NoKernelKsm(#[source] std::io::Error),
+    /// A kernel KSM knob could not be written.
+    #[error("cannot set /sys/kernel/mm/ksm/{knob}: {source}")]
+    KernelKnob {
+        /// The knob.
+        knob: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The output or run directory, or a file in it, could not be written.
+    #[error("{}: {source}", path.display())]
+    Output {
+        /// The file or directory.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The benchmark runs this binary's `tinyvmm run` and `tinyvmm merged`.
+    #[error("cannot find the tinyvmm binary: {0}")]
+    NoExe(#[source] std::io::Error),
+    /// The merge daemon could not be started.
+    #[error("cannot start the merge daemon: {0}")]
+    StartDaemon(#[source] std::io::Error),
+    /// The merge daemon's sockets did not appear.
+    #[error("the merge daemon did not come up")]
+    DaemonDidNotStart,
+    /// The merge daemon's API failed or refused a request.
+    #[error(transparent)]
+    Api(#[from] ClientError),
+    /// A guest process could not be started.
+    #[error("cannot start a guest: {0}")]
+    SpawnGuest(#[source] std::io::Error),
+    /// A guest did not answer as expected, or its memory failed to verify.
+    #[error(transparent)]
+    Guest(#[from] GuestError),
+    /// A guest process ended with a failure status.
+    #[error("a guest exited with {0}")]
+    GuestExit(std::process::ExitStatus),
+    /// SIGINT/SIGTERM.
+    #[error("interrupted")]
+    Interrupted,
+    /// A chart could not be drawn.
+    #[error(transparent)]
+    Plot(#[from] PlotError),
+    /// The samples could not be encoded.
+    #[error("cannot encode the samples: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+impl From<tinyvmm_sys::signals::Interrupted> for DensityError {
+    fn from(_: tinyvmm_sys::signals::Interrupted) -> Self {
+        DensityError::Interrupted
+    }
+}
+
+fn kernel_knob(knob: &'static str, value: u64) -> Result<(), DensityError> {
+    procfs::ksm_write(knob, value).map_err(|source| DensityError::KernelKnob { knob, source })
+}
+
+fn send(g: &mut GuestProc, cmd: &str) -> Result<(), GuestError> {
+    g.send(cmd).map_err(|source| GuestError::Send {
+        pid: g.pid(),
+        source,
+    })
+}
 
 /// Options of `bench density`.
 #[derive(Args, Debug, Clone)]
@@ -156,36 +227,15 @@ enum Merger {
     },
 }
 
-/// One REST call to the daemon; the body of a 2xx answer.
-fn api_call(
-    api: &ApiClient,
-    method: Method,
-    path: &str,
-    body: Option<&str>,
-) -> Result<String, String> {
-    let (status, bytes) = api
-        .request(method, path, body.map(|b| b.as_bytes().to_vec()))
-        .map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&bytes).into_owned();
-    if !status.is_success() {
-        return Err(format!("{path}: {status}: {text}"));
-    }
-    Ok(text)
-}
-
 impl Merger {
-    fn start(mode: Mode, a: &DensityArgs, run_dir: &Path) -> Result<Self, String> {
+    fn start(mode: Mode, a: &DensityArgs, run_dir: &Path) -> Result<Self, DensityError> {
         match mode {
             Mode::None => Ok(Merger::None),
             Mode::Kernel => {
-                let guard = KsmGuard::new().map_err(|e| {
-                    format!("kernel KSM needs root and /sys/kernel/mm/ksm ({e}); skipped")
-                })?;
-                procfs::ksm_write("run", 0).map_err(|e| e.to_string())?;
-                procfs::ksm_write("pages_to_scan", u64::from(a.pages_to_scan))
-                    .map_err(|e| e.to_string())?;
-                procfs::ksm_write("sleep_millisecs", u64::from(a.sleep_ms))
-                    .map_err(|e| e.to_string())?;
+                let guard = KsmGuard::new().map_err(DensityError::NoKernelKsm)?;
+                kernel_knob("run", 0)?;
+                kernel_knob("pages_to_scan", u64::from(a.pages_to_scan))?;
+                kernel_knob("sleep_millisecs", u64::from(a.sleep_ms))?;
                 Ok(Merger::Kernel {
                     _guard: guard,
                     ksmd: procfs::ksmd_pid(),
@@ -194,12 +244,19 @@ impl Merger {
             }
             Mode::Tinyvmm => {
                 let _ = std::fs::remove_dir_all(run_dir);
-                std::fs::create_dir_all(run_dir).map_err(|e| e.to_string())?;
+                std::fs::create_dir_all(run_dir).map_err(|source| DensityError::Output {
+                    path: run_dir.to_path_buf(),
+                    source,
+                })?;
                 let socket = run_dir.join("merged.sock");
                 let api = run_dir.join("api.sock");
-                let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+                let exe = std::env::current_exe().map_err(DensityError::NoExe)?;
+                let log_path = run_dir.join("merged.log");
                 let log =
-                    std::fs::File::create(run_dir.join("merged.log")).map_err(|e| e.to_string())?;
+                    std::fs::File::create(&log_path).map_err(|source| DensityError::Output {
+                        path: log_path,
+                        source,
+                    })?;
                 let daemon = Command::new(exe)
                     .env("TINYVMM_RUN_DIR", run_dir)
                     .args(["merged", "--run", "0"])
@@ -215,17 +272,17 @@ impl Merger {
                     .stdout(Stdio::null())
                     .stderr(log)
                     .spawn()
-                    .map_err(|e| format!("cannot start the merge daemon: {e}"))?;
+                    .map_err(DensityError::StartDaemon)?;
                 let deadline = Instant::now() + Duration::from_secs(10);
                 while !(socket.exists() && api.exists()) {
                     if Instant::now() > deadline {
-                        return Err("the merge daemon did not come up".into());
+                        return Err(DensityError::DaemonDidNotStart);
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Ok(Merger::Tinyvmm {
                     daemon,
-                    api: ApiClient::new(&api).map_err(|e| e.to_string())?,
+                    api: ApiClient::new(&api)?,
                     socket,
                     cpu0: Duration::ZERO,
                 })
@@ -260,17 +317,21 @@ impl Merger {
         }
     }
 
-    fn enable(&mut self, guests: &[GuestProc]) -> Result<(), String> {
+    fn enable(&mut self, guests: &[GuestProc]) -> Result<(), DensityError> {
         let now = self.cpu(guests);
         match self {
             Merger::None => Ok(()),
             Merger::Kernel { cpu0, .. } => {
                 *cpu0 = now;
-                procfs::ksm_write("run", 1).map_err(|e| e.to_string())
+                kernel_knob("run", 1)
             }
             Merger::Tinyvmm { api, cpu0, .. } => {
                 *cpu0 = now;
-                api_call(api, Method::PATCH, "/ksm", Some(r#"{"run":1}"#)).map(|_| ())
+                api.patch_ksm(&KnobsUpdate {
+                    run: Some(RunMode::Run),
+                    ..KnobsUpdate::default()
+                })?;
+                Ok(())
             }
         }
     }
@@ -287,13 +348,14 @@ impl Merger {
         match self {
             Merger::None => 0,
             Merger::Kernel { .. } => procfs::ksm_read("pages_sharing").unwrap_or(0),
-            Merger::Tinyvmm { api, .. } => api_call(api, Method::GET, "/ksm", None)
-                .ok()
-                .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
-                .map(|v| {
-                    v["pages_sharing"].as_u64().unwrap_or(0) + v["zero_pages"].as_u64().unwrap_or(0)
-                })
-                .unwrap_or(0),
+            // A sample the daemon cannot answer counts as nothing saved (and says so).
+            Merger::Tinyvmm { api, .. } => match api.ksm() {
+                Ok(s) => s.counters.pages_sharing + s.counters.zero_pages,
+                Err(e) => {
+                    eprintln!("  tinyvmm: no sample: {e}");
+                    0
+                }
+            },
         }
     }
 
@@ -302,17 +364,18 @@ impl Merger {
         let Merger::Tinyvmm { api, .. } = self else {
             return None;
         };
-        let body = api_call(api, Method::GET, "/guests", None).ok()?;
-        let guests: Vec<serde_json::Value> = serde_json::from_str(&body).ok()?;
+        let guests = match api.guests() {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("  tinyvmm: no write-protect statistics: {e}");
+                return None;
+            }
+        };
         let mut p50: Vec<f64> = guests
             .iter()
-            .filter_map(|g| g["protect_p50_ns"].as_u64())
-            .map(|v| v as f64)
+            .map(|g| g.agent.protect_p50_ns as f64)
             .collect();
-        let p99 = guests
-            .iter()
-            .filter_map(|g| g["protect_p99_ns"].as_u64())
-            .max()?;
+        let p99 = guests.iter().map(|g| g.agent.protect_p99_ns).max()?;
         Some((super::median(&mut p50) as u64, p99))
     }
 
@@ -340,7 +403,7 @@ fn pss_sum(guests: &[GuestProc]) -> u64 {
         .sum()
 }
 
-fn run_mode(mode: Mode, a: &DensityArgs, n: u32) -> Result<ModeResult, String> {
+fn run_mode(mode: Mode, a: &DensityArgs, n: u32) -> Result<ModeResult, DensityError> {
     let run_dir = a.out.join(format!("run-{}-{n}", mode.name()));
     let mut result = ModeResult {
         mode,
@@ -367,13 +430,13 @@ fn run_mode(mode: Mode, a: &DensityArgs, n: u32) -> Result<ModeResult, String> {
         Ok(m) => m,
         Err(e) if mode == Mode::Kernel => {
             eprintln!("  kernel: {e}");
-            result.skipped = Some(e);
+            result.skipped = Some(e.to_string());
             return Ok(result);
         }
         Err(e) => return Err(e),
     };
     let base_used = mem_available();
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let exe = std::env::current_exe().map_err(DensityError::NoExe)?;
     let mut guests = Vec::new();
     for i in 0..n {
         let cmdline = format!(
@@ -393,7 +456,7 @@ fn run_mode(mode: Mode, a: &DensityArgs, n: u32) -> Result<ModeResult, String> {
         args.extend(merger.guest_args());
         let log = run_dir.join(format!("guest{i}.log"));
         let _ = std::fs::create_dir_all(&run_dir);
-        guests.push(GuestProc::spawn(&exe, &args, Some(&log)).map_err(|e| e.to_string())?);
+        guests.push(GuestProc::spawn(&exe, &args, Some(&log)).map_err(DensityError::SpawnGuest)?);
     }
     let (mut shared, mut unique) = (0u64, 0u64);
     for g in guests.iter_mut() {
@@ -410,14 +473,13 @@ fn run_mode(mode: Mode, a: &DensityArgs, n: u32) -> Result<ModeResult, String> {
     let t0 = Instant::now();
     if a.churn > 0 {
         for g in guests.iter_mut() {
-            g.send(&format!("churn {} {}", a.churn, a.converge_s * 1000))
-                .map_err(|e| e.to_string())?;
+            send(g, &format!("churn {} {}", a.churn, a.converge_s * 1000))?;
         }
     }
     let mut last_change = Instant::now();
     let mut last_saved = 0;
     loop {
-        sleep_unless_terminating(Duration::from_millis(250)).map_err(|e| e.to_string())?;
+        sleep_unless_terminating(Duration::from_millis(250))?;
         let saved = merger.pages_saved();
         let s = Sample {
             t: t0.elapsed().as_secs_f64(),
@@ -474,7 +536,7 @@ fn run_mode(mode: Mode, a: &DensityArgs, n: u32) -> Result<ModeResult, String> {
     // Idle window: nobody writes, the merger keeps running.
     let c0 = merger.cpu_since_enable(&guests);
     let w0 = Instant::now();
-    sleep_unless_terminating(Duration::from_secs(a.idle_s)).map_err(|e| e.to_string())?;
+    sleep_unless_terminating(Duration::from_secs(a.idle_s))?;
     let idle = merger.cpu_since_enable(&guests) - c0;
     result.idle_cpu_pct = 100.0 * idle / w0.elapsed().as_secs_f64();
     result.merger_overhead_bytes = merger.overhead();
@@ -486,7 +548,7 @@ fn run_mode(mode: Mode, a: &DensityArgs, n: u32) -> Result<ModeResult, String> {
     // Guest-visible latency of first writes after merging (most pages are merged now).
     let (mut p50s, mut p99) = (Vec::new(), 0u64);
     for g in guests.iter_mut() {
-        g.send("churn 2 200").map_err(|e| e.to_string())?;
+        send(g, "churn 2 200")?;
     }
     for g in guests.iter_mut() {
         let line = g.wait_line("CHURN done", Duration::from_secs(60))?;
@@ -506,7 +568,7 @@ fn run_mode(mode: Mode, a: &DensityArgs, n: u32) -> Result<ModeResult, String> {
     for g in guests {
         let st = g.exit(Duration::from_secs(20))?;
         if !st.success() {
-            return Err(format!("a guest exited with {st}"));
+            return Err(DensityError::GuestExit(st));
         }
     }
     drop(merger);
@@ -622,7 +684,7 @@ fn report(results: &[ModeResult], a: &DensityArgs) {
     }
 }
 
-fn plots(results: &[ModeResult], out: &Path) -> Result<(), String> {
+fn plots(results: &[ModeResult], out: &Path) -> Result<(), PlotError> {
     let mem: Vec<Series> = results
         .iter()
         .filter(|r| r.skipped.is_none())
@@ -659,8 +721,11 @@ fn plots(results: &[ModeResult], out: &Path) -> Result<(), String> {
     )
 }
 
-pub fn run(a: DensityArgs) -> Result<(), String> {
-    std::fs::create_dir_all(&a.out).map_err(|e| format!("{}: {e}", a.out.display()))?;
+pub fn run(a: DensityArgs) -> Result<(), DensityError> {
+    std::fs::create_dir_all(&a.out).map_err(|source| DensityError::Output {
+        path: a.out.clone(),
+        source,
+    })?;
     let counts: Vec<u32> = if a.sweep {
         vec![1, 2, 4, 8, 16]
     } else {
@@ -701,8 +766,9 @@ pub fn run(a: DensityArgs) -> Result<(), String> {
             &series,
         )?;
     }
-    let json = serde_json::to_string_pretty(&all).map_err(|e| e.to_string())?;
-    std::fs::write(a.out.join("density.json"), json).map_err(|e| e.to_string())?;
+    let json = serde_json::to_string_pretty(&all)?;
+    let path = a.out.join("density.json");
+    std::fs::write(&path, json).map_err(|source| DensityError::Output { path, source })?;
     println!(
         "samples: {}/density.json, plots: {}/*.svg",
         a.out.display(),

@@ -24,12 +24,23 @@ pub enum Which {
     Density(density::DensityArgs),
 }
 
+/// Why a benchmark failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// `bench boot`.
+    #[error(transparent)]
+    Boot(#[from] boot::BootBenchError),
+    /// `bench density`.
+    #[error(transparent)]
+    Density(#[from] density::DensityError),
+}
+
 /// Runs a benchmark.
 pub fn run(args: BenchArgs) -> std::process::ExitCode {
     crate::fleet::install_termination_flag();
-    let r = match args.which {
-        Which::Boot(a) => boot::run(a),
-        Which::Density(a) => density::run(a),
+    let r: Result<(), BenchError> = match args.which {
+        Which::Boot(a) => boot::run(a).map_err(Into::into),
+        Which::Density(a) => density::run(a).map_err(Into::into),
     };
     match r {
         Ok(()) => std::process::ExitCode::SUCCESS,

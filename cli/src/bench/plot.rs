@@ -17,6 +17,16 @@ const COLORS: [RGBColor; 4] = [
     RGBColor(0x2c, 0xa0, 0x2c),
 ];
 
+/// A chart could not be drawn or written.
+#[derive(Debug, thiserror::Error)]
+#[error("plot {}: {msg}", path.display())]
+pub struct PlotError {
+    /// The SVG file.
+    pub path: std::path::PathBuf,
+    /// What failed (plotters' message).
+    pub msg: String,
+}
+
 /// Draws `series` into an SVG file.
 pub fn line_chart(
     path: &Path,
@@ -24,8 +34,11 @@ pub fn line_chart(
     x_label: &str,
     y_label: &str,
     series: &[Series],
-) -> Result<(), String> {
-    let err = |e: &dyn std::fmt::Display| format!("plot {}: {e}", path.display());
+) -> Result<(), PlotError> {
+    let err = |e: &dyn std::fmt::Display| PlotError {
+        path: path.to_path_buf(),
+        msg: e.to_string(),
+    };
     let root = SVGBackend::new(path, (900, 540)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| err(&e))?;
     let xmax = series

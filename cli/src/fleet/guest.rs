@@ -70,19 +70,20 @@ impl GuestProc {
 
     /// Waits for a console line starting with `prefix`; returns it. Fails on timeout, on a
     /// `VERIFY FAIL`/`GUEST PANIC` line, or when the console closes.
-    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Result<String, String> {
+    pub fn wait_line(&mut self, prefix: &str, timeout: Duration) -> Result<String, GuestError> {
         let deadline = Instant::now() + timeout;
         loop {
             if super::terminating() {
-                return Err("interrupted".into());
+                return Err(GuestError::Interrupted);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(format!(
-                    "guest {}: no '{prefix}' line within {timeout:?}; last lines: {:?}",
-                    self.pid(),
-                    self.log.iter().rev().take(5).collect::<Vec<_>>()
-                ));
+                return Err(GuestError::NoLine {
+                    pid: self.pid(),
+                    prefix: prefix.to_string(),
+                    timeout,
+                    last: self.last_lines(),
+                });
             }
             match self
                 .lines
@@ -97,19 +98,27 @@ impl GuestProc {
                         return Ok(line);
                     }
                     if line.starts_with("VERIFY FAIL") || line.starts_with("GUEST PANIC") {
-                        return Err(format!("guest {}: {line}", self.pid()));
+                        return Err(GuestError::Failed {
+                            pid: self.pid(),
+                            line,
+                        });
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
-                    return Err(format!(
-                        "guest {}: console closed before '{prefix}'; last lines: {:?}",
-                        self.pid(),
-                        self.log.iter().rev().take(5).collect::<Vec<_>>()
-                    ))
+                    return Err(GuestError::ConsoleClosed {
+                        pid: self.pid(),
+                        prefix: prefix.to_string(),
+                        last: self.last_lines(),
+                    })
                 }
             }
         }
+    }
+
+    /// The last five console lines, newest first.
+    fn last_lines(&self) -> Vec<String> {
+        self.log.iter().rev().take(5).cloned().collect()
     }
 
     /// Sends one `serve` command line.
@@ -124,32 +133,109 @@ impl GuestProc {
     }
 
     /// Runs a verify pass in a `serve` guest; returns the pages verified.
-    pub fn verify(&mut self, timeout: Duration) -> Result<u64, String> {
-        self.send("verify").map_err(|e| e.to_string())?;
+    pub fn verify(&mut self, timeout: Duration) -> Result<u64, GuestError> {
+        self.send("verify").map_err(|source| GuestError::Send {
+            pid: self.pid(),
+            source,
+        })?;
         let line = self.wait_line("VERIFY ", timeout)?;
         if !line.starts_with("VERIFY OK") {
-            return Err(format!("guest {}: {line}", self.pid()));
+            return Err(GuestError::Failed {
+                pid: self.pid(),
+                line,
+            });
         }
-        field(&line, "pages").ok_or_else(|| format!("malformed line: {line}"))
+        field(&line, "pages").ok_or(GuestError::Malformed { line })
     }
 
     /// Asks a `serve` guest to exit and waits for the process.
-    pub fn exit(mut self, timeout: Duration) -> Result<std::process::ExitStatus, String> {
+    pub fn exit(mut self, timeout: Duration) -> Result<std::process::ExitStatus, GuestError> {
         let _ = self.send("exit");
         drop(self.stdin.take());
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(st) = self.child.try_wait().map_err(|e| e.to_string())? {
+            if let Some(st) = self.child.try_wait().map_err(|source| GuestError::Wait {
+                pid: self.child.id(),
+                source,
+            })? {
                 return Ok(st);
             }
             if Instant::now() > deadline {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                return Err(format!("guest {} did not exit", self.child.id()));
+                return Err(GuestError::DidNotExit {
+                    pid: self.child.id(),
+                });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// What went wrong with a guest process.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestError {
+    /// SIGINT/SIGTERM arrived while waiting.
+    #[error("interrupted")]
+    Interrupted,
+    /// The expected console line did not come in time.
+    #[error("guest {pid}: no '{prefix}' line within {timeout:?}; last lines: {last:?}")]
+    NoLine {
+        /// The guest process.
+        pid: u32,
+        /// The line awaited.
+        prefix: String,
+        /// How long we waited.
+        timeout: Duration,
+        /// Its last console lines, newest first.
+        last: Vec<String>,
+    },
+    /// The guest reported a failure (`VERIFY FAIL`, `GUEST PANIC`, a failed verify).
+    #[error("guest {pid}: {line}")]
+    Failed {
+        /// The guest process.
+        pid: u32,
+        /// Its line.
+        line: String,
+    },
+    /// The console closed (the process ended) before the expected line.
+    #[error("guest {pid}: console closed before '{prefix}'; last lines: {last:?}")]
+    ConsoleClosed {
+        /// The guest process.
+        pid: u32,
+        /// The line awaited.
+        prefix: String,
+        /// Its last console lines, newest first.
+        last: Vec<String>,
+    },
+    /// A command could not be written to the guest's stdin.
+    #[error("guest {pid}: cannot send a command: {source}")]
+    Send {
+        /// The guest process.
+        pid: u32,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A line without the expected field.
+    #[error("malformed line: {line}")]
+    Malformed {
+        /// The line.
+        line: String,
+    },
+    /// Waiting for the process failed.
+    #[error("guest {pid}: cannot wait for the process: {source}")]
+    Wait {
+        /// The guest process.
+        pid: u32,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The process did not exit in time (it was killed).
+    #[error("guest {pid} did not exit")]
+    DidNotExit {
+        /// The guest process.
+        pid: u32,
+    },
 }
 
 impl Drop for GuestProc {

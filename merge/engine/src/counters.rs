@@ -5,7 +5,7 @@ use crate::host::{DomainId, GuestId};
 use serde::Serialize;
 
 /// Fleet-wide counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Counters {
     /// Frames in use (shared pages), like the kernel's `pages_shared`.
     pub pages_shared: u64,
@@ -52,7 +52,7 @@ pub struct Counters {
 }
 
 /// Per-guest counters, like `/proc/PID/ksm_stat`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct GuestCounters {
     /// The guest.
     pub id: GuestId,

@@ -14,7 +14,7 @@ pub type Gfn = u64;
 pub type FrameId = u32;
 
 /// Identifies a guest (one VM process) to the engine and to the host.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct GuestId(pub u32);
 
 impl std::fmt::Display for GuestId {
@@ -25,7 +25,9 @@ impl std::fmt::Display for GuestId {
 
 /// A merge domain (share group). Pages are never merged across domains; each domain has
 /// its own pool of frames.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 pub struct DomainId(pub u32);
 
 /// A run of consecutive guest pages.
