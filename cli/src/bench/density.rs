@@ -16,6 +16,7 @@ use crate::fleet::guest::{field, GuestError, GuestProc};
 use crate::fleet::procfs::{self, KsmGuard};
 use crate::fleet::sleep_unless_terminating;
 use tinyvmm_api::client::{ApiClient, ClientError};
+use tinyvmm_guests::content::Layout;
 use tinyvmm_merge::{KnobsUpdate, RunMode};
 
 /// Why `bench density` failed.
@@ -131,6 +132,45 @@ pub struct DensityArgs {
     /// Repeat for 1, 2, 4, 8, 16 guests and plot memory per guest against N.
     #[arg(long)]
     pub sweep: bool,
+    /// Where the shared content sits in each guest, one run per layout given: `same`
+    /// (the same address in every guest, the kindest layout), `shuffled` (a per-guest
+    /// permutation of pages, as page cache is), `clustered` (runs of `--run` pages, each
+    /// at a per-guest address).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "same")]
+    pub layout: Vec<LayoutArg>,
+    /// Pages per run of `--layout clustered`.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub run: u64,
+}
+
+/// `--layout`.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayoutArg {
+    /// Shared content at the same guest-physical address in every guest.
+    Same,
+    /// Shared content at a per-guest permutation of page addresses.
+    Shuffled,
+    /// Shared content in runs of `--run` pages, each run at a per-guest address.
+    Clustered,
+}
+
+impl LayoutArg {
+    fn layout(self, run: u64) -> Layout {
+        match self {
+            LayoutArg::Same => Layout::Same,
+            LayoutArg::Shuffled => Layout::Shuffled,
+            LayoutArg::Clustered => Layout::Clustered { run },
+        }
+    }
+}
+
+/// A layout's name in reports and file names: `same`, `shuffled`, `clustered16`.
+fn layout_name(l: Layout) -> String {
+    match l {
+        Layout::Same => "same".into(),
+        Layout::Shuffled => "shuffled".into(),
+        Layout::Clustered { run } => format!("clustered{run}"),
+    }
 }
 
 /// A merging mode.
@@ -174,6 +214,8 @@ pub struct Sample {
 #[derive(Debug, Clone, Serialize)]
 pub struct ModeResult {
     pub mode: Mode,
+    /// Where the shared content sits (`same`, `shuffled`, `clustered16`, ...).
+    pub layout: String,
     pub guests: u32,
     pub samples: Vec<Sample>,
     pub start_pss: u64,
@@ -403,10 +445,18 @@ fn pss_sum(guests: &[GuestProc]) -> u64 {
         .sum()
 }
 
-fn run_mode(mode: Mode, a: &DensityArgs, n: u32) -> Result<ModeResult, DensityError> {
-    let run_dir = a.out.join(format!("run-{}-{n}", mode.name()));
+fn run_mode(
+    mode: Mode,
+    a: &DensityArgs,
+    n: u32,
+    layout: Layout,
+) -> Result<ModeResult, DensityError> {
+    let run_dir = a
+        .out
+        .join(format!("run-{}-{}-{n}", mode.name(), layout_name(layout)));
     let mut result = ModeResult {
         mode,
+        layout: layout_name(layout),
         guests: n,
         samples: vec![],
         start_pss: 0,
@@ -440,10 +490,11 @@ fn run_mode(mode: Mode, a: &DensityArgs, n: u32) -> Result<ModeResult, DensityEr
     let mut guests = Vec::new();
     for i in 0..n {
         let cmdline = format!(
-            "console=ttyS0 reboot=k panic=-1 workload=fill,serve seed=1 guest_seed={} shared_pct={} zero_pct={}",
+            "console=ttyS0 reboot=k panic=-1 workload=fill,serve seed=1 guest_seed={} shared_pct={} zero_pct={} {}",
             1000 + i,
             a.shared_pct,
-            a.zero_pct
+            a.zero_pct,
+            layout.cmdline()
         );
         let mut args = vec![
             "--kernel".to_string(),
@@ -592,8 +643,9 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
 
 fn report(results: &[ModeResult], a: &DensityArgs) {
     let n = results.first().map_or(0, |r| r.guests);
+    let layout = results.first().map_or("", |r| r.layout.as_str());
     println!(
-        "\ntinyvmm bench density: {n} guests × {} MiB, {}% shared, {}% zero, churn {} pages/ms, pages_to_scan {}, sleep {} ms",
+        "\ntinyvmm bench density: {n} guests × {} MiB, layout {layout}, {}% shared, {}% zero, churn {} pages/ms, pages_to_scan {}, sleep {} ms",
         a.mem >> 20,
         a.shared_pct,
         a.zero_pct,
@@ -684,7 +736,7 @@ fn report(results: &[ModeResult], a: &DensityArgs) {
     }
 }
 
-fn plots(results: &[ModeResult], out: &Path) -> Result<(), PlotError> {
+fn plots(results: &[ModeResult], out: &Path, layout: &str) -> Result<(), PlotError> {
     let mem: Vec<Series> = results
         .iter()
         .filter(|r| r.skipped.is_none())
@@ -694,8 +746,8 @@ fn plots(results: &[ModeResult], out: &Path) -> Result<(), PlotError> {
         })
         .collect();
     line_chart(
-        &out.join("memory.svg"),
-        "Guest memory on the host (sum of Pss)",
+        &out.join(format!("memory-{layout}.svg")),
+        &format!("Guest memory on the host (sum of Pss), layout {layout}"),
         "seconds since merging started",
         "MiB",
         &mem,
@@ -713,8 +765,8 @@ fn plots(results: &[ModeResult], out: &Path) -> Result<(), PlotError> {
         })
         .collect();
     line_chart(
-        &out.join("pages_saved.svg"),
-        "Pages saved (pages_sharing, + zero_pages for tinyvmm)",
+        &out.join(format!("pages_saved-{layout}.svg")),
+        &format!("Pages saved (pages_sharing, + zero_pages for tinyvmm), layout {layout}"),
         "seconds since merging started",
         "pages",
         &saved,
@@ -732,39 +784,51 @@ pub fn run(a: DensityArgs) -> Result<(), DensityError> {
         vec![a.guests]
     };
     let mut all = Vec::new();
-    for &n in &counts {
-        let mut results = Vec::new();
-        for &mode in &a.modes {
-            eprintln!("== {} guests, mode {}", n, mode.name());
-            results.push(run_mode(mode, &a, n)?);
+    for layout in a.layout.iter().map(|l| l.layout(a.run)) {
+        let mut per_layout = Vec::new();
+        for &n in &counts {
+            let mut results = Vec::new();
+            for &mode in &a.modes {
+                eprintln!(
+                    "== {} guests, layout {}, mode {}",
+                    n,
+                    layout_name(layout),
+                    mode.name()
+                );
+                results.push(run_mode(mode, &a, n, layout)?);
+            }
+            report(&results, &a);
+            if n == *counts.last().unwrap_or(&n) || !a.sweep {
+                plots(&results, &a.out, &layout_name(layout))?;
+            }
+            per_layout.push(results);
         }
-        report(&results, &a);
-        if n == *counts.last().unwrap_or(&n) || !a.sweep {
-            plots(&results, &a.out)?;
+        if a.sweep {
+            let mut series = Vec::new();
+            for &mode in &a.modes {
+                let points: Vec<(f64, f64)> = per_layout
+                    .iter()
+                    .flatten()
+                    .filter(|r| r.mode == mode && r.skipped.is_none())
+                    .map(|r| (f64::from(r.guests), mib(r.final_pss) / f64::from(r.guests)))
+                    .collect();
+                series.push(Series {
+                    name: mode.name(),
+                    points,
+                });
+            }
+            line_chart(
+                &a.out.join(format!("density-{}.svg", layout_name(layout))),
+                &format!(
+                    "Host memory per guest vs number of guests (layout {})",
+                    layout_name(layout)
+                ),
+                "guests",
+                "MiB per guest",
+                &series,
+            )?;
         }
-        all.push(results);
-    }
-    if a.sweep {
-        let mut series = Vec::new();
-        for &mode in &a.modes {
-            let points: Vec<(f64, f64)> = all
-                .iter()
-                .flatten()
-                .filter(|r| r.mode == mode && r.skipped.is_none())
-                .map(|r| (f64::from(r.guests), mib(r.final_pss) / f64::from(r.guests)))
-                .collect();
-            series.push(Series {
-                name: mode.name(),
-                points,
-            });
-        }
-        line_chart(
-            &a.out.join("density.svg"),
-            "Host memory per guest vs number of guests",
-            "guests",
-            "MiB per guest",
-            &series,
-        )?;
+        all.extend(per_layout);
     }
     let json = serde_json::to_string_pretty(&all)?;
     let path = a.out.join("density.json");
