@@ -202,8 +202,8 @@ impl Domain {
 
     /// The frames of the chain that starts at `head`.
     pub(super) fn chain_from(&self, head: u32) -> impl Iterator<Item = u32> + '_ {
-        std::iter::successors(Some(head), |&f| Some(self.frames[f as usize].next))
-            .take_while(|&f| f != NONE)
+        let link = |f: u32| (f != NONE).then_some(f);
+        std::iter::successors(link(head), move |&f| link(self.frames[f as usize].next))
     }
 
     /// A frame of content `h` with room for another sharer.
