@@ -19,17 +19,17 @@ pub(super) const NONE: u32 = u32::MAX;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum FrameSt {
     /// Not allocated.
-    Free = 0,
+    Free,
     /// Allocated in this batch, populate planned.
-    Pending = 1,
+    Pending,
     /// Populated, in the stable index.
-    Live = 2,
+    Live,
     /// Held by a failed guest whose populate outcome is unknown; not in the index.
-    Orphan = 3,
+    Orphan,
     /// Allocated in this batch, never populated; released without a host call.
-    Cancelled = 4,
+    Cancelled,
     /// Populated but not mapped; must be punched.
-    Doomed = 5,
+    Doomed,
 }
 
 impl FrameSt {

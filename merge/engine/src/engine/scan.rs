@@ -57,10 +57,12 @@ impl Engine {
                 self.next_slot();
                 continue;
             }
+            // One host round trip at most per visit.
+            let max = (budget as usize).min(BATCH);
             let (work, done) = if dirty_mode {
-                self.visit_dirty(slot, budget, host, &mut rep)
+                self.visit_dirty(slot, max as u32, host, &mut rep)
             } else {
-                self.visit_range(slot, budget, host, &mut rep)
+                self.visit_range(slot, host, &mut rep, max)
             };
             budget = budget.saturating_sub(work);
             work_since_wrap += work;
@@ -102,20 +104,19 @@ impl Engine {
     }
 
     /// Visits the next range of a guest from the cursor (KSM's `scan_get_next_rmap_item`):
-    /// one digest call for up to `BATCH` pages, smart-scan skips left out. Every page of a
+    /// one digest call for up to `want` pages, smart-scan skips left out. Every page of a
     /// guest is first digested here (unscanned -> volatile, or candidate with a dirty
     /// source). Returns (pages visited, guest done).
     fn visit_range(
         &mut self,
         slot: usize,
-        budget: u64,
         host: &mut impl MergeHost,
         rep: &mut RoundReport,
+        want: usize,
     ) -> (u64, bool) {
         let g = self.guests.live(slot);
         let n = g.pages.len();
         let start = self.cursor_gfn.min(n);
-        let want = (budget as usize).min(BATCH);
         let mut runs: Vec<PageRun> = Vec::new();
         let mut taken = 0usize;
         let mut gfn = start;
@@ -169,13 +170,13 @@ impl Engine {
         (taken as u64, done)
     }
 
-    /// Visits the pages a dirty-source guest wrote since their last digest (one
+    /// Visits up to `max` pages a dirty-source guest wrote since their last digest (one
     /// `digest_dirty` call); at the end of the pass, promotes the watched pages that were
     /// not written. Returns (pages visited, pass done).
     fn visit_dirty(
         &mut self,
         slot: usize,
-        budget: u64,
+        max: u32,
         host: &mut impl MergeHost,
         rep: &mut RoundReport,
     ) -> (u64, bool) {
@@ -186,7 +187,6 @@ impl Engine {
         }
         let id = g.id;
         let n = g.pages.len() as u64;
-        let max = (budget as usize).min(BATCH) as u32;
         let mut dirty = std::mem::take(&mut self.dirty);
         rep.host_calls += 1;
         let res = host.digest_dirty(id, max, &mut dirty).and_then(|more| {
