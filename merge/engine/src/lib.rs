@@ -113,7 +113,7 @@ pub mod knobs;
 pub mod sim;
 
 pub use counters::{Counters, GuestCounters, RoundReport};
-pub use engine::{Engine, EngineError, GuestSpec, PageInfo, PageState};
+pub use engine::{AuditError, Engine, EngineError, GuestSpec, PageInfo, PageState};
 pub use host::{
     DomainId, FrameId, Gfn, GuestId, HostError, MergeHost, MergeOp, MergeOutcome, MergeResult,
     OpKind, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome, PAGE_SIZE,

@@ -377,6 +377,14 @@ impl SimFleet {
         }
     }
 
+    /// A live guest's memory and its domain's pool.
+    fn guest_and_pool(&mut self, id: GuestId) -> Result<(&mut SimGuest, &mut SimPool), HostError> {
+        let domain = self.guest_ok(id)?.domain;
+        let g = self.guests.get_mut(&id).expect("guest");
+        let pool = self.pools.get_mut(&domain).expect("pool");
+        Ok((g, pool))
+    }
+
     fn guest_ok(&self, id: GuestId) -> Result<&SimGuest, HostError> {
         match self.guests.get(&id) {
             Some(g) if !g.gone => Ok(g),
@@ -670,9 +678,7 @@ impl MergeHost for SimFleet {
     ) -> Result<(), HostError> {
         out.clear();
         self.stats.calls += 1;
-        let domain = self.guest_ok(guest)?.domain;
-        let g = self.guests.get_mut(&guest).expect("guest");
-        let pool = self.pools.get_mut(&domain).expect("pool");
+        let (g, pool) = self.guest_and_pool(guest)?;
         for &gfn in gfns {
             let i = gfn as usize;
             if i >= g.map.len() {
@@ -706,9 +712,7 @@ impl MergeHost for SimFleet {
     ) -> Result<(), HostError> {
         out.clear();
         self.stats.calls += 1;
-        let domain = self.guest_ok(guest)?.domain;
-        let g = self.guests.get_mut(&guest).expect("guest");
-        let pool = self.pools.get_mut(&domain).expect("pool");
+        let (g, pool) = self.guest_and_pool(guest)?;
         if gfns.iter().any(|&x| x as usize >= g.map.len()) {
             return Err(HostError::Protocol {
                 guest,
