@@ -257,6 +257,9 @@ impl Engine {
             watch: Vec::new(),
             pass: 0,
             counts,
+            refused_in_pass: false,
+            defer_backoff: 0,
+            defer_hold: 0,
         });
         self.ids.insert(spec.id, slot as u32);
         debug!(guest = spec.id.0, pages = spec.pages, "guest registered");

@@ -116,7 +116,18 @@ pub(super) struct Guest {
     pub(super) pass: u8,
     /// Pages per state, kept incrementally by [`Guest::set_state`].
     pub(super) counts: [u64; PageSt::N],
+    /// VMA-budget back-off (the scanner must not spin on pages it cannot map): set when a
+    /// merge of this guest is refused for lack of VMA budget during a pass.
+    pub(super) refused_in_pass: bool,
+    /// Consecutive refusing passes, at most [`MAX_DEFER_BACKOFF`].
+    pub(super) defer_backoff: u8,
+    /// Passes its deferred pages still sit out (2^backoff - 1 after a refusing pass).
+    pub(super) defer_hold: u8,
 }
+
+/// Deferred pages sit out at most 2^7 - 1 passes after a pass in which merges were refused
+/// for lack of VMA budget, like smart scan's skipping of pages that keep failing.
+pub(super) const MAX_DEFER_BACKOFF: u8 = 7;
 
 impl Guest {
     /// Moves a page to state `s`, keeping the counts and the watch list.
@@ -135,6 +146,28 @@ impl Guest {
     pub(super) fn mark_merged(&mut self, gfn: usize, f: u32) {
         apply_map(self, gfn, f + 1);
         self.set_state(gfn, PageSt::Merged);
+    }
+
+    /// Whether deferred pages sit out this pass (VMA-budget back-off).
+    pub(super) fn holds_deferred(&self) -> bool {
+        self.defer_hold > 0
+    }
+
+    /// The end of a pass over the guest (deferred -> deferred, held): after a pass that
+    /// refused merges for lack of VMA budget, its deferred pages sit out 1, 3, 7, ...,
+    /// 127 passes (doubling with each refusing pass) instead of being planned and refused
+    /// again every pass; a pass that refused nothing resets the back-off. Pages the guest
+    /// writes are digested as usual meanwhile.
+    pub(super) fn end_pass_backoff(&mut self) {
+        if self.defer_hold > 0 {
+            self.defer_hold -= 1;
+        } else if self.refused_in_pass {
+            self.defer_backoff = (self.defer_backoff + 1).min(MAX_DEFER_BACKOFF);
+            self.defer_hold = (1u8 << self.defer_backoff) - 1;
+        } else {
+            self.defer_backoff = 0;
+        }
+        self.refused_in_pass = false;
     }
 
     pub(super) fn bytes(&self) -> usize {

@@ -120,9 +120,10 @@ impl Engine {
         let mut runs: Vec<PageRun> = Vec::new();
         let mut taken = 0usize;
         let mut gfn = start;
+        let hold = g.holds_deferred();
         while gfn < n && taken < want && gfn < start + SPAN {
             let p = &g.pages[gfn];
-            if self.smart_skip(p, gfn) {
+            if (hold && p.state == PageSt::Deferred) || self.smart_skip(p, gfn) {
                 rep.pages_skipped += 1;
             } else {
                 match runs.last_mut() {
@@ -165,6 +166,7 @@ impl Engine {
         if done {
             if let Some(g) = self.guests[slot].as_mut() {
                 g.first_pass_done = true;
+                g.end_pass_backoff();
             }
         }
         (taken as u64, done)
@@ -232,6 +234,7 @@ impl Engine {
             return;
         };
         g.in_pass = false;
+        let hold = g.holds_deferred();
         let old = std::mem::take(&mut g.watch);
         let mut seen = Vec::new();
         for gfn in old {
@@ -240,7 +243,7 @@ impl Engine {
             if !p.state.watched() {
                 continue;
             }
-            if p.pass == g.pass {
+            if p.pass == g.pass || (hold && p.state == PageSt::Deferred) {
                 p.flags |= F_WATCH;
                 g.watch.push(gfn);
             } else {
@@ -258,6 +261,9 @@ impl Engine {
         rep.pages_promoted += seen.len() as u64;
         if !seen.is_empty() {
             self.process(slot, seen, host, rep);
+        }
+        if let Some(g) = self.guests[slot].as_mut() {
+            g.end_pass_backoff();
         }
     }
 
@@ -303,7 +309,13 @@ impl Engine {
         for s in &seen {
             self.cmp_and_merge_page(slot, s, &mut plan, rep);
         }
+        let refused = rep.skipped_vma_budget;
         self.budget_pass(slot, &mut plan, rep);
         self.execute(slot, plan, host, rep);
+        if rep.skipped_vma_budget > refused {
+            if let Some(g) = self.guests[slot].as_mut() {
+                g.refused_in_pass = true;
+            }
+        }
     }
 }
