@@ -335,3 +335,92 @@ impl MergeHost for Fleet {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fleet with one guest whose "agent" answers request after request from `script`
+    /// (an error of that kind, or `None` for a good answer); returns the fleet, the guest
+    /// and the agent thread (which returns how many requests it saw).
+    fn fleet_with_agent(
+        script: Vec<Option<AgentErrorKind>>,
+    ) -> (Fleet, GuestId, std::thread::JoinHandle<usize>) {
+        let (daemon_end, mut agent_end) = UnixStream::pair().unwrap();
+        let agent = std::thread::spawn(move || {
+            let mut seen = 0;
+            for step in script {
+                let Ok((DaemonMsg::Request { id, .. }, _)) = wire::recv(&mut agent_end) else {
+                    break;
+                };
+                seen += 1;
+                let reply = match step {
+                    Some(kind) => Reply::Error(AgentError::new(kind, "page 9 of 8")),
+                    None => Reply::Stats(AgentStats::default()),
+                };
+                wire::send(&mut agent_end, &AgentMsg::Reply { id, reply }, None).unwrap();
+            }
+            seen
+        });
+        let mut fleet = Fleet::new(Duration::from_secs(5));
+        let guest = GuestId(1);
+        fleet.conns.insert(
+            guest,
+            Conn {
+                stream: daemon_end,
+                hello: Hello {
+                    version: tinyvmm_merge_protocol::PROTOCOL_VERSION,
+                    pid: std::process::id(),
+                    name: "test".into(),
+                    pages: 8,
+                    share_group: "default".into(),
+                    vma_budget: 100,
+                    dirty_source: false,
+                },
+                process: ProcessWatch::new(std::process::id()),
+            },
+        );
+        (fleet, guest, agent)
+    }
+
+    #[test]
+    fn transient_failures_are_retried_and_the_guest_kept() {
+        use AgentErrorKind::Transient;
+        let (mut fleet, guest, agent) =
+            fleet_with_agent(vec![Some(Transient), Some(Transient), None]);
+        assert!(matches!(
+            fleet.call(guest, Request::Stats),
+            Ok(Reply::Stats(_))
+        ));
+        assert!(fleet.dead.is_empty());
+        drop(fleet);
+        assert_eq!(agent.join().unwrap(), 3);
+    }
+
+    #[test]
+    fn transient_failures_past_the_retries_drop_the_guest() {
+        let script = vec![Some(AgentErrorKind::Transient); TRANSIENT_RETRIES as usize + 1];
+        let (mut fleet, guest, agent) = fleet_with_agent(script);
+        assert!(matches!(
+            fleet.call(guest, Request::Stats),
+            Err(HostError::Protocol { .. })
+        ));
+        assert_eq!(fleet.dead, vec![guest]);
+        drop(fleet);
+        assert_eq!(agent.join().unwrap(), TRANSIENT_RETRIES as usize + 1);
+    }
+
+    #[test]
+    fn bad_requests_and_fatal_failures_drop_the_guest_at_once() {
+        for kind in [AgentErrorKind::BadRequest, AgentErrorKind::Fatal] {
+            let (mut fleet, guest, agent) = fleet_with_agent(vec![Some(kind), None]);
+            match fleet.call(guest, Request::Stats) {
+                Err(HostError::Protocol { reason, .. }) => assert!(reason.contains("page 9 of 8")),
+                other => panic!("{kind}: {other:?}"),
+            }
+            assert_eq!(fleet.dead, vec![guest]);
+            drop(fleet);
+            assert_eq!(agent.join().unwrap(), 1, "{kind}: not retried");
+        }
+    }
+}

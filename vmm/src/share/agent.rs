@@ -488,3 +488,47 @@ pub fn spawn_agent(
         .spawn(move || agent.run())?;
     Ok((t, status))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(e: PageError) -> AgentErrorKind {
+        RequestError::from(e).kind()
+    }
+
+    fn os(errno: i32) -> PageError {
+        PageError::Os {
+            what: "mmap",
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    #[test]
+    fn page_errors_map_to_the_kinds_the_daemon_acts_on() {
+        assert_eq!(
+            kind(PageError::Range("page 8 of 8".into())),
+            AgentErrorKind::BadRequest
+        );
+        assert_eq!(kind(PageError::NoPool), AgentErrorKind::BadRequest);
+        assert_eq!(kind(os(libc::EAGAIN)), AgentErrorKind::Transient);
+        assert_eq!(kind(os(libc::ENOMEM)), AgentErrorKind::Transient);
+        assert_eq!(kind(os(libc::EINVAL)), AgentErrorKind::Fatal);
+        // A shortage after part of the request was remapped cannot be retried.
+        assert_eq!(
+            kind(PageError::Incomplete(Box::new(os(libc::EAGAIN)))),
+            AgentErrorKind::Fatal
+        );
+        assert_eq!(
+            RequestError::DirtyLog(std::io::Error::from_raw_os_error(libc::EINTR)).kind(),
+            AgentErrorKind::Transient
+        );
+        assert_eq!(
+            RequestError::DirtyLog(std::io::Error::from_raw_os_error(libc::EFAULT)).kind(),
+            AgentErrorKind::Fatal
+        );
+        let e = AgentError::from(RequestError::from(PageError::Range("page 9 of 8".into())));
+        assert_eq!(e.kind, AgentErrorKind::BadRequest);
+        assert!(e.detail.contains("page 9 of 8"));
+    }
+}
