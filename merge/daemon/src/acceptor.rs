@@ -41,7 +41,7 @@ fn read_hello(mut stream: UnixStream, tx: &Sender<Cmd>) {
         Ok((AgentMsg::Hello(h), None)) => match check_hello(&h) {
             Err(why) => {
                 tracing::warn!("registration refused: {why}");
-                let _ = wire::send(&mut stream, &DaemonMsg::Refused(why), None);
+                let _ = wire::send(&mut stream, &DaemonMsg::Refused(why.to_string()), None);
             }
             Ok(()) => {
                 let _ = tx.send(Cmd::Register(Box::new(stream), h));
@@ -54,15 +54,22 @@ fn read_hello(mut stream: UnixStream, tx: &Sender<Cmd>) {
     }
 }
 
-/// Why a hello is refused before it reaches the scanner.
-fn check_hello(h: &Hello) -> Result<(), String> {
+/// Why a hello is refused before it reaches the scanner (sent to the agent as text).
+#[derive(Debug, thiserror::Error)]
+enum HelloRefusal {
+    /// The agent speaks another protocol version.
+    #[error("protocol version {0} not supported (daemon speaks {PROTOCOL_VERSION})")]
+    Version(u32),
+    /// The guest is empty or larger than the daemon registers.
+    #[error("guest size of {0} pages is out of range")]
+    Size(u64),
+}
+
+fn check_hello(h: &Hello) -> Result<(), HelloRefusal> {
     if h.version != PROTOCOL_VERSION {
-        Err(format!(
-            "protocol version {} not supported (daemon speaks {PROTOCOL_VERSION})",
-            h.version
-        ))
+        Err(HelloRefusal::Version(h.version))
     } else if h.pages == 0 || h.pages > MAX_GUEST_PAGES {
-        Err(format!("guest size of {} pages is out of range", h.pages))
+        Err(HelloRefusal::Size(h.pages))
     } else {
         Ok(())
     }
