@@ -13,10 +13,15 @@ use tinyvmm_merge::host::{
     DomainId, FrameId, Gfn, GuestId, HostError, MergeHost, MergeOp, MergeResult, PageDigest,
     PageRun, UnmergeOutcome, ZeroOutcome, PAGE_SIZE,
 };
-use tinyvmm_merge_protocol::wire::{self, AgentMsg, AgentStats, DaemonMsg, Hello, Reply, Request};
+use tinyvmm_merge_protocol::wire::{
+    self, AgentError, AgentErrorKind, AgentMsg, AgentStats, DaemonMsg, Hello, Reply, Request,
+};
 
 /// Virtual size of each pool file (sparse: only populated frames use memory).
 pub const POOL_LEN: u64 = 256 << 30;
+/// How often a request an agent failed with [`AgentErrorKind::Transient`] is sent again
+/// before the guest is dropped; the waits before the tries grow 1, 4, 16 ms.
+pub const TRANSIENT_RETRIES: u32 = 3;
 
 /// One registered guest's connection.
 #[derive(Debug)]
@@ -120,8 +125,73 @@ impl Fleet {
         Ok(id)
     }
 
-    /// Sends `request` to `guest` and returns its reply.
-    pub fn call(&mut self, guest: GuestId, request: Request) -> Result<Reply, HostError> {
+    /// Sends `request` to `guest` and returns its reply. An agent's error is acted on by
+    /// its kind: a [`AgentErrorKind::Transient`] failure changed nothing, so the request is
+    /// sent again (up to [`TRANSIENT_RETRIES`] times, after a short wait); a
+    /// [`AgentErrorKind::BadRequest`] means the daemon's view of the guest is wrong and a
+    /// [`AgentErrorKind::Fatal`] one that the agent's mappings are no longer what the
+    /// engine planned — either way, and once retries are spent, the guest is dropped (its
+    /// frames stay until its process exits; its agent registers again as a new guest).
+    pub fn call(&mut self, guest: GuestId, mut request: Request) -> Result<Reply, HostError> {
+        let mut tries = 0;
+        loop {
+            let (reply, req) = self.round_trip(guest, request)?;
+            let e = match reply {
+                Reply::Error(e) => e,
+                r => return Ok(r),
+            };
+            match e.kind {
+                AgentErrorKind::Transient if tries < TRANSIENT_RETRIES => {
+                    tries += 1;
+                    tracing::debug!(guest = guest.0, tries, "agent busy, asking again: {e}");
+                    std::thread::sleep(Duration::from_millis(1 << (2 * (tries - 1))));
+                    request = req;
+                }
+                AgentErrorKind::Transient => {
+                    tracing::warn!(
+                        guest = guest.0,
+                        "agent still failing after {TRANSIENT_RETRIES} retries: {}; dropping the guest",
+                        e.detail
+                    );
+                    return Err(self.drop_for(guest, e));
+                }
+                AgentErrorKind::BadRequest => {
+                    tracing::warn!(
+                        guest = guest.0,
+                        "agent refused a request as out of range: {}; our view of the guest \
+                         is wrong, dropping it",
+                        e.detail
+                    );
+                    return Err(self.drop_for(guest, e));
+                }
+                AgentErrorKind::Fatal => {
+                    tracing::warn!(
+                        guest = guest.0,
+                        "agent could not do the work: {}; dropping the guest",
+                        e.detail
+                    );
+                    return Err(self.drop_for(guest, e));
+                }
+            }
+        }
+    }
+
+    /// Marks `guest` for removal after the round because its agent failed with `e`.
+    fn drop_for(&mut self, guest: GuestId, e: AgentError) -> HostError {
+        self.dead.push(guest);
+        HostError::Protocol {
+            guest,
+            reason: e.to_string(),
+        }
+    }
+
+    /// One request/reply exchange; gives the request back (for a retry) with the reply.
+    /// A broken connection or an answer out of turn drops the guest.
+    fn round_trip(
+        &mut self,
+        guest: GuestId,
+        request: Request,
+    ) -> Result<(Reply, Request), HostError> {
         let id = self.next_request;
         self.next_request += 1;
         let conn = self
@@ -133,18 +203,15 @@ impl Fleet {
             dead.push(guest);
             HostError::GuestGone { guest }
         };
-        if let Err(e) = wire::send(&mut conn.stream, &DaemonMsg::Request { id, request }, None) {
+        let msg = DaemonMsg::Request { id, request };
+        if let Err(e) = wire::send(&mut conn.stream, &msg, None) {
             return Err(gone(&mut self.dead, &e));
         }
+        let DaemonMsg::Request { request, .. } = msg else {
+            unreachable!("built as a request just above")
+        };
         match wire::recv::<AgentMsg>(&mut conn.stream) {
-            Ok((AgentMsg::Reply { id: rid, reply }, None)) if rid == id => match reply {
-                Reply::Error(e) => {
-                    tracing::warn!(guest = guest.0, "agent could not do the work: {e}");
-                    self.dead.push(guest);
-                    Err(HostError::Protocol { guest, reason: e })
-                }
-                r => Ok(r),
-            },
+            Ok((AgentMsg::Reply { id: rid, reply }, None)) if rid == id => Ok((reply, request)),
             Ok((other, _)) => {
                 tracing::warn!(guest = guest.0, "agent answered out of turn: {other:?}");
                 self.dead.push(guest);
@@ -266,5 +333,94 @@ impl MergeHost for Fleet {
             domain,
             reason: e.to_string(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fleet with one guest whose "agent" answers request after request from `script`
+    /// (an error of that kind, or `None` for a good answer); returns the fleet, the guest
+    /// and the agent thread (which returns how many requests it saw).
+    fn fleet_with_agent(
+        script: Vec<Option<AgentErrorKind>>,
+    ) -> (Fleet, GuestId, std::thread::JoinHandle<usize>) {
+        let (daemon_end, mut agent_end) = UnixStream::pair().unwrap();
+        let agent = std::thread::spawn(move || {
+            let mut seen = 0;
+            for step in script {
+                let Ok((DaemonMsg::Request { id, .. }, _)) = wire::recv(&mut agent_end) else {
+                    break;
+                };
+                seen += 1;
+                let reply = match step {
+                    Some(kind) => Reply::Error(AgentError::new(kind, "page 9 of 8")),
+                    None => Reply::Stats(AgentStats::default()),
+                };
+                wire::send(&mut agent_end, &AgentMsg::Reply { id, reply }, None).unwrap();
+            }
+            seen
+        });
+        let mut fleet = Fleet::new(Duration::from_secs(5));
+        let guest = GuestId(1);
+        fleet.conns.insert(
+            guest,
+            Conn {
+                stream: daemon_end,
+                hello: Hello {
+                    version: tinyvmm_merge_protocol::PROTOCOL_VERSION,
+                    pid: std::process::id(),
+                    name: "test".into(),
+                    pages: 8,
+                    share_group: "default".into(),
+                    vma_budget: 100,
+                    dirty_source: false,
+                },
+                process: ProcessWatch::new(std::process::id()),
+            },
+        );
+        (fleet, guest, agent)
+    }
+
+    #[test]
+    fn transient_failures_are_retried_and_the_guest_kept() {
+        use AgentErrorKind::Transient;
+        let (mut fleet, guest, agent) =
+            fleet_with_agent(vec![Some(Transient), Some(Transient), None]);
+        assert!(matches!(
+            fleet.call(guest, Request::Stats),
+            Ok(Reply::Stats(_))
+        ));
+        assert!(fleet.dead.is_empty());
+        drop(fleet);
+        assert_eq!(agent.join().unwrap(), 3);
+    }
+
+    #[test]
+    fn transient_failures_past_the_retries_drop_the_guest() {
+        let script = vec![Some(AgentErrorKind::Transient); TRANSIENT_RETRIES as usize + 1];
+        let (mut fleet, guest, agent) = fleet_with_agent(script);
+        assert!(matches!(
+            fleet.call(guest, Request::Stats),
+            Err(HostError::Protocol { .. })
+        ));
+        assert_eq!(fleet.dead, vec![guest]);
+        drop(fleet);
+        assert_eq!(agent.join().unwrap(), TRANSIENT_RETRIES as usize + 1);
+    }
+
+    #[test]
+    fn bad_requests_and_fatal_failures_drop_the_guest_at_once() {
+        for kind in [AgentErrorKind::BadRequest, AgentErrorKind::Fatal] {
+            let (mut fleet, guest, agent) = fleet_with_agent(vec![Some(kind), None]);
+            match fleet.call(guest, Request::Stats) {
+                Err(HostError::Protocol { reason, .. }) => assert!(reason.contains("page 9 of 8")),
+                other => panic!("{kind}: {other:?}"),
+            }
+            assert_eq!(fleet.dead, vec![guest]);
+            drop(fleet);
+            assert_eq!(agent.join().unwrap(), 1, "{kind}: not retried");
+        }
     }
 }

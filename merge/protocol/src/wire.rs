@@ -18,8 +18,8 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::page::{Gfn, MergeOp, MergeResult, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome};
 
-/// Bumped on any incompatible change.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// Bumped on any incompatible change (2: [`Reply::Error`] carries a typed [`AgentError`]).
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame either side accepts (a digest batch of 64 Ki pages is ~1.5 MiB).
 pub const MAX_FRAME: usize = 16 << 20;
 
@@ -91,8 +91,58 @@ pub enum Reply {
     Unmerged(Vec<UnmergeOutcome>),
     /// For `Stats`.
     Stats(AgentStats),
-    /// The request could not be carried out; guest memory is intact.
-    Error(String),
+    /// The request could not be carried out; guest memory content is intact. What else
+    /// holds, and what the daemon should do, depends on the error's kind.
+    Error(AgentError),
+}
+
+/// Why an agent could not carry out a request: a kind the daemon acts on, and a detail
+/// for the log.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]
+#[error("{kind}: {detail}")]
+pub struct AgentError {
+    /// What went wrong, in terms the daemon can act on.
+    pub kind: AgentErrorKind,
+    /// What failed (the system call and its error, or the page out of range), for humans.
+    pub detail: String,
+}
+
+impl AgentError {
+    /// An error of `kind` with `detail`.
+    pub fn new(kind: AgentErrorKind, detail: impl Into<String>) -> Self {
+        Self {
+            kind,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// The kinds of [`AgentError`], and what each promises about the guest's state.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub enum AgentErrorKind {
+    /// The request itself was wrong: it named pages outside the guest's RAM or frames
+    /// outside the pool, or page work before a pool was sent. Nothing was changed. The
+    /// daemon's view of this guest is wrong (or the daemon misbehaves): it drops the guest.
+    BadRequest,
+    /// A momentary shortage (EAGAIN, ENOMEM, EINTR, EBUSY) stopped the request before it
+    /// changed anything: every page is mapped as before and the same request may be sent
+    /// again. The daemon retries it a few times before giving up on the guest.
+    Transient,
+    /// The agent failed for good, or part-way through a request after it had already
+    /// remapped some pages, so the daemon no longer knows which pages map which frames.
+    /// The daemon drops the guest (its frames stay until its process exits); the agent
+    /// registers again as a new guest.
+    Fatal,
+}
+
+impl std::fmt::Display for AgentErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::BadRequest => "bad request",
+            Self::Transient => "transient failure",
+            Self::Fatal => "fatal failure",
+        })
+    }
 }
 
 /// Agent → daemon.
@@ -249,6 +299,19 @@ mod tests {
         };
         send(&mut a, &rep, None).unwrap();
         assert_eq!(recv::<AgentMsg>(&mut b).unwrap().0, rep);
+
+        for kind in [
+            AgentErrorKind::BadRequest,
+            AgentErrorKind::Transient,
+            AgentErrorKind::Fatal,
+        ] {
+            let rep = AgentMsg::Reply {
+                id: 10,
+                reply: Reply::Error(AgentError::new(kind, "page 9 of 8")),
+            };
+            send(&mut a, &rep, None).unwrap();
+            assert_eq!(recv::<AgentMsg>(&mut b).unwrap().0, rep);
+        }
     }
 
     #[test]

@@ -8,11 +8,79 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tinyvmm_merge_protocol::{
-    wire, AgentMsg, AgentStats, DaemonMsg, Hello, Reply, Request, PROTOCOL_VERSION,
+    wire, AgentError, AgentErrorKind, AgentMsg, AgentStats, DaemonMsg, Hello, Reply, Request,
+    WireError, PROTOCOL_VERSION,
 };
 
 use super::bitmap::Bitmap;
-use super::pages::SharedRam;
+use super::pages::{PageError, SharedRam};
+
+/// Why the agent could not carry out one of the daemon's requests. Guest memory content is
+/// intact either way; [`RequestError::kind`] says what else the daemon may rely on.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// KVM's dirty log could not be read, so the agent cannot tell which pages changed.
+    #[error("cannot read which guest pages were written (KVM dirty log): {0}")]
+    DirtyLog(#[source] std::io::Error),
+    /// The page work on guest RAM failed.
+    #[error("{0}")]
+    Pages(#[from] PageError),
+}
+
+impl RequestError {
+    /// How the daemon should treat this failure (see [`AgentErrorKind`]).
+    pub fn kind(&self) -> AgentErrorKind {
+        match self {
+            // Harvested bits are kept (see `collect_dirty`): asking again loses nothing.
+            Self::DirtyLog(e) if is_transient_errno(e.raw_os_error()) => AgentErrorKind::Transient,
+            Self::DirtyLog(_) => AgentErrorKind::Fatal,
+            Self::Pages(PageError::Range(_) | PageError::NoPool) => AgentErrorKind::BadRequest,
+            Self::Pages(PageError::Incomplete(_)) => AgentErrorKind::Fatal,
+            Self::Pages(e) if e.is_transient() => AgentErrorKind::Transient,
+            Self::Pages(_) => AgentErrorKind::Fatal,
+        }
+    }
+}
+
+impl From<RequestError> for AgentError {
+    fn from(e: RequestError) -> Self {
+        AgentError::new(e.kind(), e.to_string())
+    }
+}
+
+fn is_transient_errno(errno: Option<i32>) -> bool {
+    matches!(
+        errno,
+        Some(libc::EAGAIN | libc::ENOMEM | libc::EINTR | libc::EBUSY)
+    )
+}
+
+/// Why one registration with the daemon ended. The agent then waits a second and
+/// registers again; the guest runs on either way.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Our hello could not be sent.
+    #[error("cannot introduce ourselves to the merge daemon: {0}")]
+    Hello(#[source] WireError),
+    /// The daemon did not answer the hello (in time, or readably).
+    #[error("the merge daemon did not welcome us: {0}")]
+    NoWelcome(#[source] WireError),
+    /// The daemon refused the registration.
+    #[error("the merge daemon refused us: {0}")]
+    Refused(String),
+    /// The daemon answered the hello with something other than a welcome and its pool.
+    #[error("unexpected answer to hello: {0}")]
+    UnexpectedWelcome(String),
+    /// The pool the daemon sent could not be mapped.
+    #[error("cannot map the merge daemon's pool: {0}")]
+    Pool(#[source] PageError),
+    /// The connection failed or closed (the daemon exited, or dropped this guest).
+    #[error("lost the merge daemon: {0}")]
+    Lost(#[source] WireError),
+    /// The daemon sent something other than a request.
+    #[error("the merge daemon sent something other than a request")]
+    OutOfTurn,
+}
 
 /// Where guest writes come from: KVM's dirty log.
 pub trait DirtySource: Send {
@@ -144,12 +212,16 @@ impl Agent {
     /// digest (KSM's "unchanged since the last visit"); a page never digested counts as
     /// dirty only if written since the previous harvest, so that a page at rest is a
     /// candidate on its very first visit instead of a full pass later.
-    fn collect_dirty(&mut self) -> Result<(), String> {
+    ///
+    /// Whatever was harvested is kept even if the harvest failed part-way (KVM has already
+    /// cleared those bits), so that a failed request can be asked again without losing
+    /// writes.
+    fn collect_dirty(&mut self) -> Result<(), RequestError> {
         if let Some(src) = self.dirty_source.as_mut() {
             self.harvest.clear();
-            src.collect(&mut self.harvest)
-                .map_err(|e| format!("dirty log: {e}"))?;
+            let res = src.collect(&mut self.harvest);
             self.dirty.fold_harvest(&self.digested, &self.harvest);
+            res.map_err(RequestError::DirtyLog)?;
         }
         Ok(())
     }
@@ -198,50 +270,48 @@ impl Agent {
     }
 
     fn serve(&mut self, req: Request) -> Reply {
-        let r = match req {
-            Request::Digest(runs) => self.collect_dirty().and_then(|()| {
-                let mut out = Vec::new();
-                let dirty = self.dirty_source.is_some().then_some(&mut self.dirty);
-                let r = self
-                    .ram
-                    .digest(&runs, dirty, &mut out)
-                    .map(|()| Reply::Digests(out))
-                    .map_err(|e| e.to_string());
-                self.mark_digested(&runs);
-                r
-            }),
-            Request::DigestDirty(max) => self.collect_dirty().and_then(|()| self.digest_dirty(max)),
-            Request::Merge(ops) => {
-                let mut out = Vec::new();
-                self.ram
-                    .merge(&ops, &mut out)
-                    .map(|()| Reply::Merged(out))
-                    .map_err(|e| e.to_string())
-            }
-            Request::ReclaimZero(gfns) => {
-                let mut out = Vec::new();
-                self.ram
-                    .reclaim_zero(&gfns, &mut out)
-                    .map(|()| Reply::Zero(out))
-                    .map_err(|e| e.to_string())
-            }
-            Request::Unmerge(gfns) => {
-                let mut out = Vec::new();
-                self.ram
-                    .unmerge(&gfns, &mut out)
-                    .map(|()| Reply::Unmerged(out))
-                    .map_err(|e| e.to_string())
-            }
-            Request::Stats => Ok(Reply::Stats(self.stats())),
-        };
+        let r = self.carry_out(req);
         self.drain_fault_events();
         r.unwrap_or_else(|e| {
-            tracing::warn!("merge request failed: {e}");
-            Reply::Error(e)
+            tracing::warn!(kind = %e.kind(), "merge request failed: {e}");
+            Reply::Error(e.into())
         })
     }
 
-    fn digest_dirty(&mut self, max: u32) -> Result<Reply, String> {
+    fn carry_out(&mut self, req: Request) -> Result<Reply, RequestError> {
+        Ok(match req {
+            Request::Digest(runs) => {
+                self.collect_dirty()?;
+                let mut out = Vec::new();
+                let dirty = self.dirty_source.is_some().then_some(&mut self.dirty);
+                self.ram.digest(&runs, dirty, &mut out)?;
+                self.mark_digested(&runs);
+                Reply::Digests(out)
+            }
+            Request::DigestDirty(max) => {
+                self.collect_dirty()?;
+                self.digest_dirty(max)?
+            }
+            Request::Merge(ops) => {
+                let mut out = Vec::new();
+                self.ram.merge(&ops, &mut out)?;
+                Reply::Merged(out)
+            }
+            Request::ReclaimZero(gfns) => {
+                let mut out = Vec::new();
+                self.ram.reclaim_zero(&gfns, &mut out)?;
+                Reply::Zero(out)
+            }
+            Request::Unmerge(gfns) => {
+                let mut out = Vec::new();
+                self.ram.unmerge(&gfns, &mut out)?;
+                Reply::Unmerged(out)
+            }
+            Request::Stats => Reply::Stats(self.stats()),
+        })
+    }
+
+    fn digest_dirty(&mut self, max: u32) -> Result<Reply, RequestError> {
         // Dirty pages from the cursor to the end, then from the start: fair across rounds.
         let total = self.ram.pages();
         let start = self.dirty_cursor.min(total);
@@ -266,8 +336,7 @@ impl Agent {
             .collect();
         let mut digests = Vec::new();
         self.ram
-            .digest(&runs, Some(&mut self.dirty), &mut digests)
-            .map_err(|e| e.to_string())?;
+            .digest(&runs, Some(&mut self.dirty), &mut digests)?;
         self.mark_digested(&runs);
         let more = self.dirty.next_set(0).is_some();
         Ok(Reply::DirtyDigests(
@@ -277,17 +346,20 @@ impl Agent {
     }
 
     /// One registration: hello, welcome, then requests until the daemon goes away.
-    fn session(&mut self, mut stream: UnixStream) -> Result<(), String> {
-        wire::send(&mut stream, &AgentMsg::Hello(self.hello()), None).map_err(|e| e.to_string())?;
+    fn session(&mut self, mut stream: UnixStream) -> Result<(), SessionError> {
+        wire::send(&mut stream, &AgentMsg::Hello(self.hello()), None)
+            .map_err(SessionError::Hello)?;
         let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-        let (msg, fd) = wire::recv::<DaemonMsg>(&mut stream).map_err(|e| e.to_string())?;
+        let (msg, fd) = wire::recv::<DaemonMsg>(&mut stream).map_err(SessionError::NoWelcome)?;
         match (msg, fd) {
             (DaemonMsg::Welcome { guest, pool_len }, Some(fd)) => {
                 // A new daemon has digested nothing: start the dirty state afresh.
                 self.digested.clear();
                 self.dirty.set_all();
                 self.dirty_cursor = 0;
-                self.ram.set_pool(fd, pool_len).map_err(|e| e.to_string())?;
+                self.ram
+                    .set_pool(fd, pool_len)
+                    .map_err(SessionError::Pool)?;
                 tracing::info!(guest, "registered with the merge daemon");
                 self.publish(|st| {
                     st.registered = true;
@@ -295,16 +367,19 @@ impl Agent {
                     st.registrations += 1;
                 });
             }
-            (DaemonMsg::Refused(why), _) => {
-                return Err(format!("the merge daemon refused us: {why}"))
+            (DaemonMsg::Refused(why), _) => return Err(SessionError::Refused(why)),
+            (other, fd) => {
+                return Err(SessionError::UnexpectedWelcome(format!(
+                    "{other:?}{}",
+                    if fd.is_none() { " without a pool" } else { "" }
+                )))
             }
-            (other, _) => return Err(format!("unexpected answer to hello: {other:?}")),
         }
         let _ = stream.set_read_timeout(None);
         loop {
-            let (msg, _) = wire::recv::<DaemonMsg>(&mut stream).map_err(|e| e.to_string())?;
+            let (msg, _) = wire::recv::<DaemonMsg>(&mut stream).map_err(SessionError::Lost)?;
             let DaemonMsg::Request { id, request } = msg else {
-                return Err("unexpected message from the daemon".into());
+                return Err(SessionError::OutOfTurn);
             };
             let is_stats = matches!(request, Request::Stats);
             let reply = self.serve(request);
@@ -313,7 +388,7 @@ impl Agent {
                 _ => None,
             };
             wire::send(&mut stream, &AgentMsg::Reply { id, reply }, None)
-                .map_err(|e| e.to_string())?;
+                .map_err(SessionError::Lost)?;
             let mapped = self.ram.pool_mapped_pages();
             self.publish(|st| {
                 st.requests += 1;
@@ -412,4 +487,48 @@ pub fn spawn_agent(
         .name("merge-agent".into())
         .spawn(move || agent.run())?;
     Ok((t, status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(e: PageError) -> AgentErrorKind {
+        RequestError::from(e).kind()
+    }
+
+    fn os(errno: i32) -> PageError {
+        PageError::Os {
+            what: "mmap",
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    #[test]
+    fn page_errors_map_to_the_kinds_the_daemon_acts_on() {
+        assert_eq!(
+            kind(PageError::Range("page 8 of 8".into())),
+            AgentErrorKind::BadRequest
+        );
+        assert_eq!(kind(PageError::NoPool), AgentErrorKind::BadRequest);
+        assert_eq!(kind(os(libc::EAGAIN)), AgentErrorKind::Transient);
+        assert_eq!(kind(os(libc::ENOMEM)), AgentErrorKind::Transient);
+        assert_eq!(kind(os(libc::EINVAL)), AgentErrorKind::Fatal);
+        // A shortage after part of the request was remapped cannot be retried.
+        assert_eq!(
+            kind(PageError::Incomplete(Box::new(os(libc::EAGAIN)))),
+            AgentErrorKind::Fatal
+        );
+        assert_eq!(
+            RequestError::DirtyLog(std::io::Error::from_raw_os_error(libc::EINTR)).kind(),
+            AgentErrorKind::Transient
+        );
+        assert_eq!(
+            RequestError::DirtyLog(std::io::Error::from_raw_os_error(libc::EFAULT)).kind(),
+            AgentErrorKind::Fatal
+        );
+        let e = AgentError::from(RequestError::from(PageError::Range("page 9 of 8".into())));
+        assert_eq!(e.kind, AgentErrorKind::BadRequest);
+        assert!(e.detail.contains("page 9 of 8"));
+    }
 }

@@ -1,0 +1,249 @@
+//! The scanner: the daemon's main thread. It owns the [`Engine`] and the [`Fleet`], runs
+//! one merge round every `sleep_millisecs` (backing off while rounds find nothing to do),
+//! applies commands (registrations, control API requests) between rounds, and removes
+//! guests whose agents are gone.
+
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::time::{Duration, Instant};
+
+use tinyvmm_merge::{Engine, Knobs};
+
+use crate::acceptor::accept_loop;
+use crate::control::{handle, Cmd, Control};
+use crate::error::DaemonError;
+use crate::fleet::Fleet;
+
+/// Settings of one daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Where agents register.
+    pub socket: PathBuf,
+    /// Initial knobs.
+    pub knobs: Knobs,
+    /// How long an agent may take to answer one request before its guest is dropped.
+    pub request_timeout: Duration,
+}
+
+/// A daemon that is set up (lock held, socket bound) but not yet scanning.
+pub struct Daemon {
+    cfg: DaemonConfig,
+    _lock: std::fs::File,
+    listener: UnixListener,
+    rx: Receiver<Cmd>,
+    tx: Sender<Cmd>,
+}
+
+fn setup<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> DaemonError + 'a {
+    move |source| DaemonError::Setup {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl Daemon {
+    /// Takes the lock and binds the socket (mode 0600).
+    pub fn bind(cfg: DaemonConfig) -> Result<Self, DaemonError> {
+        cfg.knobs.validate()?;
+        let dir = cfg
+            .socket
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("."));
+        std::fs::create_dir_all(&dir).map_err(setup("cannot create", &dir))?;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        let lock_path = cfg.socket.with_extension("lock");
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(setup("cannot open", &lock_path))?;
+        // SAFETY: flock on a file we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(DaemonError::AlreadyRunning(cfg.socket.clone()));
+        }
+        // We hold the lock: any socket file left there is stale.
+        let _ = std::fs::remove_file(&cfg.socket);
+        let listener = tinyvmm_sys::socket::bind_unix_0600(&cfg.socket)
+            .map_err(setup("cannot listen on", &cfg.socket))?;
+        let (tx, rx) = mpsc::channel();
+        Ok(Self {
+            cfg,
+            _lock: lock,
+            listener,
+            rx,
+            tx,
+        })
+    }
+
+    /// A handle for the control API.
+    pub fn control(&self) -> Control {
+        Control {
+            tx: self.tx.clone(),
+        }
+    }
+
+    /// Runs until `stop` returns true (checked between rounds).
+    pub fn run(self, stop: &dyn Fn() -> bool) -> Result<(), DaemonError> {
+        let listener = self
+            .listener
+            .try_clone()
+            .map_err(setup("cannot clone", &self.cfg.socket))?;
+        let tx = self.tx.clone();
+        std::thread::Builder::new()
+            .name("merged-accept".into())
+            .spawn(move || accept_loop(listener, tx))
+            .map_err(setup("cannot start acceptor for", &self.cfg.socket))?;
+        let mut engine = Engine::new(self.cfg.knobs)?;
+        let mut fleet = Fleet::new(self.cfg.request_timeout);
+        let mut next_round = Instant::now();
+        let mut rounds: u64 = 0;
+        let mut budget_warned: Option<Instant> = None;
+        let mut idle_streak: u32 = 0;
+        tracing::info!(socket = %self.cfg.socket.display(), "merge daemon ready");
+        while !stop() {
+            let now = Instant::now();
+            let wait = next_round
+                .saturating_duration_since(now)
+                .min(Duration::from_millis(200));
+            match self.rx.recv_timeout(wait) {
+                Ok(cmd) => {
+                    if handle(cmd, &mut engine, &mut fleet) {
+                        // Knobs changed: wake up now, without idle back-off.
+                        idle_streak = 0;
+                        next_round = Instant::now();
+                    }
+                    // Fall through: rounds stay on time however many requests arrive.
+                }
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            if Instant::now() < next_round {
+                continue;
+            }
+            reap(&mut engine, &mut fleet);
+            let start = cpu_time();
+            let report = engine.scan_round(&mut fleet);
+            let cpu = cpu_time().saturating_sub(start);
+            engine.advise(cpu, &report);
+            rounds += 1;
+            if report.pages_visited > 0 || report.merges > 0 || report.splits > 0 {
+                tracing::debug!(round = rounds, ?report, "merge round");
+            }
+            if report.skipped_vma_budget > 0
+                && budget_warned.is_none_or(|t| t.elapsed() > Duration::from_secs(10))
+            {
+                budget_warned = Some(Instant::now());
+                let short: Vec<u32> = engine
+                    .guests()
+                    .iter()
+                    .filter(|g| g.vma_mappings + 2 >= g.vma_budget)
+                    .map(|g| g.id.0)
+                    .collect();
+                tracing::warn!(
+                    skipped = report.skipped_vma_budget,
+                    guests = ?short,
+                    "VMA budget exhausted: pages left unmerged (raise vm.max_map_count or --vma-budget)"
+                );
+            }
+            remove_dead(&mut engine, &mut fleet);
+            // Idle back-off: a round that found nothing to do (every guest tracked by its
+            // dirty log, at most a handful of pages written — an idle kernel's stack and
+            // timer state — and nothing merged, split or reclaimed) doubles the next sleep,
+            // up to 32 × the knob (at least 200 ms, at most 1 s). Writes are still all
+            // caught — the dirty log keeps them — just noticed later. Any work resets it.
+            const IDLE_PAGES: u64 = 64;
+            let idle = report.pages_visited <= IDLE_PAGES
+                && report.merges == 0
+                && report.splits == 0
+                && report.zero_reclaimed == 0;
+            idle_streak = if idle { (idle_streak + 1).min(5) } else { 0 };
+            let sleep = engine.sleep();
+            let delay = if idle_streak == 0 {
+                sleep
+            } else {
+                let cap = (sleep * 32).clamp(Duration::from_millis(200), Duration::from_secs(1));
+                (sleep.max(Duration::from_millis(1)) * (1 << idle_streak)).min(cap)
+            };
+            next_round = Instant::now() + delay;
+        }
+        Ok(())
+    }
+}
+
+/// CPU time of this thread.
+fn cpu_time() -> Duration {
+    // SAFETY: a zeroed timespec is valid; clock_gettime writes it.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: valid pointer; CLOCK_THREAD_CPUTIME_ID always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
+}
+
+/// Finds agents that hung up while idle: agents only speak when asked, so a readable (or
+/// hung-up) socket between requests means the VM process is gone.
+fn reap(engine: &mut Engine, fleet: &mut Fleet) {
+    for (id, conn) in &fleet.conns {
+        let mut pfd = libc::pollfd {
+            fd: conn.stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, zero timeout.
+        let n = unsafe { libc::poll(&mut pfd, 1, 0) };
+        if n > 0 && pfd.revents != 0 {
+            fleet.dead.push(*id);
+        }
+    }
+    remove_dead(engine, fleet);
+}
+
+pub(crate) fn remove_dead(engine: &mut Engine, fleet: &mut Fleet) {
+    let mut dead = std::mem::take(&mut fleet.dead);
+    dead.sort_unstable();
+    dead.dedup();
+    for id in dead {
+        fleet.agent_stats.remove(&id);
+        let Some(conn) = fleet.conns.remove(&id) else {
+            continue;
+        };
+        if conn.process.exited() {
+            tracing::info!(
+                guest = id.0,
+                pid = conn.process.pid(),
+                "guest left; dropping its references"
+            );
+            let _ = engine.remove_guest(id, fleet);
+        } else {
+            // Its agent is gone but the VM lives, and its pages may still map our frames:
+            // keep them (the engine has the guest failed, or will on its next call) until
+            // the process exits. A new registration from it is a new guest.
+            tracing::warn!(
+                guest = id.0,
+                pid = conn.process.pid(),
+                "agent connection lost while the VM process lives; its frames stay until it exits"
+            );
+            fleet.orphans.push((id, conn.process));
+        }
+    }
+    let (gone, alive): (Vec<_>, Vec<_>) = std::mem::take(&mut fleet.orphans)
+        .into_iter()
+        .partition(|(_, p)| p.exited());
+    fleet.orphans = alive;
+    for (id, p) in gone {
+        tracing::info!(
+            guest = id.0,
+            pid = p.pid(),
+            "VM process exited; dropping its references"
+        );
+        let _ = engine.remove_guest(id, fleet);
+    }
+}
