@@ -295,7 +295,7 @@ fn vma_budget_refusals_back_off_instead_of_spinning() {
         // ~180 deferred pages of each guest.
         let rounds = 64;
         let refused: u64 = (0..rounds).map(|_| f.round().skipped_vma_budget).sum();
-        let deferred = (n / 2) as u64;
+        let deferred = n / 2;
         assert!(
             refused < deferred * rounds / 8,
             "dirty={dirty}: {refused} refusals in {rounds} rounds, {deferred} deferred pages"
