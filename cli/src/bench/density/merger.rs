@@ -1,0 +1,214 @@
+//! Each mode's merger: nothing, the kernel's KSM (knobs saved, set and restored), or a
+//! tinyvmm merge daemon of its own in the run directory.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{DensityArgs, DensityError, Mode};
+use crate::fleet::guest::GuestProc;
+use crate::fleet::procfs::{self, KsmGuard};
+use tinyvmm_api::client::ApiClient;
+use tinyvmm_merge::{KnobsUpdate, RunMode};
+
+fn kernel_knob(knob: &'static str, value: u64) -> Result<(), DensityError> {
+    procfs::ksm_write(knob, value).map_err(|source| DensityError::KernelKnob { knob, source })
+}
+
+pub(super) fn mem_available() -> i64 {
+    let s = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let get = |k: &str| -> i64 {
+        s.lines()
+            .find(|l| l.starts_with(k))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    get("MemTotal:") - get("MemAvailable:")
+}
+
+/// The merger of one mode.
+pub(super) enum Merger {
+    None,
+    Kernel {
+        _guard: KsmGuard,
+        ksmd: Option<u32>,
+        cpu0: Duration,
+    },
+    Tinyvmm {
+        daemon: Child,
+        api: ApiClient,
+        socket: PathBuf,
+        cpu0: Duration,
+    },
+}
+
+impl Merger {
+    pub(super) fn start(mode: Mode, a: &DensityArgs, run_dir: &Path) -> Result<Self, DensityError> {
+        match mode {
+            Mode::None => Ok(Merger::None),
+            Mode::Kernel => {
+                let guard = KsmGuard::new().map_err(DensityError::NoKernelKsm)?;
+                kernel_knob("run", 0)?;
+                kernel_knob("pages_to_scan", u64::from(a.pages_to_scan))?;
+                kernel_knob("sleep_millisecs", u64::from(a.sleep_ms))?;
+                Ok(Merger::Kernel {
+                    _guard: guard,
+                    ksmd: procfs::ksmd_pid(),
+                    cpu0: Duration::ZERO,
+                })
+            }
+            Mode::Tinyvmm => {
+                let _ = std::fs::remove_dir_all(run_dir);
+                std::fs::create_dir_all(run_dir).map_err(|source| DensityError::Output {
+                    path: run_dir.to_path_buf(),
+                    source,
+                })?;
+                let socket = run_dir.join("merged.sock");
+                let api = run_dir.join("api.sock");
+                let exe = std::env::current_exe().map_err(DensityError::NoExe)?;
+                let log_path = run_dir.join("merged.log");
+                let log =
+                    std::fs::File::create(&log_path).map_err(|source| DensityError::Output {
+                        path: log_path,
+                        source,
+                    })?;
+                let daemon = Command::new(exe)
+                    .env("TINYVMM_RUN_DIR", run_dir)
+                    .args(["merged", "--run", "0"])
+                    .arg("--socket")
+                    .arg(&socket)
+                    .arg("--api-sock")
+                    .arg(&api)
+                    .arg("--pages-to-scan")
+                    .arg(a.pages_to_scan.to_string())
+                    .arg("--sleep-ms")
+                    .arg(a.sleep_ms.to_string())
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(log)
+                    .spawn()
+                    .map_err(DensityError::StartDaemon)?;
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while !(socket.exists() && api.exists()) {
+                    if Instant::now() > deadline {
+                        return Err(DensityError::DaemonDidNotStart);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(Merger::Tinyvmm {
+                    daemon,
+                    api: ApiClient::new(&api)?,
+                    socket,
+                    cpu0: Duration::ZERO,
+                })
+            }
+        }
+    }
+
+    pub(super) fn guest_args(&self) -> Vec<String> {
+        match self {
+            Merger::None => vec![],
+            Merger::Kernel { .. } => vec!["--share-memory=kernel".into()],
+            Merger::Tinyvmm { socket, .. } => vec![
+                "--share-memory".into(),
+                "--merge-socket".into(),
+                socket.display().to_string(),
+                "--no-daemon-autostart".into(),
+            ],
+        }
+    }
+
+    pub(super) fn cpu(&self, guests: &[GuestProc]) -> Duration {
+        match self {
+            Merger::None => Duration::ZERO,
+            Merger::Kernel { ksmd, .. } => ksmd.and_then(procfs::process_cpu).unwrap_or_default(),
+            Merger::Tinyvmm { daemon, .. } => {
+                procfs::process_cpu(daemon.id()).unwrap_or_default()
+                    + guests
+                        .iter()
+                        .map(|g| procfs::thread_cpu(g.pid(), "merge-agent"))
+                        .sum::<Duration>()
+            }
+        }
+    }
+
+    pub(super) fn enable(&mut self, guests: &[GuestProc]) -> Result<(), DensityError> {
+        let now = self.cpu(guests);
+        match self {
+            Merger::None => Ok(()),
+            Merger::Kernel { cpu0, .. } => {
+                *cpu0 = now;
+                kernel_knob("run", 1)
+            }
+            Merger::Tinyvmm { api, cpu0, .. } => {
+                *cpu0 = now;
+                api.patch_ksm(&KnobsUpdate {
+                    run: Some(RunMode::Run),
+                    ..KnobsUpdate::default()
+                })?;
+                Ok(())
+            }
+        }
+    }
+
+    pub(super) fn cpu_since_enable(&self, guests: &[GuestProc]) -> f64 {
+        let base = match self {
+            Merger::None => Duration::ZERO,
+            Merger::Kernel { cpu0, .. } | Merger::Tinyvmm { cpu0, .. } => *cpu0,
+        };
+        self.cpu(guests).saturating_sub(base).as_secs_f64()
+    }
+
+    pub(super) fn pages_saved(&self) -> u64 {
+        match self {
+            Merger::None => 0,
+            Merger::Kernel { .. } => procfs::ksm_read("pages_sharing").unwrap_or(0),
+            // A sample the daemon cannot answer counts as nothing saved (and says so).
+            Merger::Tinyvmm { api, .. } => match api.ksm() {
+                Ok(s) => s.counters.pages_sharing + s.counters.zero_pages,
+                Err(e) => {
+                    eprintln!("  tinyvmm: no sample: {e}");
+                    0
+                }
+            },
+        }
+    }
+
+    /// Write-protection stalls reported by the agents: (median p50, max p99).
+    pub(super) fn protect_stalls(&self) -> Option<(u64, u64)> {
+        let Merger::Tinyvmm { api, .. } = self else {
+            return None;
+        };
+        let guests = match api.guests() {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("  tinyvmm: no write-protect statistics: {e}");
+                return None;
+            }
+        };
+        let mut p50: Vec<f64> = guests
+            .iter()
+            .map(|g| g.agent.protect_p50_ns as f64)
+            .collect();
+        let p99 = guests.iter().map(|g| g.agent.protect_p99_ns).max()?;
+        Some((crate::bench::median(&mut p50) as u64, p99))
+    }
+
+    pub(super) fn overhead(&self) -> u64 {
+        match self {
+            Merger::Tinyvmm { daemon, .. } => procfs::pss_bytes(daemon.id()).unwrap_or(0),
+            _ => 0,
+        }
+    }
+}
+
+impl Drop for Merger {
+    fn drop(&mut self) {
+        if let Merger::Tinyvmm { daemon, .. } = self {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+        }
+    }
+}

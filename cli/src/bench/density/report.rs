@@ -1,0 +1,153 @@
+//! The density benchmark's table, ratios and plots.
+
+use std::path::Path;
+
+use super::super::plot::{line_chart, PlotError, Series};
+use super::{DensityArgs, Mode, ModeResult};
+
+pub(super) fn mib(b: u64) -> f64 {
+    b as f64 / 1048576.0
+}
+
+fn opt(v: Option<f64>, unit: &str) -> String {
+    v.map_or("-".into(), |v| format!("{v:.2}{unit}"))
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.3}", a / b),
+        _ => "-".into(),
+    }
+}
+
+pub(super) fn report(results: &[ModeResult], a: &DensityArgs) {
+    let n = results.first().map_or(0, |r| r.guests);
+    let layout = results.first().map_or("", |r| r.layout.as_str());
+    println!(
+        "\ntinyvmm bench density: {n} guests × {} MiB, layout {layout}, {}% shared, {}% zero, churn {} pages/ms, pages_to_scan {}, sleep {} ms",
+        a.mem >> 20,
+        a.shared_pct,
+        a.zero_pct,
+        a.churn,
+        a.pages_to_scan,
+        a.sleep_ms
+    );
+    let none_pss = results
+        .iter()
+        .find(|r| r.mode == Mode::None)
+        .map(|r| r.final_pss);
+    println!(
+        "{:<8} {:>12} {:>9} {:>8} {:>8} {:>9} {:>11} {:>9} {:>10} {:>10} {:>12}",
+        "mode",
+        "MiB/guest",
+        "savings",
+        "t90 s",
+        "t100 s",
+        "CPU s",
+        "µs/page",
+        "idle CPU",
+        "write p50",
+        "write p99",
+        "merger MiB"
+    );
+    for r in results {
+        if let Some(why) = &r.skipped {
+            println!("{:<8} skipped: {why}", r.mode.name());
+            continue;
+        }
+        let savings = none_pss
+            .filter(|b| *b > 0)
+            .map(|b| 100.0 * (1.0 - r.final_pss as f64 / b as f64));
+        println!(
+            "{:<8} {:>12.1} {:>9} {:>8} {:>8} {:>9.2} {:>11} {:>8.2}% {:>8}ns {:>8}ns {:>12.1}",
+            r.mode.name(),
+            mib(r.final_pss) / f64::from(r.guests.max(1)),
+            opt(savings, "%"),
+            opt(r.t90_s, ""),
+            opt(r.t100_s, ""),
+            r.converge_cpu_s,
+            opt(r.cpu_us_per_saved_page, ""),
+            r.idle_cpu_pct,
+            r.write_p50_ns.unwrap_or(0),
+            r.write_p99_ns.unwrap_or(0),
+            mib(r.merger_overhead_bytes),
+        );
+    }
+    for r in results {
+        if let (Some(p50), Some(p99)) = (r.protect_p50_ns, r.protect_p99_ns) {
+            println!(
+                "{}: pages write-protected per merge batch (a guest write waits at most this): p50 {:.1} µs, p99 {:.1} µs",
+                r.mode.name(),
+                p50 as f64 / 1e3,
+                p99 as f64 / 1e3
+            );
+        }
+    }
+    if let Some(limit) = results.first().map(|r| r.physical_limit_bytes) {
+        println!(
+            "physical limit (one copy of shared + all unique fill pages): {:.1} MiB total",
+            mib(limit)
+        );
+    }
+    let k = results
+        .iter()
+        .find(|r| r.mode == Mode::Kernel && r.skipped.is_none());
+    let t = results.iter().find(|r| r.mode == Mode::Tinyvmm);
+    if let (Some(k), Some(t)) = (k, t) {
+        println!("ratios tinyvmm/kernel (measured in this run):");
+        println!(
+            "  memory            {}",
+            ratio(Some(t.final_pss as f64), Some(k.final_pss as f64))
+        );
+        println!(
+            "  pages saved       {}",
+            ratio(Some(t.pages_saved as f64), Some(k.pages_saved as f64))
+        );
+        println!("  time to 90%       {}", ratio(t.t90_s, k.t90_s));
+        println!(
+            "  CPU per page      {}",
+            ratio(t.cpu_us_per_saved_page, k.cpu_us_per_saved_page)
+        );
+        println!(
+            "  idle CPU          {}",
+            ratio(Some(t.idle_cpu_pct), Some(k.idle_cpu_pct))
+        );
+    }
+}
+
+pub(super) fn plots(results: &[ModeResult], out: &Path, layout: &str) -> Result<(), PlotError> {
+    let mem: Vec<Series> = results
+        .iter()
+        .filter(|r| r.skipped.is_none())
+        .map(|r| Series {
+            name: r.mode.name(),
+            points: r.samples.iter().map(|s| (s.t, mib(s.guests_pss))).collect(),
+        })
+        .collect();
+    line_chart(
+        &out.join(format!("memory-{layout}.svg")),
+        &format!("Guest memory on the host (sum of Pss), layout {layout}"),
+        "seconds since merging started",
+        "MiB",
+        &mem,
+    )?;
+    let saved: Vec<Series> = results
+        .iter()
+        .filter(|r| r.skipped.is_none() && r.mode != Mode::None)
+        .map(|r| Series {
+            name: r.mode.name(),
+            points: r
+                .samples
+                .iter()
+                .map(|s| (s.t, s.pages_saved as f64))
+                .collect(),
+        })
+        .collect();
+    line_chart(
+        &out.join(format!("pages_saved-{layout}.svg")),
+        &format!("Pages saved (pages_sharing, + zero_pages for tinyvmm), layout {layout}"),
+        "seconds since merging started",
+        "pages",
+        &saved,
+    )
+}
