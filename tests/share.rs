@@ -490,6 +490,45 @@ fn share_memory_autostarts_one_daemon_for_concurrent_guests() {
         })
         .collect();
     assert_eq!(daemons.len(), 1, "exactly one daemon: {daemons:?}");
+    // It inherits none of the VMM's descriptors: every eventfd, userfaultfd and KVM fd of
+    // the VMs is close-on-exec, and the daemon holds no KVM or userfaultfd fd.
+    let fds_of = |pid: u32| -> Vec<(String, String)> {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let link = std::fs::read_link(e.path()).ok()?;
+                let info = std::fs::read_to_string(format!(
+                    "/proc/{pid}/fdinfo/{}",
+                    e.file_name().to_string_lossy()
+                ))
+                .ok()?;
+                Some((link.to_string_lossy().into_owned(), info))
+            })
+            .collect()
+    };
+    for vm in [a.id(), b.id()] {
+        for (link, info) in fds_of(vm) {
+            if ["eventfd", "userfaultfd", "kvm"]
+                .iter()
+                .any(|k| link.contains(k))
+            {
+                let flags = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                    .unwrap();
+                assert_ne!(flags & 0o2000000, 0, "VM fd {link} is not close-on-exec");
+            }
+        }
+    }
+    let daemon_fds = fds_of(daemons[0]);
+    assert!(
+        !daemon_fds
+            .iter()
+            .any(|(l, _)| l.contains("userfaultfd") || l.contains("kvm")),
+        "the daemon inherited a VM descriptor: {daemon_fds:?}"
+    );
     let mode = std::fs::metadata(&sock).unwrap();
     assert_eq!(
         std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
@@ -511,6 +550,47 @@ fn share_memory_autostarts_one_daemon_for_concurrent_guests() {
         assert!(Instant::now() < deadline, "the daemon ignored SIGTERM");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Another user could pre-create a world-writable run directory and put a fake daemon's
+/// socket in it: the VM refuses that directory with a clear message, never connects, and
+/// its guest runs unmerged and loses nothing.
+#[test]
+fn fake_daemon_in_a_world_writable_run_dir_is_refused() {
+    require_kvm!();
+    let dir = common::scratch_dir("fake-daemon");
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let sock = dir.join("merged.sock");
+    let fake = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    fake.set_nonblocking(true).unwrap();
+    let out = Command::new(BIN)
+        .env("TINYVMM_RUN_DIR", &dir)
+        .args([
+            "run",
+            "--mem",
+            "32M",
+            "--share-memory",
+            "--cmdline",
+            "console=ttyS0 reboot=k panic=-1 workload=fill,wait,verify mib=16 wait_ms=1500",
+        ])
+        .arg("--merge-socket")
+        .arg(&sock)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("VERIFY OK"), "{stdout}");
+    assert!(
+        stderr.contains("refusing the merge daemon")
+            && stderr.contains("writable by group or others"),
+        "{stderr}"
+    );
+    assert!(
+        matches!(fake.accept(), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+        "the VM connected to the fake daemon"
+    );
 }
 
 #[test]

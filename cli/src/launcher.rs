@@ -1,5 +1,6 @@
 //! How a VM starts the merge daemon when none is running: this binary, `merged`.
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
@@ -27,10 +28,12 @@ impl DaemonLauncher for MergedLauncher {
             .arg(socket)
             .stdin(Stdio::null())
             .stdout(Stdio::null());
-        // Keep the daemon's log where users find it.
+        // Keep the daemon's log where users find it; never through a symbolic link that
+        // someone left in its place.
         match std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(socket.with_extension("log"))
         {
             Ok(f) => cmd.stderr(f),

@@ -30,7 +30,7 @@ impl ExitSignal {
     pub fn new() -> std::io::Result<Self> {
         Ok(Self {
             reason: Arc::new(Mutex::new(None)),
-            evt: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            evt: Arc::new(EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?),
         })
     }
 

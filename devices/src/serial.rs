@@ -83,7 +83,7 @@ impl SerialDevice {
     /// A UART raising `irq` and writing guest output to `out`. Returns the device and the
     /// eventfd that becomes readable when the receive FIFO empties.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> io::Result<(Self, EventFd)> {
-        let buffer_empty = EventFd::new(EFD_NONBLOCK)?;
+        let buffer_empty = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
         let events = InputEvents {
             buffer_empty: buffer_empty.try_clone()?,
         };

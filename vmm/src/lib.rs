@@ -251,7 +251,8 @@ impl Vmm {
         // Devices.
         let exit = ExitSignal::new().map_err(host("exit eventfd"))?;
         let mut bus = PioBus::new();
-        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(host("serial irq eventfd"))?;
+        let serial_irq =
+            EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(host("serial irq eventfd"))?;
         vm.register_irqfd(&serial_irq, COM1_IRQ)
             .map_err(kvm_err("KVM_IRQFD (serial)"))?;
         let (serial, buffer_empty) =

@@ -139,20 +139,10 @@ pub(crate) fn register(
 
 /// The pid of the process at the other end of a Unix socket (SO_PEERCRED).
 fn peer_pid(stream: &UnixStream) -> Option<u32> {
-    // SAFETY: ucred is plain data; zero is a valid value.
-    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`; the fd is a live socket.
-    let rc = unsafe {
-        libc::getsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            (&mut cred as *mut libc::ucred).cast(),
-            &mut len,
-        )
-    };
-    (rc == 0 && cred.pid > 0).then_some(cred.pid as u32)
+    tinyvmm_sys::socket::peer_cred(stream)
+        .ok()
+        .map(|c| c.pid)
+        .filter(|&pid| pid > 0)
 }
 
 fn next_guest_id() -> u32 {

@@ -23,6 +23,9 @@ pub enum DaemonError {
     /// Bad knobs on the command line.
     #[error("invalid settings: {0}")]
     Knobs(#[from] tinyvmm_merge::KnobError),
+    /// The run directory is not private to this user (or cannot be created).
+    #[error("run directory: {0}")]
+    RunDir(#[from] tinyvmm_sys::dir::PrivateDirError),
 }
 
 /// Why the daemon's state could not be read.

@@ -4,7 +4,6 @@
 //! guests whose agents are gone.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -57,8 +56,7 @@ impl Daemon {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        std::fs::create_dir_all(&dir).map_err(setup("cannot create", &dir))?;
-        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        tinyvmm_sys::dir::ensure_private_dir(&dir)?;
         let lock_path = cfg.socket.with_extension("lock");
         let lock = std::fs::OpenOptions::new()
             .create(true)

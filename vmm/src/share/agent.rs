@@ -88,6 +88,37 @@ pub trait DirtySource: Send {
     fn collect(&mut self, into: &mut Bitmap) -> std::io::Result<()>;
 }
 
+/// Why the agent did not connect to a daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Nobody answers on the socket (no daemon yet, or it went away).
+    #[error("{0}")]
+    NoDaemon(std::io::Error),
+    /// The socket's directory could be changed by another user.
+    #[error(transparent)]
+    UnsafeRunDir(#[from] tinyvmm_sys::dir::PrivateDirError),
+    /// The process listening there runs as another (non-root) user.
+    #[error(
+        "the process listening there (pid {pid}) runs as uid {uid}, neither root nor this user"
+    )]
+    ForeignDaemon {
+        /// Its pid.
+        pid: u32,
+        /// Its uid.
+        uid: u32,
+    },
+}
+
+impl ConnectError {
+    /// Whether the daemon there must not be trusted (as opposed to: not there yet).
+    fn untrusted(&self) -> bool {
+        match self {
+            ConnectError::NoDaemon(_) => false,
+            ConnectError::UnsafeRunDir(_) | ConnectError::ForeignDaemon { .. } => true,
+        }
+    }
+}
+
 /// What the agent tells the rest of the VMM (the VM's own API) about its state.
 #[derive(Debug, Clone, Default)]
 pub struct AgentStatus {
@@ -197,8 +228,32 @@ impl Agent {
         }
     }
 
-    fn connect(&self) -> std::io::Result<UnixStream> {
-        UnixStream::connect(&self.cfg.socket)
+    /// Connects to the daemon, if it is one this VM may trust: its run directory is
+    /// private to this user (not a symlink, owned by us, not group/world-writable — else
+    /// another user could have put a fake daemon's socket there) and the process at the
+    /// other end runs as root or as this user.
+    fn connect(&self) -> Result<UnixStream, ConnectError> {
+        if let Some(dir) = self
+            .cfg
+            .socket
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            if dir.exists() {
+                tinyvmm_sys::dir::check_private_dir(dir)?;
+            }
+        }
+        let stream = UnixStream::connect(&self.cfg.socket).map_err(ConnectError::NoDaemon)?;
+        let peer = tinyvmm_sys::socket::peer_cred(&stream).map_err(ConnectError::NoDaemon)?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let me = unsafe { libc::geteuid() };
+        if peer.uid != 0 && peer.uid != me {
+            return Err(ConnectError::ForeignDaemon {
+                pid: peer.pid,
+                uid: peer.uid,
+            });
+        }
+        Ok(stream)
     }
 
     fn start_daemon(&self, launcher: &dyn DaemonLauncher) {
@@ -408,6 +463,19 @@ impl Agent {
         loop {
             let stream = match self.connect() {
                 Ok(s) => s,
+                Err(e) if e.untrusted() => {
+                    // Never registered with, nor started there: keep running unmerged.
+                    if !warned {
+                        tracing::error!(
+                            socket = %self.cfg.socket.display(),
+                            "refusing the merge daemon: {e}; guest runs unmerged"
+                        );
+                        warned = true;
+                    }
+                    autostart = None;
+                    std::thread::sleep(Duration::from_secs(1));
+                    continue;
+                }
                 Err(e) => {
                     if let Some(launcher) = autostart.take() {
                         self.start_daemon(launcher.as_ref());
