@@ -1,0 +1,102 @@
+//! Zero pages: verified all zero under write protection, then dropped (`MADV_DONTNEED`) so
+//! that they read the zero page; a pool-mapped zero page gets a fresh anonymous mapping.
+
+use tinyvmm_merge_protocol::{ZeroOutcome, PAGE_SIZE};
+
+use super::error::{last_os, PageError};
+use super::{SharedRam, PAGE};
+
+impl SharedRam {
+    /// Verifies and drops zero pages (see `MergeHost::reclaim_zero`), all under one write
+    /// protection, one `madvise` per run of consecutive zero pages.
+    pub fn reclaim_zero(
+        &mut self,
+        gfns: &[u64],
+        out: &mut Vec<ZeroOutcome>,
+    ) -> Result<(), PageError> {
+        self.tracked(|ram| ram.reclaim_zero_all(gfns, out))
+    }
+
+    fn reclaim_zero_all(
+        &mut self,
+        gfns: &[u64],
+        out: &mut Vec<ZeroOutcome>,
+    ) -> Result<(), PageError> {
+        out.clear();
+        let mut pieces = Vec::with_capacity(gfns.len());
+        for &p in gfns {
+            pieces.push((p, 1, self.hva(p)?));
+        }
+        let mut order: Vec<(u64, u64, u64)> = pieces.clone();
+        order.sort_unstable_by_key(|p| p.2);
+        let spans = self.spans(&order);
+        let outcomes = self.protected(&spans, |ram| {
+            let mut outcomes = vec![ZeroOutcome::NotZero; pieces.len()];
+            let mut file_zero = Vec::new();
+            let mut anon_zero: Vec<u64> = Vec::new();
+            for (i, &(p, _, hva)) in pieces.iter().enumerate() {
+                if !ram.protected_page_is_zero(hva) {
+                    continue;
+                }
+                outcomes[i] = ZeroOutcome::Reclaimed;
+                if ram.file_mapped.get(p) {
+                    file_zero.push((p, hva));
+                } else {
+                    anon_zero.push(hva);
+                }
+            }
+            anon_zero.sort_unstable();
+            let mut i = 0;
+            while i < anon_zero.len() {
+                let mut n = 1;
+                while i + n < anon_zero.len() && anon_zero[i + n] == anon_zero[i] + n as u64 * PAGE
+                {
+                    n += 1;
+                }
+                // SAFETY: guest RAM, private anonymous, verified all zero under write
+                // protection: after MADV_DONTNEED it reads zero again.
+                let rc = unsafe {
+                    libc::madvise(
+                        anon_zero[i] as *mut libc::c_void,
+                        n * PAGE_SIZE,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                if rc != 0 {
+                    return Err(last_os("madvise(MADV_DONTNEED)"));
+                }
+                ram.remaps += 1;
+                i += n;
+            }
+            for (p, hva) in file_zero {
+                // A fresh anonymous page reads zero, like the page does now.
+                ram.fresh_anonymous(hva, PAGE)?;
+                ram.file_mapped.set(p, false);
+            }
+            Ok(outcomes)
+        })?;
+        *out = outcomes;
+        Ok(())
+    }
+
+    /// Replaces `len` bytes of guest RAM at `hva`, which read zero, with a fresh anonymous
+    /// mapping (which reads zero too).
+    fn fresh_anonymous(&mut self, hva: u64, len: u64) -> Result<(), PageError> {
+        // SAFETY: replaces guest RAM at `hva` (checked by callers) with fresh anonymous
+        // memory; callers only do so where the content is zero.
+        let r = unsafe {
+            libc::mmap(
+                hva as *mut libc::c_void,
+                len as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if r == libc::MAP_FAILED {
+            return Err(last_os("mmap anonymous memory"));
+        }
+        self.anonymous_again(hva, len)
+    }
+}
