@@ -48,7 +48,10 @@ fn read_hello(mut stream: UnixStream, tx: &Sender<Cmd>) {
             }
         },
         Ok((other, _)) => {
-            tracing::warn!("connection closed: expected a hello, got {other:?}");
+            tracing::warn!(
+                "connection closed: expected a hello, got {}",
+                other.summary()
+            );
         }
         Err(e) => tracing::warn!("connection closed: bad hello: {e}"),
     }
@@ -63,13 +66,34 @@ enum HelloRefusal {
     /// The guest is empty or larger than the daemon registers.
     #[error("guest size of {0} pages is out of range")]
     Size(u64),
+    /// A name longer than the daemon keeps (and logs).
+    #[error("{field} of {len} bytes is longer than {MAX_NAME_BYTES}")]
+    TooLong {
+        /// `name` or `share_group`.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+    },
 }
+
+/// Longest guest name and share group name a hello may carry.
+const MAX_NAME_BYTES: usize = 256;
 
 fn check_hello(h: &Hello) -> Result<(), HelloRefusal> {
     if h.version != PROTOCOL_VERSION {
         Err(HelloRefusal::Version(h.version))
     } else if h.pages == 0 || h.pages > MAX_GUEST_PAGES {
         Err(HelloRefusal::Size(h.pages))
+    } else if h.name.len() > MAX_NAME_BYTES {
+        Err(HelloRefusal::TooLong {
+            field: "name",
+            len: h.name.len(),
+        })
+    } else if h.share_group.len() > MAX_NAME_BYTES {
+        Err(HelloRefusal::TooLong {
+            field: "share_group",
+            len: h.share_group.len(),
+        })
     } else {
         Ok(())
     }
@@ -148,4 +172,52 @@ fn peer_pid(stream: &UnixStream) -> Option<u32> {
 fn next_guest_id() -> u32 {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello() -> Hello {
+        Hello {
+            version: PROTOCOL_VERSION,
+            pid: 1,
+            name: "vm".into(),
+            pages: 1024,
+            share_group: "default".into(),
+            vma_budget: 100,
+            dirty_source: true,
+        }
+    }
+
+    #[test]
+    fn hellos_out_of_bounds_are_refused() {
+        assert!(check_hello(&hello()).is_ok());
+        let cases = [
+            Hello {
+                version: PROTOCOL_VERSION + 1,
+                ..hello()
+            },
+            Hello {
+                pages: 0,
+                ..hello()
+            },
+            Hello {
+                pages: MAX_GUEST_PAGES + 1,
+                ..hello()
+            },
+            Hello {
+                name: "n".repeat(MAX_NAME_BYTES + 1),
+                ..hello()
+            },
+            Hello {
+                share_group: "g".repeat(MAX_NAME_BYTES + 1),
+                ..hello()
+            },
+        ];
+        for h in cases {
+            let why = check_hello(&h).unwrap_err().to_string();
+            assert!(why.len() < 200, "{why}");
+        }
+    }
 }

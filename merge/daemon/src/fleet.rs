@@ -213,7 +213,11 @@ impl Fleet {
         match wire::recv::<AgentMsg>(&mut conn.stream) {
             Ok((AgentMsg::Reply { id: rid, reply }, None)) if rid == id => Ok((reply, request)),
             Ok((other, _)) => {
-                tracing::warn!(guest = guest.0, "agent answered out of turn: {other:?}");
+                tracing::warn!(
+                    guest = guest.0,
+                    "agent answered out of turn: {}",
+                    other.summary()
+                );
                 self.dead.push(guest);
                 Err(HostError::Protocol {
                     guest,

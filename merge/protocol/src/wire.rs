@@ -99,7 +99,7 @@ pub enum Reply {
 /// Why an agent could not carry out a request: a kind the daemon acts on, and a detail
 /// for the log.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, thiserror::Error)]
-#[error("{kind}: {detail}")]
+#[error("{kind}: {}", clip(detail))]
 pub struct AgentError {
     /// What went wrong, in terms the daemon can act on.
     pub kind: AgentErrorKind,
@@ -142,6 +142,53 @@ impl std::fmt::Display for AgentErrorKind {
             Self::Transient => "transient failure",
             Self::Fatal => "fatal failure",
         })
+    }
+}
+
+/// At most this many bytes of a peer's text reach a log line.
+pub const MAX_LOGGED_TEXT: usize = 256;
+
+/// `text` cut to [`MAX_LOGGED_TEXT`] bytes (at a character boundary), so that a peer's
+/// message never floods the log.
+pub fn clip(text: &str) -> &str {
+    if text.len() <= MAX_LOGGED_TEXT {
+        return text;
+    }
+    let mut end = MAX_LOGGED_TEXT;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+impl Reply {
+    /// A one-line description for logs: the variant and how many results it carries, never
+    /// the results themselves.
+    pub fn summary(&self) -> String {
+        match self {
+            Reply::Digests(v) => format!("{} digests", v.len()),
+            Reply::DirtyDigests(v, more) => format!("{} dirty digests (more: {more})", v.len()),
+            Reply::Merged(v) => format!("{} merge results", v.len()),
+            Reply::Zero(v) => format!("{} zero results", v.len()),
+            Reply::Unmerged(v) => format!("{} unmerge results", v.len()),
+            Reply::Stats(_) => "stats".into(),
+            Reply::Error(e) => format!("error ({e})"),
+        }
+    }
+}
+
+impl AgentMsg {
+    /// A one-line description for logs, bounded whatever the message holds.
+    pub fn summary(&self) -> String {
+        match self {
+            AgentMsg::Hello(h) => format!(
+                "hello (pid {}, {} pages, group {:?})",
+                h.pid,
+                h.pages,
+                clip(&h.share_group)
+            ),
+            AgentMsg::Reply { id, reply } => format!("reply to {id}: {}", reply.summary()),
+        }
     }
 }
 
@@ -312,6 +359,34 @@ mod tests {
             send(&mut a, &rep, None).unwrap();
             assert_eq!(recv::<AgentMsg>(&mut b).unwrap().0, rep);
         }
+    }
+
+    #[test]
+    fn log_summaries_are_bounded_whatever_the_peer_sends() {
+        let huge = "é".repeat(1 << 20);
+        let e = AgentError::new(AgentErrorKind::Fatal, huge.clone());
+        assert!(e.to_string().len() < MAX_LOGGED_TEXT + 32);
+        let msg = AgentMsg::Reply {
+            id: 1,
+            reply: Reply::Merged(vec![
+                MergeResult {
+                    outcome: MergeOutcome::Merged,
+                    hash: 0,
+                };
+                1 << 16
+            ]),
+        };
+        assert_eq!(msg.summary(), "reply to 1: 65536 merge results");
+        let hello = AgentMsg::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            pid: 1,
+            name: huge.clone(),
+            pages: 1,
+            share_group: huge,
+            vma_budget: 1,
+            dirty_source: false,
+        });
+        assert!(hello.summary().len() < MAX_LOGGED_TEXT + 64);
     }
 
     #[test]

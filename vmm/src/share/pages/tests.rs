@@ -211,3 +211,36 @@ fn digest_cost() {
         "digest (copy + hash + zero check): {best_copy:.0} ns/page; hash in place: {best_in_place:.0} ns/page"
     );
 }
+
+/// A failed `mremap(MREMAP_FIXED)` may leave guest RAM unmapped: the copy is put back, in
+/// a mapping of its own, with the guest's content.
+#[test]
+fn guest_ram_unmapped_by_a_failed_move_is_restored_with_its_content() {
+    let Some((mut ram, base)) = ram(8) else {
+        return;
+    };
+    for p in 0..8 {
+        fill(base, p, 0x40 + p as u8);
+    }
+    let len = 4 * PAGE_SIZE;
+    let hva = base + 2 * PAGE;
+    let tmp = mmap_anonymous(len);
+    assert_ne!(tmp, libc::MAP_FAILED);
+    // SAFETY: test RAM and the test's own bounce buffer.
+    unsafe { std::ptr::copy_nonoverlapping(hva as *const u8, tmp as *mut u8, len) };
+    // What a late mremap failure leaves: part of the destination unmapped.
+    // SAFETY: two pages of the test's own RAM.
+    unsafe { libc::munmap((hva + PAGE) as *mut libc::c_void, 2 * PAGE_SIZE) };
+    ram.put_back_after_failed_move(hva, tmp as u64, len)
+        .unwrap();
+    for p in 0..8u64 {
+        // SAFETY: test RAM, mapped again.
+        let b = unsafe { std::ptr::read_volatile((base + p * PAGE + 7) as *const u8) };
+        assert_eq!(b, 0x40 + p as u8, "page {p}");
+    }
+    // A range still mapped is left alone.
+    ram.put_back_after_failed_move(hva, tmp as u64, len)
+        .unwrap();
+    // SAFETY: the bounce buffer.
+    unsafe { libc::munmap(tmp, len) };
+}

@@ -3,7 +3,7 @@
 
 use tinyvmm_merge_protocol::UnmergeOutcome;
 
-use super::error::{out_of_vmas_or, PageError};
+use super::error::{last_os, out_of_vmas_or, PageError};
 use super::{mmap_anonymous, SharedRam, PAGE};
 
 impl SharedRam {
@@ -89,8 +89,10 @@ impl SharedRam {
             };
             if r == libc::MAP_FAILED {
                 let e = std::io::Error::last_os_error();
+                let restored = self.put_back_after_failed_move(hva, tmp as u64, len);
                 // SAFETY: `tmp` is still our mapping when mremap failed.
                 unsafe { libc::munmap(tmp, len) };
+                restored?;
                 return out_of_vmas_or("mremap over guest RAM", e);
             }
             self.anonymous_again(hva, n * PAGE)?;
@@ -107,4 +109,63 @@ impl SharedRam {
         }
         Ok(ok)
     }
+
+    /// After a failed `mremap(MREMAP_FIXED)` of the copy at `tmp` over `len` bytes of guest
+    /// RAM at `hva`: the kernel unmaps the destination before it moves, so a failure late
+    /// in the move can leave a hole where guest RAM was (a vCPU touching it would end the
+    /// VM). If any page of the range is unmapped, a fresh anonymous mapping is put there
+    /// (never over a mapping: `MAP_FIXED_NOREPLACE`) holding the copy, which the write
+    /// protection kept equal to the guest's pages.
+    pub(super) fn put_back_after_failed_move(
+        &mut self,
+        hva: u64,
+        tmp: u64,
+        len: usize,
+    ) -> Result<(), PageError> {
+        if range_is_mapped(hva, len) {
+            return Ok(());
+        }
+        tracing::warn!(
+            hva,
+            len,
+            "guest RAM was unmapped by a failed mremap; restoring it"
+        );
+        // Whatever is left of the range goes first, so that one mapping covers it all.
+        // SAFETY: `hva..hva+len` is guest RAM (checked by the caller) that the failed move
+        // left partly or wholly unmapped; its content is in `tmp`.
+        unsafe { libc::munmap(hva as *mut libc::c_void, len) };
+        // SAFETY: a new private anonymous mapping exactly where guest RAM was; with
+        // MAP_FIXED_NOREPLACE it can replace nothing.
+        let back = unsafe {
+            libc::mmap(
+                hva as *mut libc::c_void,
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_NORESERVE
+                    | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if back as u64 != hva {
+            return Err(PageError::Incomplete(Box::new(last_os(
+                "restore guest RAM after a failed mremap",
+            ))));
+        }
+        // SAFETY: `tmp` holds `len` bytes of ours; `hva` is the fresh mapping above, which
+        // no one else can reach yet (the guest's accesses to it fault until registered).
+        unsafe { std::ptr::copy_nonoverlapping(tmp as *const u8, hva as *mut u8, len) };
+        self.anonymous_again(hva, len as u64)
+    }
+}
+
+/// Whether every page of `addr..addr+len` is mapped (`mincore` fails with ENOMEM where one
+/// is not).
+fn range_is_mapped(addr: u64, len: usize) -> bool {
+    let mut vec = vec![0u8; len.div_ceil(PAGE as usize)];
+    // SAFETY: `vec` has one byte per page of the range; mincore only reads the page tables.
+    let rc = unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) };
+    rc == 0
 }
