@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod merge;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};

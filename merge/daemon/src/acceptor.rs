@@ -132,7 +132,8 @@ pub(crate) fn register(
     if let Err(e) = engine.add_guest(spec) {
         return refuse(&mut stream, e.to_string());
     }
-    let pool_fd = fleet.pools[&domain].file.as_raw_fd();
+    // Agents get the pool read-only: only the daemon writes frames.
+    let pool_fd = fleet.pools[&domain].readonly.as_raw_fd();
     let welcome = DaemonMsg::Welcome {
         guest: id.0,
         pool_len: POOL_LEN,

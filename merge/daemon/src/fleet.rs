@@ -10,11 +10,13 @@ use std::time::Duration;
 use tinyvmm_sys::process::ProcessWatch;
 
 use tinyvmm_merge::host::{
-    DomainId, FrameId, Gfn, GuestId, HostError, MergeHost, MergeOp, MergeResult, PageDigest,
-    PageRun, UnmergeOutcome, ZeroOutcome, PAGE_SIZE,
+    DomainId, FrameId, Gfn, GuestId, HostError, MergeHost, MergeOp, MergeResult, OpKind,
+    PageDigest, PageRun, UnmergeOutcome, ZeroOutcome, PAGE_SIZE,
 };
+use tinyvmm_merge_protocol::page_hash;
 use tinyvmm_merge_protocol::wire::{
-    self, AgentError, AgentErrorKind, AgentMsg, AgentStats, DaemonMsg, Hello, Reply, Request,
+    self, AgentError, AgentErrorKind, AgentMsg, AgentStats, DaemonMsg, Hello, PageBytes, Reply,
+    Request, MAX_READ_PAGES,
 };
 
 /// Virtual size of each pool file (sparse: only populated frames use memory).
@@ -32,19 +34,54 @@ pub struct Conn {
     pub process: ProcessWatch,
 }
 
-/// A VM process, watched so that its frames are released only once it is gone: its pages
-/// may map them for as long as it lives, even after its agent stopped answering.
-/// A merge domain's pool of frames: a memfd.
+/// A merge domain's pool of frames: a memfd that only the daemon writes.
+///
+/// Agents get [`Pool::readonly`], a read-only descriptor of the same file: they map frames
+/// `MAP_PRIVATE` (copy-on-write, which needs no write access) and read them, but cannot
+/// write, punch, truncate or map them writable-shared. The file's mode is 0444, so a
+/// process without `CAP_DAC_OVERRIDE` cannot reopen it writable through `/proc/PID/fd`, and
+/// its size is sealed (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`), so even such a process
+/// cannot make the guests that map it fault (SIGBUS) by truncating it.
 #[derive(Debug)]
 pub struct Pool {
+    /// The daemon's writable descriptor.
     pub file: File,
+    /// The descriptor agents receive.
+    pub readonly: File,
 }
 
 impl Pool {
     pub fn create(name: &str) -> std::io::Result<Self> {
-        let file = tinyvmm_sys::memfd::create(&format!("tinyvmm-pool-{name}"), 0)?;
+        let file =
+            tinyvmm_sys::memfd::create(&format!("tinyvmm-pool-{name}"), libc::MFD_ALLOW_SEALING)?;
         file.set_len(POOL_LEN)?;
-        Ok(Self { file })
+        std::fs::set_permissions(
+            format!("/proc/self/fd/{}", file.as_raw_fd()),
+            std::os::unix::fs::PermissionsExt::from_mode(0o444),
+        )?;
+        // SAFETY: fcntl on our own memfd with integer arguments.
+        let rc = unsafe {
+            libc::fcntl(
+                file.as_raw_fd(),
+                libc::F_ADD_SEALS,
+                libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL,
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let readonly = File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))?;
+        Ok(Self { file, readonly })
+    }
+
+    /// Writes new frames from page copies: `bytes` (whole pages) into the frames from
+    /// `first` on. Only fresh frames are written: no page maps them yet (invariant 1).
+    pub fn write_frames(&self, first: FrameId, bytes: &[u8]) -> std::io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(
+            &self.file,
+            bytes,
+            u64::from(first) * PAGE_SIZE as u64,
+        )
     }
 
     /// Bytes of frames resident in the pool.
@@ -228,6 +265,78 @@ impl Fleet {
         }
     }
 
+    /// The daemon's half of the Populate ops among `ops`: copies of their pages from the
+    /// agent (at most [`MAX_READ_PAGES`] a request), written into their fresh frames, and
+    /// the hash of each page written recorded at its index in `hashes`.
+    fn populate_frames(
+        &mut self,
+        guest: GuestId,
+        ops: &[MergeOp],
+        hashes: &mut [Option<u64>],
+    ) -> Result<(), HostError> {
+        // (index of the run's first page in the request, first page, frame, pages)
+        let mut runs: Vec<(usize, Gfn, FrameId, u32)> = Vec::new();
+        let mut at = 0usize;
+        for op in ops {
+            if op.kind == OpKind::Populate {
+                // Long runs go in pieces that fit one request.
+                let mut k = 0;
+                while k < op.len {
+                    let n = (op.len - k).min(MAX_READ_PAGES as u32);
+                    runs.push((at + k as usize, op.gfn + u64::from(k), op.frame + k, n));
+                    k += n;
+                }
+            }
+            at += op.len as usize;
+        }
+        if runs.is_empty() {
+            return Ok(());
+        }
+        let domain = match self.conns.get(&guest) {
+            Some(c) => self.domains.get(&c.hello.share_group).copied(),
+            None => None,
+        };
+        let Some(domain) = domain else {
+            return Err(HostError::GuestGone { guest });
+        };
+        let mut i = 0;
+        while i < runs.len() {
+            let mut pages = 0u64;
+            let mut j = i;
+            while j < runs.len() && pages + u64::from(runs[j].3) <= MAX_READ_PAGES {
+                pages += u64::from(runs[j].3);
+                j += 1;
+            }
+            let batch = &runs[i..j];
+            let request = Request::ReadPages(
+                batch
+                    .iter()
+                    .map(|&(_, gfn, _, len)| PageRun { gfn, len })
+                    .collect(),
+            );
+            let bytes = match self.call(guest, request)? {
+                Reply::Pages(PageBytes(b)) if b.len() as u64 == pages * PAGE_SIZE as u64 => b,
+                _ => return Err(self.mismatch(guest, "page copies do not match the request")),
+            };
+            let pool = &self.pools[&domain];
+            let mut off = 0usize;
+            for &(index, _, frame, len) in batch {
+                let data = &bytes[off..off + len as usize * PAGE_SIZE];
+                pool.write_frames(frame, data)
+                    .map_err(|e| HostError::Pool {
+                        domain,
+                        reason: format!("cannot write frames: {e}"),
+                    })?;
+                for (k, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+                    hashes[index + k] = Some(page_hash(page));
+                }
+                off += data.len();
+            }
+            i = j;
+        }
+        Ok(())
+    }
+
     fn mismatch(&mut self, guest: GuestId, what: &str) -> HostError {
         tracing::warn!(guest = guest.0, "agent protocol error: {what}");
         self.dead.push(guest);
@@ -279,6 +388,11 @@ impl MergeHost for Fleet {
         }
     }
 
+    /// Populate ops are the daemon's own work: it asks the agent for copies of the pages
+    /// (`ReadPages`), writes the new frames itself and hashes what it wrote; then every op
+    /// goes to the agent as a Join, which byte-compares each page with its frame under
+    /// write protection and maps the equal ones. A page written since its copy stays
+    /// private (a mismatch), and its fresh frame is released by the engine.
     fn merge(
         &mut self,
         guest: GuestId,
@@ -287,8 +401,22 @@ impl MergeHost for Fleet {
     ) -> Result<(), HostError> {
         out.clear();
         let want: u64 = ops.iter().map(|o| u64::from(o.len)).sum();
-        match self.call(guest, Request::Merge(ops.to_vec()))? {
-            Reply::Merged(r) if r.len() as u64 == want => {
+        let mut hashes = vec![None; want as usize];
+        self.populate_frames(guest, ops, &mut hashes)?;
+        let joins = ops
+            .iter()
+            .map(|o| MergeOp {
+                kind: OpKind::Join,
+                ..*o
+            })
+            .collect();
+        match self.call(guest, Request::Merge(joins))? {
+            Reply::Merged(mut r) if r.len() as u64 == want => {
+                for (res, hash) in r.iter_mut().zip(hashes) {
+                    if let Some(h) = hash {
+                        res.hash = h;
+                    }
+                }
                 *out = r;
                 Ok(())
             }

@@ -7,6 +7,12 @@ use serde::{Deserialize, Serialize};
 /// Size of a guest page and of a pool frame.
 pub const PAGE_SIZE: usize = 4096;
 
+/// The content hash of a page (xxh3-64), as the agent reports it in digests and the
+/// daemon computes it for the frames it writes: both sides must agree on it.
+pub fn page_hash(page: &[u8]) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(page)
+}
+
 /// Guest frame number: the page's index in the guest's merge-eligible RAM.
 pub type Gfn = u64;
 

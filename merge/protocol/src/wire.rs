@@ -19,7 +19,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::page::{Gfn, MergeOp, MergeResult, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome};
 
 /// Bumped on any incompatible change (2: [`Reply::Error`] carries a typed [`AgentError`]).
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame either side accepts (a digest batch of 64 Ki pages is ~1.5 MiB).
 pub const MAX_FRAME: usize = 16 << 20;
 
@@ -55,8 +55,44 @@ pub enum Request {
     ReclaimZero(Vec<Gfn>),
     /// Give these pages private memory again.
     Unmerge(Vec<Gfn>),
+    /// Send a copy of these pages (at most [`MAX_READ_PAGES`] in all): the daemon writes new
+    /// frames itself from them — an agent never writes the pool — and then asks the agent
+    /// to join them, which byte-compares each page with its frame under write protection.
+    ReadPages(Vec<PageRun>),
     /// Report the agent's statistics.
     Stats,
+}
+
+/// Most pages one [`Request::ReadPages`] may ask for (their bytes fill 4 MiB of a frame).
+pub const MAX_READ_PAGES: u64 = 1024;
+
+/// Page contents on the wire: encoded as one byte string (not byte by byte).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageBytes(pub Vec<u8>);
+
+impl Serialize for PageBytes {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for PageBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = PageBytes;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("page bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<PageBytes, E> {
+                Ok(PageBytes(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<PageBytes, E> {
+                Ok(PageBytes(v))
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
 }
 
 /// Statistics an agent keeps about its page work.
@@ -89,6 +125,8 @@ pub enum Reply {
     Zero(Vec<ZeroOutcome>),
     /// For `Unmerge`: one per page.
     Unmerged(Vec<UnmergeOutcome>),
+    /// For `ReadPages`: the pages' bytes, 4096 per page, in request order.
+    Pages(PageBytes),
     /// For `Stats`.
     Stats(AgentStats),
     /// The request could not be carried out; guest memory content is intact. What else
@@ -171,6 +209,7 @@ impl Reply {
             Reply::Merged(v) => format!("{} merge results", v.len()),
             Reply::Zero(v) => format!("{} zero results", v.len()),
             Reply::Unmerged(v) => format!("{} unmerge results", v.len()),
+            Reply::Pages(b) => format!("{} bytes of pages", b.0.len()),
             Reply::Stats(_) => "stats".into(),
             Reply::Error(e) => format!("error ({e})"),
         }

@@ -8,8 +8,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tinyvmm_merge_protocol::{
-    wire, AgentError, AgentErrorKind, AgentMsg, AgentStats, DaemonMsg, Hello, Reply, Request,
-    WireError, PROTOCOL_VERSION,
+    wire, AgentError, AgentErrorKind, AgentMsg, AgentStats, DaemonMsg, Hello, PageBytes, Reply,
+    Request, WireError, PROTOCOL_VERSION,
 };
 
 use super::bitmap::Bitmap;
@@ -34,7 +34,9 @@ impl RequestError {
             // Harvested bits are kept (see `collect_dirty`): asking again loses nothing.
             Self::DirtyLog(e) if is_transient_errno(e.raw_os_error()) => AgentErrorKind::Transient,
             Self::DirtyLog(_) => AgentErrorKind::Fatal,
-            Self::Pages(PageError::Range(_) | PageError::NoPool) => AgentErrorKind::BadRequest,
+            Self::Pages(PageError::Range(_) | PageError::NoPool | PageError::Refused(_)) => {
+                AgentErrorKind::BadRequest
+            }
             Self::Pages(PageError::Incomplete(_)) => AgentErrorKind::Fatal,
             Self::Pages(e) if e.is_transient() => AgentErrorKind::Transient,
             Self::Pages(_) => AgentErrorKind::Fatal,
@@ -361,6 +363,11 @@ impl Agent {
                 let mut out = Vec::new();
                 self.ram.unmerge(&gfns, &mut out)?;
                 Reply::Unmerged(out)
+            }
+            Request::ReadPages(runs) => {
+                let mut out = Vec::new();
+                self.ram.read_pages(&runs, &mut out)?;
+                Reply::Pages(PageBytes(out))
             }
             Request::Stats => Reply::Stats(self.stats()),
         })

@@ -32,6 +32,9 @@ pub enum PageError {
     /// No pool yet.
     #[error("no pool: not registered with a merge daemon")]
     NoPool,
+    /// The request asks for work an agent never does (e.g. writing pool frames).
+    #[error("refused: {0}")]
+    Refused(&'static str),
     /// The request failed after it had already remapped some of its pages: content is
     /// intact, but which pages map pool frames is no longer what the request's sender knows.
     #[error("{0} (after remapping part of the request)")]

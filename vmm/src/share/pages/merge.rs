@@ -1,6 +1,7 @@
-//! Merging: Populate copies pages into fresh pool frames, Join byte-compares pages with
-//! frames that are already mapped; accepted pages then map their frames
-//! (`mmap(MAP_PRIVATE | MAP_FIXED)`), all under write protection.
+//! Merging: Join byte-compares pages with pool frames under write protection, and the
+//! equal pages then map their frames (`mmap(MAP_PRIVATE | MAP_FIXED)`). New frames are
+//! written by the daemon alone (from copies it asks for with `ReadPages`): an agent holds
+//! the pool read-only, so a Populate op is refused.
 
 use std::os::fd::AsRawFd;
 
@@ -28,6 +29,11 @@ impl SharedRam {
         let mut work = Vec::new();
         for op in ops {
             // Check every run before any work: a bad request fails without side effects.
+            if op.kind == OpKind::Populate {
+                return Err(PageError::Refused(
+                    "populating frames is the daemon's work; the agent's pool is read-only",
+                ));
+            }
             self.check_frames(u64::from(op.frame), u64::from(op.len))?;
             let mut frame = u64::from(op.frame);
             for (first, n, hva) in self.pieces(op.gfn, u64::from(op.len))? {
@@ -73,31 +79,22 @@ impl SharedRam {
         out: &mut Vec<MergeResult>,
     ) -> Result<(), PageError> {
         let base = out.len();
-        if kind == OpKind::Populate {
-            self.write_frames(n, hva, frame)?;
-        }
+        debug_assert_eq!(
+            kind,
+            OpKind::Join,
+            "Populate ops are refused before any work"
+        );
         // Decide page by page, then map maximal runs of accepted pages with one mmap each.
         for k in 0..n {
-            match kind {
-                OpKind::Populate => {
-                    // The hash of the bytes copied: the frame's, read back from the pool.
-                    out.push(MergeResult {
-                        outcome: MergeOutcome::Merged,
-                        hash: self.populated_frame_hash(frame + k)?,
-                    });
-                }
-                OpKind::Join => {
-                    let equal = self.page_equals_frame(hva + k * PAGE, frame + k)?;
-                    out.push(MergeResult {
-                        outcome: if equal {
-                            MergeOutcome::Merged
-                        } else {
-                            MergeOutcome::Mismatch
-                        },
-                        hash: 0,
-                    });
-                }
-            }
+            let equal = self.page_equals_frame(hva + k * PAGE, frame + k)?;
+            out.push(MergeResult {
+                outcome: if equal {
+                    MergeOutcome::Merged
+                } else {
+                    MergeOutcome::Mismatch
+                },
+                hash: 0,
+            });
         }
         let mut k = 0;
         while k < n {
@@ -147,49 +144,5 @@ impl SharedRam {
         self.remaps += 1;
         // The caller registers the new mapping with userfaultfd (once per span).
         Ok(true)
-    }
-
-    /// Copies `n` write-protected guest pages at `hva` into the fresh pool frames from
-    /// `frame` (Populate).
-    fn write_frames(&self, n: u64, hva: u64, frame: u64) -> Result<(), PageError> {
-        // The run's pages are contiguous in guest RAM and its frames in the pool: one
-        // write fills them all.
-        let pool = self.check_frames(frame, n)?;
-        debug_assert!(self.in_ram(hva, n));
-        let mut done = 0usize;
-        let len = (n * PAGE) as usize;
-        while done < len {
-            // SAFETY: pwrite reads `len - done` bytes from inside the `n` pages of guest
-            // RAM at `hva` (checked by `pieces`, mapped while `self` lives), which the
-            // caller write-protected, so no one writes them meanwhile (see
-            // `page_equals_frame`); no Rust reference to them is formed. The target
-            // frames are fresh: no page maps them yet.
-            let w = unsafe {
-                libc::pwrite(
-                    pool.file.as_raw_fd(),
-                    (hva as *const u8).add(done).cast(),
-                    len - done,
-                    (frame * PAGE) as libc::off_t + done as libc::off_t,
-                )
-            };
-            if w < 0 {
-                let e = std::io::Error::last_os_error();
-                if e.kind() == std::io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(PageError::Os {
-                    what: "write pool frames",
-                    source: e,
-                });
-            }
-            if w == 0 {
-                return Err(PageError::Os {
-                    what: "write pool frames",
-                    source: std::io::ErrorKind::WriteZero.into(),
-                });
-            }
-            done += w as usize;
-        }
-        Ok(())
     }
 }

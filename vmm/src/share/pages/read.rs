@@ -2,7 +2,8 @@
 //! digests hash, the in-place `memcmp` under write protection (and why it has no concurrent
 //! writer), and the page hash.
 
-use tinyvmm_merge_protocol::PAGE_SIZE;
+pub use tinyvmm_merge_protocol::page_hash;
+use tinyvmm_merge_protocol::{PageRun, MAX_READ_PAGES, PAGE_SIZE};
 
 use super::error::PageError;
 use super::{SharedRam, PAGE};
@@ -21,11 +22,6 @@ impl PageBuf {
 
 /// What a zero page is compared against.
 static ZERO_PAGE: PageBuf = PageBuf::zeroed();
-
-/// A page's content hash (xxh3-64), as the engine and daemon expect it.
-pub fn page_hash(page: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(page)
-}
 
 /// Whether `page` (a copy, never guest RAM itself) is all zeros.
 pub(super) fn is_zero(page: &[u8]) -> bool {
@@ -104,17 +100,30 @@ impl SharedRam {
         rc == 0
     }
 
-    /// The hash of a frame this request has just populated. Such a frame is mapped over
-    /// no page yet and has no other writer (see [`Self::page_equals_frame`]), so it is
-    /// hashed in place.
-    pub(super) fn populated_frame_hash(&self, frame: u64) -> Result<u64, PageError> {
-        let pool = self.check_frames(frame, 1)?;
-        // SAFETY: inside the pool's read-only mapping (checked above), which lives as long
-        // as `self.pool`; the frame was written by our own `pwrite` and nobody writes it
-        // while this slice lives (it is pool memory, not guest RAM).
-        let bytes = unsafe {
-            std::slice::from_raw_parts(pool.base.add((frame * PAGE) as usize), PAGE_SIZE)
-        };
-        Ok(page_hash(bytes))
+    /// Appends a copy of every page of `runs` to `out` (4096 bytes a page, in order), for
+    /// the daemon to write new frames from. The pages are not write-protected: a guest
+    /// write during the copy only makes the frame differ from the page, which the join
+    /// that follows (a byte compare under write protection) finds before any merge.
+    pub fn read_pages(&self, runs: &[PageRun], out: &mut Vec<u8>) -> Result<(), PageError> {
+        let total: u64 = runs.iter().map(|r| u64::from(r.len)).sum();
+        if total > MAX_READ_PAGES {
+            return Err(PageError::Range(format!(
+                "{total} pages asked for, at most {MAX_READ_PAGES} per request"
+            )));
+        }
+        let mut pieces = Vec::new();
+        for r in runs {
+            pieces.extend(self.pieces(r.gfn, u64::from(r.len))?);
+        }
+        out.clear();
+        out.reserve((total * PAGE) as usize);
+        let mut buf = PageBuf::zeroed();
+        for (_, n, hva) in pieces {
+            for k in 0..n {
+                self.copy_page(hva + k * PAGE, &mut buf);
+                out.extend_from_slice(&buf.0);
+            }
+        }
+        Ok(())
     }
 }

@@ -1,7 +1,10 @@
 //! Unit tests of the page mechanism on anonymous memory standing in for guest RAM.
 
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
 use tinyvmm_merge_protocol::{
-    MergeOp, MergeOutcome, MergeResult, OpKind, PageRun, UnmergeOutcome, PAGE_SIZE,
+    MergeOp, MergeOutcome, OpKind, PageRun, UnmergeOutcome, MAX_READ_PAGES, PAGE_SIZE,
 };
 
 use super::*;
@@ -50,10 +53,14 @@ fn fill(base: u64, page: u64, byte: u8) {
     unsafe { std::ptr::write_bytes((base + page * PAGE) as *mut u8, byte, PAGE_SIZE) };
 }
 
-fn with_pool(ram: &mut SharedRam, frames: u64) {
+/// Gives `ram` a pool of `frames` frames, read-only as the daemon sends it; returns the
+/// daemon's writable handle.
+fn with_pool(ram: &mut SharedRam, frames: u64) -> File {
     let f = tinyvmm_sys::memfd::create("pages-test-pool", 0).unwrap();
     f.set_len(frames * PAGE).unwrap();
-    ram.set_pool(OwnedFd::from(f), frames * PAGE).unwrap();
+    let ro = File::open(format!("/proc/self/fd/{}", f.as_raw_fd())).unwrap();
+    ram.set_pool(OwnedFd::from(ro), frames * PAGE).unwrap();
+    f
 }
 
 #[test]
@@ -95,45 +102,54 @@ fn digest_hashes_a_copy_of_each_page_and_keeps_dirty_bits_on_failure() {
 }
 
 #[test]
-fn populate_then_join_compares_in_place() {
+fn frames_written_by_the_daemon_from_read_pages_then_join_compares_in_place() {
     let Some((mut ram, base)) = ram(4) else {
         return;
     };
     let mut out = Vec::new();
+    let populate = MergeOp {
+        gfn: 0,
+        len: 1,
+        frame: 0,
+        kind: OpKind::Populate,
+    };
     assert!(matches!(
-        ram.merge(
-            &[MergeOp {
-                gfn: 0,
-                len: 1,
-                frame: 0,
-                kind: OpKind::Populate
-            }],
-            &mut out
-        ),
+        ram.merge(&[populate], &mut out),
         Err(PageError::NoPool)
     ));
-    with_pool(&mut ram, 16);
+    let pool = with_pool(&mut ram, 16);
+    // The agent never writes the pool: Populate is refused, and so is the fd's write.
+    assert!(matches!(
+        ram.merge(&[populate], &mut out),
+        Err(PageError::Refused(_))
+    ));
     for p in 0..3 {
         fill(base, p, 0x5a);
     }
     fill(base, 3, 0x5b);
-    ram.merge(
-        &[MergeOp {
-            gfn: 0,
-            len: 1,
-            frame: 3,
-            kind: OpKind::Populate,
-        }],
-        &mut out,
-    )
-    .unwrap();
-    assert_eq!(
-        out,
-        vec![MergeResult {
-            outcome: MergeOutcome::Merged,
-            hash: page_hash(&[0x5a; PAGE_SIZE]),
-        }]
-    );
+    // The daemon's half of a populate: a copy of page 0, written into frame 3.
+    let mut bytes = Vec::new();
+    ram.read_pages(&[PageRun { gfn: 0, len: 1 }], &mut bytes)
+        .unwrap();
+    assert_eq!(bytes, vec![0x5a; PAGE_SIZE]);
+    std::os::unix::fs::FileExt::write_all_at(&pool, &bytes, 3 * PAGE).unwrap();
+    assert!(ram
+        .read_pages(
+            &[PageRun {
+                gfn: 0,
+                len: MAX_READ_PAGES as u32 + 1
+            }],
+            &mut bytes
+        )
+        .is_err());
+    let join = |gfn| MergeOp {
+        gfn,
+        len: 1,
+        frame: 3,
+        kind: OpKind::Join,
+    };
+    ram.merge(&[join(0)], &mut out).unwrap();
+    assert_eq!(out[0].outcome, MergeOutcome::Merged);
     let join = |gfn| MergeOp {
         gfn,
         len: 1,

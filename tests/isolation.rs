@@ -1,0 +1,149 @@
+//! A VMM process may be hostile (a guest may own it): what it can do to the merge daemon
+//! and to the other guests of its share group. Real guests, a real daemon, and a hostile
+//! client built on the project's own protocol module.
+
+mod common;
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use common::merge::{exit_all, guest, u, verify_all, Daemon, Profile, LONG};
+use tinyvmm_merge_protocol::wire::{self, AgentMsg, DaemonMsg, Hello, PROTOCOL_VERSION};
+
+/// Registers like an agent and returns the pool descriptor the daemon hands out, then
+/// hangs up (so that the daemon drops this "guest" instead of waiting on it).
+fn pool_fd_as_a_vm_gets_it(d: &Daemon) -> OwnedFd {
+    let mut s = UnixStream::connect(d.socket()).unwrap();
+    let hello = AgentMsg::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        pid: std::process::id(),
+        name: "hostile".into(),
+        pages: 1024,
+        share_group: "default".into(),
+        vma_budget: 1000,
+        dirty_source: false,
+    });
+    wire::send(&mut s, &hello, None).unwrap();
+    let (msg, fd) = wire::recv::<DaemonMsg>(&mut s).unwrap();
+    assert!(matches!(msg, DaemonMsg::Welcome { .. }), "{msg:?}");
+    fd.expect("the pool is attached to the welcome")
+}
+
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+/// In a child that dropped to uid/gid 65534 (no `CAP_DAC_OVERRIDE`): whether reopening
+/// `fd` through `/proc/self/fd` read-only works (0) and read-write is refused (errno).
+fn reopen_as_nobody(fd: i32) -> (i32, i32) {
+    let path = CString::new(format!("/proc/self/fd/{fd}")).unwrap();
+    // SAFETY: the child only makes async-signal-safe calls (setgid, setuid, open, write,
+    // _exit) before it exits; the parent waits for it.
+    unsafe {
+        let mut pipe = [0i32; 2];
+        assert_eq!(libc::pipe(pipe.as_mut_ptr()), 0);
+        let pid = libc::fork();
+        assert!(pid >= 0);
+        if pid == 0 {
+            let mut res = [-1i32, -1i32];
+            if libc::setgid(65534) == 0 && libc::setuid(65534) == 0 {
+                let ro = libc::open(path.as_ptr(), libc::O_RDONLY);
+                res[0] = if ro >= 0 { 0 } else { errno() };
+                let rw = libc::open(path.as_ptr(), libc::O_RDWR);
+                res[1] = if rw >= 0 { 0 } else { errno() };
+            }
+            libc::write(pipe[1], res.as_ptr().cast(), 8);
+            libc::_exit(0);
+        }
+        libc::close(pipe[1]);
+        let mut res = [-1i32, -1i32];
+        libc::read(pipe[0], res.as_mut_ptr().cast(), 8);
+        libc::close(pipe[0]);
+        let mut status = 0;
+        libc::waitpid(pid, &mut status, 0);
+        (res[0], res[1])
+    }
+}
+
+/// The pool a VM process receives is read-only: writing, punching, truncating, mapping
+/// it writable-shared and reopening it writable (without `CAP_DAC_OVERRIDE`) all fail,
+/// and the guests that map its frames keep verifying.
+#[test]
+fn the_pool_a_vm_receives_cannot_be_written_punched_truncated_or_reopened_writable() {
+    require_kvm!();
+    let d = Daemon::fast("isolation-pool");
+    let p = Profile::plain(32);
+    let mut guests: Vec<_> = (0..2).map(|i| guest(&d, 80 + i, &p, &[]).0).collect();
+    let merged = d.wait_for("merging", LONG, |s| u(s, "pages_sharing") > 2000);
+    let pool_before = u(&merged, "pool_bytes");
+    assert!(pool_before > 0);
+
+    let fd = pool_fd_as_a_vm_gets_it(&d);
+    let raw = fd.as_raw_fd();
+    let page = [0xeeu8; 4096];
+    // SAFETY: system calls on a descriptor we own, with a local buffer; each is expected
+    // to fail without touching anything.
+    unsafe {
+        assert_eq!(libc::pwrite(raw, page.as_ptr().cast(), 4096, 0), -1);
+        assert_eq!(errno(), libc::EBADF, "pwrite");
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        assert_eq!(libc::fallocate(raw, punch, 0, 64 << 20), -1);
+        assert_eq!(errno(), libc::EBADF, "fallocate(PUNCH_HOLE)");
+        assert_eq!(libc::ftruncate(raw, 0), -1, "ftruncate");
+        let shared_rw = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            raw,
+            0,
+        );
+        assert_eq!(shared_rw, libc::MAP_FAILED, "a writable shared mapping");
+        let ro = libc::mmap(
+            std::ptr::null_mut(),
+            4096,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            raw,
+            0,
+        );
+        assert_ne!(ro, libc::MAP_FAILED);
+        assert_eq!(
+            libc::mprotect(ro, 4096, libc::PROT_READ | libc::PROT_WRITE),
+            -1
+        );
+        assert_eq!(errno(), libc::EACCES, "mprotect to writable");
+        libc::munmap(ro, 4096);
+        // The size is sealed, and the file is 0444.
+        let seals = libc::fcntl(raw, libc::F_GET_SEALS);
+        let want = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        assert_eq!(seals & want, want, "seals {seals:#x}");
+        let mut st: libc::stat = std::mem::zeroed();
+        assert_eq!(libc::fstat(raw, &mut st), 0);
+        assert_eq!(st.st_mode & 0o777, 0o444);
+    }
+    let (ro, rw) = reopen_as_nobody(raw);
+    assert_eq!(
+        ro, 0,
+        "read-only reopen works (the check below is about the mode)"
+    );
+    assert_eq!(
+        rw,
+        libc::EACCES,
+        "read-write reopen without CAP_DAC_OVERRIDE"
+    );
+    drop(fd);
+
+    // Nothing of the above reached the frames the guests map.
+    std::thread::sleep(Duration::from_millis(500));
+    let s = d.status();
+    assert!(
+        u(&s, "pages_sharing") >= u(&merged, "pages_sharing") - 64,
+        "{s:#}"
+    );
+    assert!(u(&s, "pool_bytes") >= pool_before - (64 << 12), "{s:#}");
+    verify_all(&mut guests, 32 * 256);
+    exit_all(guests);
+}
