@@ -147,3 +147,110 @@ fn the_pool_a_vm_receives_cannot_be_written_punched_truncated_or_reopened_writab
     verify_all(&mut guests, 32 * 256);
     exit_all(guests);
 }
+
+fn hello(pages: u64, group: &str) -> AgentMsg {
+    AgentMsg::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        pid: std::process::id(),
+        name: "flood".into(),
+        pages,
+        share_group: group.into(),
+        vma_budget: 1000,
+        dirty_source: false,
+    })
+}
+
+fn daemon_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+/// A VM process that floods the daemon: a hello declaring 2^30 pages, thousands of
+/// register/close loops under new group names, a thousand idle connections, a client that
+/// trickles its hello. The daemon's memory and descriptors stay bounded, its CPU idles
+/// again, and the real guests keep merging and verifying.
+#[test]
+fn a_flooding_vm_process_cannot_exhaust_the_daemon() {
+    use tinyvmm::fleet::procfs;
+    require_kvm!();
+    let d = Daemon::fast("isolation-flood");
+    let p = Profile::plain(16);
+    let mut guests: Vec<_> = (0..2).map(|i| guest(&d, 90 + i, &p, &[]).0).collect();
+    d.wait_for("merging", LONG, |s| u(s, "pages_sharing") > 1000);
+    let pid = d.pid();
+    let rss0 = procfs::rss_bytes(pid).unwrap();
+    let fds0 = daemon_fds(pid);
+
+    // 2^30 declared pages (16 GiB of engine metadata if the daemon believed it).
+    let mut s = UnixStream::connect(d.socket()).unwrap();
+    wire::send(&mut s, &hello(1 << 30, "huge"), None).unwrap();
+    let (msg, _) = wire::recv::<DaemonMsg>(&mut s).unwrap();
+    assert!(
+        matches!(&msg, DaemonMsg::Refused(why) if why.contains("limits")),
+        "{msg:?}"
+    );
+
+    // Register and hang up, 3 000 times, each under a new group name.
+    for i in 0..3000 {
+        let mut s = UnixStream::connect(d.socket()).unwrap();
+        wire::send(&mut s, &hello(256, &format!("g{i}")), None).unwrap();
+        let _ = wire::recv::<DaemonMsg>(&mut s);
+    }
+
+    // A thousand connections that never say hello, and one that trickles its hello.
+    // SAFETY: raising this process's own descriptor limit to its hard limit.
+    unsafe {
+        let mut l: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut l);
+        l.rlim_cur = l.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+    }
+    let idle: Vec<UnixStream> = (0..1000)
+        .filter_map(|_| UnixStream::connect(d.socket()).ok())
+        .collect();
+    let mut trickle = UnixStream::connect(d.socket()).unwrap();
+    let started = std::time::Instant::now();
+    let mut cut_off = false;
+    for _ in 0..12 {
+        use std::io::Write;
+        if trickle.write_all(&[1]).is_err() {
+            cut_off = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    assert!(
+        cut_off,
+        "a trickling hello is cut off (after {:?})",
+        started.elapsed()
+    );
+    drop(idle);
+
+    // Bounded, and idle again.
+    let s = d.wait_for("the dead registrations dropped", LONG, |s| {
+        u(s, "guests") == 2
+    });
+    let scans = u(&s, "full_scans");
+    std::thread::sleep(Duration::from_secs(2));
+    let rss1 = procfs::rss_bytes(pid).unwrap();
+    let fds1 = daemon_fds(pid);
+    eprintln!(
+        "daemon RSS {} -> {} KiB, fds {fds0} -> {fds1}",
+        rss0 >> 10,
+        rss1 >> 10
+    );
+    assert!(rss1 < rss0 + (64 << 20), "RSS {rss0} -> {rss1}");
+    assert!(
+        fds1 <= fds0 + 8,
+        "descriptors {fds0} -> {fds1}: pools of empty groups closed"
+    );
+    let cpu0 = procfs::process_cpu(pid).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let cpu = procfs::process_cpu(pid).unwrap() - cpu0;
+    assert!(
+        cpu < Duration::from_millis(1500),
+        "daemon CPU {cpu:?} in 3 s"
+    );
+    d.wait_for("scanning goes on", LONG, |s| u(s, "full_scans") > scans);
+    verify_all(&mut guests, 16 * 256);
+    exit_all(guests);
+}

@@ -64,6 +64,13 @@ struct MergedArgs {
     /// answer is dropped from merging (its frames stay until its process exits).
     #[arg(long, default_value_t = 20_000)]
     request_timeout_ms: u64,
+    /// Guests one user's VM processes may register at once.
+    #[arg(long, default_value_t = tinyvmm_merged::UserLimits::default().guests)]
+    max_guests_per_uid: usize,
+    /// Pages (4 KiB) of guest RAM one user's VM processes may register at once, all guests
+    /// together (the daemon keeps 16 bytes of metadata per page).
+    #[arg(long, default_value_t = tinyvmm_merged::UserLimits::default().pages)]
+    max_pages_per_uid: u64,
 }
 
 #[derive(Args, Debug)]
@@ -327,6 +334,10 @@ fn merged(args: MergedArgs) -> ExitCode {
         socket: args.socket.unwrap_or_else(daemon::default_merge_socket),
         knobs,
         request_timeout: std::time::Duration::from_millis(args.request_timeout_ms.max(1)),
+        user_limits: tinyvmm_merged::UserLimits {
+            guests: args.max_guests_per_uid,
+            pages: args.max_pages_per_uid,
+        },
     };
     let d = match daemon::Daemon::bind(cfg) {
         Ok(d) => d,

@@ -6,8 +6,10 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tinyvmm_merge::host::GuestId;
 use tinyvmm_merge::{Engine, GuestSpec};
@@ -19,25 +21,54 @@ use crate::fleet::{Conn, Fleet, POOL_LEN};
 
 /// Largest guest the daemon registers (pages of 4 KiB: 4 TiB).
 const MAX_GUEST_PAGES: u64 = 1 << 30;
-/// How long a new connection has to say hello.
+/// How long a new connection has to send its whole hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest hello frame (its names are at most [`MAX_NAME_BYTES`] each).
+const MAX_HELLO_BYTES: usize = 4096;
+/// Connections whose hello is being read at once; more are closed at once.
+const MAX_PENDING_HELLOS: usize = 64;
 
 /// The acceptor thread: validates each connection's hello and passes it to the scanner.
+/// Every connection's hello is read on a short-lived thread of its own, at most
+/// [`MAX_PENDING_HELLOS`] at once; out of descriptors, it waits before accepting again
+/// instead of spinning.
 pub(crate) fn accept_loop(listener: UnixListener, tx: Sender<Cmd>) {
+    let pending = Arc::new(AtomicUsize::new(0));
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                tracing::warn!("cannot accept a connection: {e}; waiting");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            Err(_) => continue,
+        };
+        if pending.fetch_add(1, Ordering::AcqRel) >= MAX_PENDING_HELLOS {
+            pending.fetch_sub(1, Ordering::AcqRel);
+            tracing::debug!("too many connections saying hello; closing one");
+            continue;
+        }
         let tx = tx.clone();
+        let done = pending.clone();
         // A slow or hostile client must not hold up the next registration.
-        let _ = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("merged-hello".into())
-            .spawn(move || read_hello(stream, &tx));
+            .spawn(move || {
+                read_hello(stream, &tx);
+                done.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            pending.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
-/// Reads and checks one connection's hello; a valid one goes to the scanner.
+/// Reads and checks one connection's hello (all of it within [`HELLO_TIMEOUT`]); a
+/// valid one goes to the scanner.
 fn read_hello(mut stream: UnixStream, tx: &Sender<Cmd>) {
-    let _ = stream.set_read_timeout(Some(HELLO_TIMEOUT));
-    match wire::recv::<AgentMsg>(&mut stream) {
+    let deadline = Some(Instant::now() + HELLO_TIMEOUT);
+    match wire::recv_bounded::<AgentMsg>(&mut stream, MAX_HELLO_BYTES, deadline) {
         Ok((AgentMsg::Hello(h), None)) => match check_hello(&h) {
             Err(why) => {
                 tracing::warn!("registration refused: {why}");
@@ -111,14 +142,27 @@ pub(crate) fn register(
         tracing::warn!(pid = hello.pid, "registration refused: {why}");
         let _ = wire::send(stream, &DaemonMsg::Refused(why), None);
     };
+    // The VM process is who is on the other end of the socket, whatever `hello` says.
+    let Some(peer) = tinyvmm_sys::socket::peer_cred(&stream)
+        .ok()
+        .filter(|c| c.pid > 0)
+    else {
+        return refuse(&mut stream, "cannot read the peer's credentials".into());
+    };
+    let pid = peer.pid;
+    let (guests, pages) = fleet.registered_by(peer.uid);
+    if guests >= fleet.limits.guests || pages + hello.pages > fleet.limits.pages {
+        return refuse(
+            &mut stream,
+            format!(
+                "uid {} has {guests} guests of {pages} pages registered; the limits are {} guests and {} pages",
+                peer.uid, fleet.limits.guests, fleet.limits.pages
+            ),
+        );
+    }
     let domain = match fleet.domain(&hello.share_group) {
         Ok(d) => d,
         Err(e) => return refuse(&mut stream, format!("cannot create the pool: {e}")),
-    };
-    // The VM process is who is on the other end of the socket, whatever `hello` says.
-    let pid = match peer_pid(&stream) {
-        Some(pid) => pid,
-        None => return refuse(&mut stream, "cannot read the peer's credentials".into()),
     };
     let hello = Hello { pid, ..hello };
     let id = GuestId(next_guest_id());
@@ -157,17 +201,10 @@ pub(crate) fn register(
         Conn {
             stream,
             hello,
+            uid: peer.uid,
             process: ProcessWatch::new(pid),
         },
     );
-}
-
-/// The pid of the process at the other end of a Unix socket (SO_PEERCRED).
-fn peer_pid(stream: &UnixStream) -> Option<u32> {
-    tinyvmm_sys::socket::peer_cred(stream)
-        .ok()
-        .map(|c| c.pid)
-        .filter(|&pid| pid > 0)
 }
 
 fn next_guest_id() -> u32 {

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tinyvmm_sys::process::ProcessWatch;
 
@@ -13,6 +13,7 @@ use tinyvmm_merge::host::{
     DomainId, FrameId, Gfn, GuestId, HostError, MergeHost, MergeOp, MergeResult, OpKind,
     PageDigest, PageRun, UnmergeOutcome, ZeroOutcome, PAGE_SIZE,
 };
+use tinyvmm_merge::GuestCounters;
 use tinyvmm_merge_protocol::page_hash;
 use tinyvmm_merge_protocol::wire::{
     self, AgentError, AgentErrorKind, AgentMsg, AgentStats, DaemonMsg, Hello, PageBytes, Reply,
@@ -30,6 +31,8 @@ pub const TRANSIENT_RETRIES: u32 = 3;
 pub struct Conn {
     pub stream: UnixStream,
     pub hello: Hello,
+    /// The VM process's user (from the socket's peer credentials).
+    pub uid: u32,
     /// The VM process (from the socket's peer credentials, not from `hello`).
     pub process: ProcessWatch,
 }
@@ -123,6 +126,8 @@ pub struct Fleet {
     pub conns: HashMap<GuestId, Conn>,
     pub pools: HashMap<DomainId, Pool>,
     pub domains: HashMap<String, DomainId>,
+    /// Domain ids are never reused (the engine keeps a closed group's empty indexes).
+    next_domain: u32,
     next_request: u64,
     /// Guests whose connection failed during a call; the daemon removes them after the
     /// round.
@@ -134,6 +139,30 @@ pub struct Fleet {
     pub orphans: Vec<(GuestId, ProcessWatch)>,
     /// How long an agent may take to answer one request.
     pub request_timeout: Duration,
+    /// What one user may register.
+    pub limits: UserLimits,
+}
+
+/// What the VM processes of one user may register at once: bounds the daemon's memory
+/// (engine metadata is 16 bytes per declared page) and its guest table against a user
+/// who registers without end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UserLimits {
+    /// Guests registered at once.
+    pub guests: usize,
+    /// Pages of guest RAM registered at once, all guests together.
+    pub pages: u64,
+}
+
+impl Default for UserLimits {
+    /// 256 guests and 64 Mi pages (256 GiB of guest RAM, at most 1 GiB of engine metadata)
+    /// per user.
+    fn default() -> Self {
+        UserLimits {
+            guests: 256,
+            pages: 1 << 26,
+        }
+    }
 }
 
 impl Fleet {
@@ -142,13 +171,42 @@ impl Fleet {
         Self {
             conns: HashMap::new(),
             pools: HashMap::new(),
+            next_domain: 0,
             domains: HashMap::new(),
             next_request: 0,
             dead: Vec::new(),
             agent_stats: HashMap::new(),
             orphans: Vec::new(),
             request_timeout,
+            limits: UserLimits::default(),
         }
+    }
+
+    /// Closes the pools of share groups that no guest of the engine (`guests`) belongs to
+    /// any more: their guests left, and with them every frame reference. A later guest of
+    /// the group gets a fresh pool.
+    pub fn close_unused_pools(&mut self, guests: &[GuestCounters]) {
+        let used: std::collections::HashSet<DomainId> = guests.iter().map(|g| g.domain).collect();
+        let unused: Vec<String> = self
+            .domains
+            .iter()
+            .filter(|(_, d)| !used.contains(d))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in unused {
+            if let Some(d) = self.domains.remove(&name) {
+                self.pools.remove(&d);
+                tracing::debug!(group = %wire::clip(&name), "share group empty; pool closed");
+            }
+        }
+    }
+
+    /// Guests and pages that `uid`'s VM processes have registered now.
+    pub fn registered_by(&self, uid: u32) -> (usize, u64) {
+        self.conns
+            .values()
+            .filter(|c| c.uid == uid)
+            .fold((0, 0), |(n, p), c| (n + 1, p + c.hello.pages))
     }
 
     /// The domain of a share group, created (with its pool) on first use.
@@ -156,8 +214,9 @@ impl Fleet {
         if let Some(d) = self.domains.get(group) {
             return Ok(*d);
         }
-        let id = DomainId(self.domains.len() as u32);
+        let id = DomainId(self.next_domain);
         self.pools.insert(id, Pool::create(group)?);
+        self.next_domain += 1;
         self.domains.insert(group.to_string(), id);
         Ok(id)
     }
@@ -247,7 +306,10 @@ impl Fleet {
         let DaemonMsg::Request { request, .. } = msg else {
             unreachable!("built as a request just above")
         };
-        match wire::recv::<AgentMsg>(&mut conn.stream) {
+        // The whole reply within the request timeout: an agent that trickles bytes is cut
+        // off then, not after a timeout per read.
+        let deadline = Some(Instant::now() + self.request_timeout);
+        match wire::recv_bounded::<AgentMsg>(&mut conn.stream, wire::MAX_FRAME, deadline) {
             Ok((AgentMsg::Reply { id: rid, reply }, None)) if rid == id => Ok((reply, request)),
             Ok((other, _)) => {
                 tracing::warn!(
@@ -500,6 +562,7 @@ mod tests {
             guest,
             Conn {
                 stream: daemon_end,
+                uid: 0,
                 hello: Hello {
                     version: tinyvmm_merge_protocol::PROTOCOL_VERSION,
                     pid: std::process::id(),

@@ -30,6 +30,6 @@ mod scanner;
 
 pub use control::{Control, GuestSnapshot, Snapshot};
 pub use error::{DaemonError, SnapshotError, UpdateError};
-pub use fleet::POOL_LEN;
+pub use fleet::{UserLimits, POOL_LEN};
 pub use rundir::{default_api_socket, default_merge_socket, run_dir};
 pub use scanner::{Daemon, DaemonConfig};

@@ -14,7 +14,7 @@ use tinyvmm_merge::{Engine, Knobs};
 use crate::acceptor::accept_loop;
 use crate::control::{handle, Cmd, Control};
 use crate::error::DaemonError;
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, UserLimits};
 
 /// Settings of one daemon.
 #[derive(Debug, Clone)]
@@ -25,6 +25,8 @@ pub struct DaemonConfig {
     pub knobs: Knobs,
     /// How long an agent may take to answer one request before its guest is dropped.
     pub request_timeout: Duration,
+    /// What one user's VM processes may register at once.
+    pub user_limits: UserLimits,
 }
 
 /// A daemon that is set up (lock held, socket bound) but not yet scanning.
@@ -102,6 +104,7 @@ impl Daemon {
             .map_err(setup("cannot start acceptor for", &self.cfg.socket))?;
         let mut engine = Engine::new(self.cfg.knobs)?;
         let mut fleet = Fleet::new(self.cfg.request_timeout);
+        fleet.limits = self.cfg.user_limits;
         let mut next_round = Instant::now();
         let mut rounds: u64 = 0;
         let mut budget_warned: Option<Instant> = None;
@@ -213,7 +216,12 @@ pub(crate) fn remove_dead(engine: &mut Engine, fleet: &mut Fleet) {
         let Some(conn) = fleet.conns.remove(&id) else {
             continue;
         };
-        if conn.process.exited() {
+        let holds_frames = engine
+            .guest_counters(id)
+            .is_some_and(|g| g.merging_pages > 0);
+        if conn.process.exited() || !holds_frames {
+            // Gone, or no page of it maps a frame of ours: nothing to keep for it (a VM
+            // process that registers and hangs up over and over leaves nothing behind).
             tracing::info!(
                 guest = id.0,
                 pid = conn.process.pid(),
@@ -244,4 +252,5 @@ pub(crate) fn remove_dead(engine: &mut Engine, fleet: &mut Fleet) {
         );
         let _ = engine.remove_guest(id, fleet);
     }
+    fleet.close_unused_pools(&engine.guests());
 }

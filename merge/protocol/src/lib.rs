@@ -11,6 +11,6 @@ pub mod wire;
 
 pub use page::*;
 pub use wire::{
-    recv, send, AgentError, AgentErrorKind, AgentMsg, AgentStats, DaemonMsg, Hello, PageBytes,
-    Reply, Request, WireError, MAX_FRAME, MAX_READ_PAGES, PROTOCOL_VERSION,
+    recv, recv_bounded, send, AgentError, AgentErrorKind, AgentMsg, AgentStats, DaemonMsg, Hello,
+    PageBytes, Reply, Request, WireError, MAX_FRAME, MAX_READ_PAGES, PROTOCOL_VERSION,
 };

@@ -12,6 +12,7 @@
 use std::io::{Read, Write};
 use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
@@ -309,7 +310,19 @@ pub fn send<T: Serialize>(
 pub fn recv<T: for<'de> Deserialize<'de>>(
     stream: &mut UnixStream,
 ) -> Result<(T, Option<OwnedFd>), WireError> {
+    recv_bounded(stream, MAX_FRAME, None)
+}
+
+/// Receives one message of at most `max` bytes, all of it before `deadline` if one is
+/// given: a peer that trickles bytes is cut off when the deadline passes, whatever the
+/// socket's per-read timeout (which this sets, and leaves set, as it goes).
+pub fn recv_bounded<T: for<'de> Deserialize<'de>>(
+    stream: &mut UnixStream,
+    max: usize,
+    deadline: Option<Instant>,
+) -> Result<(T, Option<OwnedFd>), WireError> {
     let mut len = [0u8; 4];
+    set_timeout_until(stream, deadline)?;
     let (n, fd) = stream
         .recv_with_fd(&mut len)
         .map_err(|e| WireError::Io(std::io::Error::from_raw_os_error(e.errno())))?;
@@ -317,15 +330,44 @@ pub fn recv<T: for<'de> Deserialize<'de>>(
     if n == 0 {
         return Err(WireError::Io(std::io::ErrorKind::UnexpectedEof.into()));
     }
-    stream.read_exact(&mut len[n..])?;
+    read_all_before(stream, &mut len[n..], deadline)?;
     let size = u32::from_le_bytes(len) as usize;
-    if size > MAX_FRAME {
+    if size > max {
         return Err(WireError::TooLarge(size));
     }
     let mut body = vec![0u8; size];
-    stream.read_exact(&mut body)?;
+    read_all_before(stream, &mut body, deadline)?;
     let msg = postcard::from_bytes(&body).map_err(|e| WireError::Decode(e.to_string()))?;
     Ok((msg, fd))
+}
+
+/// Sets the socket's read timeout to what is left until `deadline` (an error once it has
+/// passed); without a deadline, leaves it as it is.
+fn set_timeout_until(stream: &UnixStream, deadline: Option<Instant>) -> std::io::Result<()> {
+    let Some(d) = deadline else { return Ok(()) };
+    let left = d.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(std::io::ErrorKind::TimedOut.into());
+    }
+    stream.set_read_timeout(Some(left))
+}
+
+/// `read_exact`, with the deadline checked before every read.
+fn read_all_before(
+    stream: &mut UnixStream,
+    mut buf: &mut [u8],
+    deadline: Option<Instant>,
+) -> std::io::Result<()> {
+    while !buf.is_empty() {
+        set_timeout_until(stream, deadline)?;
+        match stream.read(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => buf = &mut buf[n..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -426,6 +468,38 @@ mod tests {
             dirty_source: false,
         });
         assert!(hello.summary().len() < MAX_LOGGED_TEXT + 64);
+    }
+
+    #[test]
+    fn a_trickling_peer_is_cut_off_at_the_deadline() {
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            // A length of 8, then one byte every 50 ms.
+            let _ = a.write_all(&8u32.to_le_bytes());
+            for _ in 0..8 {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                if a.write_all(&[0]).is_err() {
+                    break;
+                }
+            }
+        });
+        let start = Instant::now();
+        let deadline = start + std::time::Duration::from_millis(120);
+        let r = recv_bounded::<AgentMsg>(&mut b, 64, Some(deadline));
+        assert!(
+            matches!(r, Err(WireError::Io(ref e)) if matches!(e.kind(), std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock)),
+            "{r:?}"
+        );
+        assert!(start.elapsed() < std::time::Duration::from_millis(400));
+        drop(b);
+        t.join().unwrap();
+        // A frame over the bound is refused before its body is read.
+        let (mut a, mut b) = UnixStream::pair().unwrap();
+        a.write_all(&4096u32.to_le_bytes()).unwrap();
+        assert!(matches!(
+            recv_bounded::<AgentMsg>(&mut b, 1024, None),
+            Err(WireError::TooLarge(4096))
+        ));
     }
 
     #[test]
