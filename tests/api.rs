@@ -7,7 +7,9 @@
 //! real guest).
 //!
 //! The API comes from `tinyvmm-api` (its `testing` feature gives the fake backends), the
-//! client from the binary's library.
+//! client from the binary's library. One long file on purpose: most of it is the tables
+//! of malformed requests and the OpenAPI checks, each table in one place next to the
+//! server it drives.
 
 use tinyvmm::ksm_client;
 use tinyvmm_api as api;

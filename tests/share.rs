@@ -1,6 +1,7 @@
 //! `--share-memory` end to end: real guests in separate `tinyvmm run` processes, merged by a
 //! real `tinyvmm merged` daemon over its Unix socket, controlled through the REST socket.
-//! Every test ends with each guest verifying every page of its memory.
+//! Every test ends with each guest verifying every page of its memory. The scaffolding
+//! (daemon, guests) is in `common/merge.rs`; what remains here is one scenario per test.
 
 mod common;
 

@@ -90,31 +90,10 @@ impl Control {
     }
 }
 
-/// Applies one command on the scanner thread; returns whether the scanner should wake up
-/// now.
-pub(crate) fn handle(cmd: Cmd, engine: &mut Engine, fleet: &mut Fleet) -> bool {
-    match cmd {
-        Cmd::Register(stream, hello) => {
-            crate::acceptor::register(*stream, hello, engine, fleet);
-            true
-        }
-        Cmd::Snapshot(with_guests, reply) => {
-            let _ = reply.send(snapshot(engine, fleet, with_guests));
-            false
-        }
-        Cmd::Update(upd, reply) => {
-            let res = engine.set_knobs(upd, fleet);
-            crate::scanner::remove_dead(engine, fleet);
-            let _ = reply.send(res.map(|_| snapshot(engine, fleet, false)));
-            true
-        }
-    }
-}
-
 /// The state for the API; `with_guests` also asks every agent for its statistics (one
 /// round trip each), which `GET /ksm` does not need. Agents found gone on the way are
 /// removed by the next round.
-fn snapshot(engine: &Engine, fleet: &mut Fleet, with_guests: bool) -> Snapshot {
+pub(crate) fn snapshot(engine: &Engine, fleet: &mut Fleet, with_guests: bool) -> Snapshot {
     let guests = if with_guests {
         let ids: Vec<GuestId> = fleet.conns.keys().copied().collect();
         for id in ids {

@@ -25,6 +25,7 @@ mod acceptor;
 mod control;
 mod error;
 mod fleet;
+mod pool;
 mod rundir;
 mod scanner;
 

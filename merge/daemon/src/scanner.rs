@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 
 use tinyvmm_merge::{Engine, Knobs};
 
-use crate::acceptor::accept_loop;
-use crate::control::{handle, Cmd, Control};
+use crate::acceptor::{accept_loop, register};
+use crate::control::{snapshot, Cmd, Control};
 use crate::error::DaemonError;
 use crate::fleet::{Fleet, UserLimits};
 
@@ -253,4 +253,25 @@ pub(crate) fn remove_dead(engine: &mut Engine, fleet: &mut Fleet) {
         let _ = engine.remove_guest(id, fleet);
     }
     fleet.close_unused_pools(&engine.guests());
+}
+
+/// Applies one command on the scanner thread; returns whether the scanner should wake up
+/// now.
+pub(crate) fn handle(cmd: Cmd, engine: &mut Engine, fleet: &mut Fleet) -> bool {
+    match cmd {
+        Cmd::Register(stream, hello) => {
+            register(*stream, hello, engine, fleet);
+            true
+        }
+        Cmd::Snapshot(with_guests, reply) => {
+            let _ = reply.send(snapshot(engine, fleet, with_guests));
+            false
+        }
+        Cmd::Update(upd, reply) => {
+            let res = engine.set_knobs(upd, fleet);
+            remove_dead(engine, fleet);
+            let _ = reply.send(res.map(|_| snapshot(engine, fleet, false)));
+            true
+        }
+    }
 }

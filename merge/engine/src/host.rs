@@ -95,3 +95,20 @@ pub trait MergeHost {
     /// Their indices may be reused by later `Populate` ops.
     fn free_frames(&mut self, domain: DomainId, frames: &[FrameId]) -> Result<(), HostError>;
 }
+
+/// `Ok` if the host gave `want` results for `what`, else a protocol error of `guest`.
+pub(crate) fn expect_results(
+    guest: GuestId,
+    what: &str,
+    got: usize,
+    want: usize,
+) -> Result<(), HostError> {
+    if got == want {
+        Ok(())
+    } else {
+        Err(HostError::Protocol {
+            guest,
+            reason: format!("wrong number of {what} results: {got} for {want} pages"),
+        })
+    }
+}

@@ -1,5 +1,6 @@
 //! Deterministic behaviours of the engine on the simulated fleet. Every test also runs the
-//! full cross-check (`Fleet::check`) after every round.
+//! full cross-check (`Fleet::check`) after every round. One file of many short tests, each
+//! named after the behaviour it checks: the list reads as the engine's specification.
 
 mod common;
 

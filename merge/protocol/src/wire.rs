@@ -64,8 +64,9 @@ pub enum Request {
     Stats,
 }
 
-/// Most pages one [`Request::ReadPages`] may ask for (their bytes fill 4 MiB of a frame).
-pub const MAX_READ_PAGES: u64 = 1024;
+/// Most pages one [`Request::ReadPages`] may ask for: 256 KiB of bytes, small enough that
+/// neither side keeps large buffers around between requests.
+pub const MAX_READ_PAGES: u64 = 64;
 
 /// Page contents on the wire: encoded as one byte string (not byte by byte).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -287,13 +288,16 @@ pub fn send<T: Serialize>(
     msg: &T,
     fd: Option<RawFd>,
 ) -> Result<(), WireError> {
-    let body = postcard::to_stdvec(msg).map_err(|e| WireError::Decode(e.to_string()))?;
-    if body.len() > MAX_FRAME {
-        return Err(WireError::TooLarge(body.len()));
+    // The length prefix is patched in after the body is encoded behind it: one buffer,
+    // one copy of the message.
+    let frame =
+        postcard::to_extend(msg, vec![0u8; 4]).map_err(|e| WireError::Decode(e.to_string()))?;
+    let mut frame = frame;
+    let len = frame.len() - 4;
+    if len > MAX_FRAME {
+        return Err(WireError::TooLarge(len));
     }
-    let mut frame = Vec::with_capacity(4 + body.len());
-    frame.extend_from_slice(&(body.len() as u32).to_le_bytes());
-    frame.extend_from_slice(&body);
+    frame[..4].copy_from_slice(&(len as u32).to_le_bytes());
     match fd {
         Some(fd) => {
             let sent = stream

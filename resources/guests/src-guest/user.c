@@ -5,6 +5,10 @@
  * Boot checks (e820, command line, initrd), the fill-area layout, and the
  * workloads: hello, fill, wait, verify, churn, serve, crash, pagefault.
  * README.md documents every serial line printed here.
+ *
+ * One file although it is long: it is one freestanding program whose parts share the
+ * parsed parameters, the fill-area layout and the page versions as file-scope state;
+ * the page contents and layouts live apart in content.c.
  */
 #include "guest.h"
 

@@ -9,9 +9,11 @@
 
 pub mod agent;
 pub mod bitmap;
+pub mod errors;
 pub mod pages;
 
 pub use agent::{
     spawn_agent, AgentConfig, AgentStatus, AgentStatusHandle, DaemonLauncher, DirtySource,
 };
+pub use errors::{ConnectError, RequestError, SessionError};
 pub use pages::{RamRange, SharedRam};

@@ -3,37 +3,12 @@
 //! against its last hash (volatile or not), and is then planned as a zero page, a join onto
 //! a stable frame, or a new frame shared with a twin candidate; or it becomes a candidate.
 
-use super::pages::{PageMeta, PageSt, ANON, F_ZERO};
+use super::frames::tab_insert;
+use super::pages::{PageMeta, PageSt, Seen, ANON, F_ZERO};
 use super::plan::{Act, Plan};
-use super::scan::Seen;
 use super::{Engine, Slots};
 use crate::counters::RoundReport;
 use crate::index::PageRef;
-
-use super::frames::Domain;
-
-/// Inserts page `r` into its domain's unstable set, keyed by its recorded hash.
-fn tab_insert(guests: &Slots, dom: &mut Domain, r: PageRef) {
-    let hash_of = |x: PageRef| {
-        guests[x.slot as usize]
-            .as_ref()
-            .map_or(0, |g| g.pages[x.gfn as usize].hash)
-    };
-    dom.unstable.insert(hash_of(r), r, hash_of);
-}
-
-/// Makes page `r` a candidate (-> candidate: into the unstable set), or volatile if its
-/// guest failed (a failed guest has no candidates).
-pub(super) fn to_unique(guests: &mut Slots, domains: &mut [Domain], r: PageRef) {
-    let g = guests.live_mut(r.slot as usize);
-    if g.failed {
-        g.set_state(r.gfn as usize, PageSt::Volatile);
-        return;
-    }
-    g.set_state(r.gfn as usize, PageSt::Unique);
-    let dom = g.dom;
-    tab_insert(guests, &mut domains[dom], r);
-}
 
 impl Engine {
     /// KSM's `cmp_and_merge_page`, minus the host work: decides what happens to one

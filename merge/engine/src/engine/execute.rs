@@ -7,34 +7,16 @@
 
 use std::collections::BTreeMap;
 
-use super::classify::to_unique;
-use super::frames::FrameSt;
+use super::frames::{to_unique, FrameSt};
 use super::pages::{apply_map, PageSt, ANON};
 use super::plan::Plan;
 use super::Engine;
 use crate::counters::RoundReport;
 use crate::host::{
-    Gfn, GuestId, HostError, MergeHost, MergeOp, MergeOutcome, MergeResult, OpKind, UnmergeOutcome,
-    ZeroOutcome,
+    expect_results, Gfn, HostError, MergeHost, MergeOp, MergeOutcome, MergeResult, OpKind,
+    UnmergeOutcome, ZeroOutcome,
 };
 use crate::index::PageRef;
-
-/// `Ok` if the host gave `want` results for `what`, else a protocol error of `guest`.
-pub(super) fn expect_results(
-    guest: GuestId,
-    what: &str,
-    got: usize,
-    want: usize,
-) -> Result<(), HostError> {
-    if got == want {
-        Ok(())
-    } else {
-        Err(HostError::Protocol {
-            guest,
-            reason: format!("wrong number of {what} results: {got} for {want} pages"),
-        })
-    }
-}
 
 /// Host ops for `(gfn, frame)` pairs in gfn order: consecutive pages onto consecutive
 /// frames make one run.

@@ -7,7 +7,7 @@ use std::collections::HashMap;
 
 use tracing::warn;
 
-use super::{Engine, PageSt};
+use super::{Engine, PageSt, Slots};
 use crate::host::{DomainId, MergeHost};
 use crate::index::{IdBuild, PageRef, UnstableTable};
 
@@ -287,4 +287,27 @@ impl Engine {
         }
         to_free
     }
+}
+
+/// Inserts page `r` into its domain's unstable set, keyed by its recorded hash.
+pub(super) fn tab_insert(guests: &Slots, dom: &mut Domain, r: PageRef) {
+    let hash_of = |x: PageRef| {
+        guests[x.slot as usize]
+            .as_ref()
+            .map_or(0, |g| g.pages[x.gfn as usize].hash)
+    };
+    dom.unstable.insert(hash_of(r), r, hash_of);
+}
+
+/// Makes page `r` a candidate (-> candidate: into the unstable set), or volatile if its
+/// guest failed (a failed guest has no candidates).
+pub(super) fn to_unique(guests: &mut Slots, domains: &mut [Domain], r: PageRef) {
+    let g = guests.live_mut(r.slot as usize);
+    if g.failed {
+        g.set_state(r.gfn as usize, PageSt::Volatile);
+        return;
+    }
+    g.set_state(r.gfn as usize, PageSt::Unique);
+    let dom = g.dom;
+    tab_insert(guests, &mut domains[dom], r);
 }

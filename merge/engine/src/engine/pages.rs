@@ -2,7 +2,13 @@
 //! guest's per-state counts, and the VMA accounting of a guest's merged layout.
 
 use super::PageState;
-use crate::host::{DomainId, GuestId};
+use crate::host::{DomainId, GuestId, PageDigest};
+
+/// A visited page and its digest.
+pub(super) struct Seen {
+    pub(super) gfn: u32,
+    pub(super) d: PageDigest,
+}
 
 /// `PageMeta::map`: 0 = anonymous memory, `f + 1` = mapped onto pool frame `f`.
 pub(super) const ANON: u32 = 0;

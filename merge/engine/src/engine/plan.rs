@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use super::classify::to_unique;
+use super::frames::to_unique;
 use super::frames::FrameSt;
 use super::pages::{remap_delta, PageSt, ANON};
 use super::Engine;

@@ -4,23 +4,16 @@
 
 use tracing::warn;
 
-use super::execute::expect_results;
-use super::pages::{PageMeta, PageSt, F_WATCH, F_ZERO};
+use super::pages::{PageMeta, PageSt, Seen, F_WATCH, F_ZERO};
 use super::plan::Plan;
 use super::{Engine, RunMode};
 use crate::counters::RoundReport;
-use crate::host::{HostError, MergeHost, PageDigest, PageRun};
+use crate::host::{expect_results, HostError, MergeHost, PageDigest, PageRun};
 
 /// Pages per host round trip when digesting a range.
 const BATCH: usize = 1024;
 /// Most pages a range batch may span (smart-scan skips included).
 const SPAN: usize = 8 * BATCH;
-
-/// A visited page and its digest.
-pub(super) struct Seen {
-    pub(super) gfn: u32,
-    pub(super) d: PageDigest,
-}
 
 impl Engine {
     /// One wake-up of the scanner: visits up to `pages_to_scan` pages, guests in turn from
