@@ -1782,6 +1782,8 @@ fn run_schemathesis(exe: &Path, doc: &str, addr: std::net::SocketAddr) {
         "junit".into(),
         "--report-junit-path".into(),
         dir.0.join("junit.xml").display().to_string(),
+        "--header".into(),
+        format!("Authorization: Bearer {TCP_TOKEN}"),
     ];
     eprintln!("schemathesis {}", args.join(" "));
     let out = std::process::Command::new(exe)
@@ -1820,10 +1822,70 @@ impl ControlPlane for FreshEachTime {
     }
 }
 
+/// The bearer token of the loopback TCP listeners these tests make.
+const TCP_TOKEN: &str = "test-token-5f1c";
+
 fn loopback_config(dir: &TempDir, sock: &str) -> ApiConfig {
     let mut cfg = ApiConfig::new(dir.0.join(sock));
     cfg.tcp = Some("127.0.0.1:0".parse().unwrap());
+    cfg.tcp_token = Some(TCP_TOKEN.into());
     cfg
+}
+
+/// One raw request over TCP; the status line's code.
+fn tcp_status(addr: std::net::SocketAddr, head: &str) -> u16 {
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(head.as_bytes()).unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Over TCP every request needs the bearer token and a loopback `Host`; the Unix socket
+/// needs neither; a TCP listener without a token is refused at start.
+#[test]
+fn tcp_requests_need_the_token_and_a_loopback_host() {
+    let dir = TempDir::new("tcp-auth");
+    let server = ApiServer::start_daemon(
+        loopback_config(&dir, "api.sock"),
+        Arc::new(FakeControlPlane::new()),
+    )
+    .unwrap();
+    let addr = server.tcp_addr().unwrap();
+    let get = |host: &str, auth: &str| {
+        tcp_status(
+            addr,
+            &format!("GET /ksm HTTP/1.1\r\nHost: {host}\r\n{auth}Connection: close\r\n\r\n"),
+        )
+    };
+    let bearer = format!("Authorization: Bearer {TCP_TOKEN}\r\n");
+    assert_eq!(get("127.0.0.1", &bearer), 200);
+    assert_eq!(get(&format!("localhost:{}", addr.port()), &bearer), 200);
+    assert_eq!(get("[::1]:80", &bearer), 200);
+    assert_eq!(get("127.0.0.1", ""), 401, "no token");
+    assert_eq!(get("127.0.0.1", "Authorization: Bearer wrong\r\n"), 401);
+    assert_eq!(
+        get(
+            "127.0.0.1",
+            &format!("Authorization: Basic {TCP_TOKEN}\r\n")
+        ),
+        401
+    );
+    assert_eq!(get("evil.example", &bearer), 403, "DNS rebinding");
+    assert_eq!(get("127.0.0.1.evil.example", &bearer), 403);
+    // The Unix socket: no token needed.
+    let mut u = UnixStream::connect(dir.0.join("api.sock")).unwrap();
+    u.write_all(b"GET /ksm HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut resp = String::new();
+    u.read_to_string(&mut resp).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    drop(server);
+    // No token, no TCP listener.
+    let mut cfg = loopback_config(&dir, "api2.sock");
+    cfg.tcp_token = None;
+    let e = ApiServer::start_daemon(cfg, Arc::new(FakeControlPlane::new())).unwrap_err();
+    assert!(e.to_string().contains("token"), "{e}");
 }
 
 #[test]

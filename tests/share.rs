@@ -506,20 +506,48 @@ fn control_api_over_loopback_tcp_only_when_asked() {
     use std::io::{Read, Write};
     let port = 20000 + (std::process::id() % 20000) as u16;
     let addr = format!("127.0.0.1:{port}");
-    let d = Daemon::start("tcp", &["--api-tcp", &addr]);
-    let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    s.write_all(b"GET /ksm HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+    let tokens = common::scratch_dir("tcp-token");
+    let token_file = tokens.join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let d = Daemon::start(
+        "tcp",
+        &[
+            "--api-tcp",
+            &addr,
+            "--api-token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    let get = |auth: &str| {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.write_all(
+            format!("GET /ksm HTTP/1.1\r\nHost: localhost\r\n{auth}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
         .unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        resp
+    };
+    let resp = get("Authorization: Bearer s3cret-token\r\n");
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
     assert!(resp.contains("\"pages_to_scan\""), "{resp}");
+    let resp = get("");
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
     drop(d);
+    // --api-tcp without a token file is refused by the command line.
+    let out = Command::new(BIN)
+        .args(["merged", "--api-tcp", &addr])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--api-token-file"));
     // A non-loopback address is refused with a clear error, and no daemon keeps running.
     let dir = common::scratch_dir("tcp-refused");
     let out = Command::new(BIN)
         .env("TINYVMM_RUN_DIR", &dir)
-        .args(["merged", "--api-tcp", "0.0.0.0:1"])
+        .args(["merged", "--api-tcp", "0.0.0.0:1", "--api-token-file"])
+        .arg(&token_file)
         .arg("--socket")
         .arg(dir.join("merged.sock"))
         .arg("--api-sock")

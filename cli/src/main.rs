@@ -49,8 +49,13 @@ struct MergedArgs {
     api_sock: Option<PathBuf>,
     /// Also serve the control API over TCP at this loopback address (e.g. 127.0.0.1:8742);
     /// any other address is refused. Off by default.
-    #[arg(long)]
+    #[arg(long, requires = "api_token_file")]
     api_tcp: Option<std::net::SocketAddr>,
+    /// The bearer token that requests over `--api-tcp` must carry
+    /// (`Authorization: Bearer <token>`), read from this file (surrounding whitespace
+    /// trimmed). Required with `--api-tcp`.
+    #[arg(long)]
+    api_token_file: Option<PathBuf>,
     /// Pages visited per wake-up, across all guests.
     #[arg(long)]
     pages_to_scan: Option<u32>,
@@ -353,6 +358,22 @@ fn merged(args: MergedArgs) -> ExitCode {
     let api_sock = args.api_sock.unwrap_or_else(daemon::default_api_socket);
     let mut api_cfg = tinyvmm_api::ApiConfig::new(&api_sock);
     api_cfg.tcp = args.api_tcp;
+    if let Some(path) = &args.api_token_file {
+        match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() => api_cfg.tcp_token = Some(t.trim().to_string()),
+            Ok(_) => {
+                eprintln!("tinyvmm: error: the token file {} is empty", path.display());
+                return ExitCode::from(2);
+            }
+            Err(e) => {
+                eprintln!(
+                    "tinyvmm: error: cannot read the token file {}: {e}",
+                    path.display()
+                );
+                return ExitCode::from(2);
+            }
+        }
+    }
     let _api = match ApiServer::start_daemon(api_cfg, std::sync::Arc::new(d.control())) {
         Ok(s) => s,
         Err(e) => {

@@ -147,6 +147,13 @@ pub enum ApiError {
     /// The request body is not declared as JSON (415).
     #[error("{0}")]
     UnsupportedMediaType(String),
+    /// A request over TCP without the right bearer token (401).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A request over TCP naming a host that is not this machine's loopback (403): what a
+    /// web page's script sends after rebinding its DNS name to 127.0.0.1.
+    #[error("{0}")]
+    Forbidden(String),
     /// The endpoint failed inside the server (500).
     #[error("{0}")]
     Internal(String),
@@ -190,9 +197,13 @@ impl Default for Limits {
 pub struct ApiConfig {
     /// The Unix socket (created with mode 0600, its directory 0700 if created).
     pub socket: PathBuf,
-    /// Also listen on TCP at this address; refused unless it is a loopback address.
-    /// Off unless asked for explicitly.
+    /// Also listen on TCP at this address; refused unless it is a loopback address, and
+    /// unless [`ApiConfig::tcp_token`] is set. Off unless asked for explicitly.
     pub tcp: Option<SocketAddr>,
+    /// The bearer token every request over TCP must carry (`Authorization: Bearer ...`);
+    /// requests over TCP must also name a loopback host (`Host: 127.0.0.1:PORT`,
+    /// `localhost:PORT` or `[::1]:PORT`). The Unix socket (mode 0600) needs neither.
+    pub tcp_token: Option<String>,
     /// Protection against clients.
     pub limits: Limits,
 }
@@ -203,6 +214,7 @@ impl ApiConfig {
         ApiConfig {
             socket: socket.into(),
             tcp: None,
+            tcp_token: None,
             limits: Limits::default(),
         }
     }

@@ -92,6 +92,8 @@ pub fn status_of(e: &ApiError) -> StatusCode {
         ApiError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
         ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
         ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+        ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
         ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
     }

@@ -14,7 +14,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::Incoming;
-use hyper::header::{HeaderMap, HeaderValue, ALLOW, CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{
+    HeaderMap, HeaderValue, ALLOW, AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, HOST,
+};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response};
@@ -74,6 +76,8 @@ pub struct ApiServer {
 struct Ctx {
     routes: Arc<dyn Routes>,
     limits: Limits,
+    /// The bearer token of requests over TCP.
+    tcp_token: Option<String>,
 }
 
 impl ApiServer {
@@ -82,6 +86,16 @@ impl ApiServer {
     /// loopback address.
     pub fn serve(cfg: ApiConfig, routes: Arc<dyn Routes>) -> io::Result<ApiServer> {
         if let Some(addr) = cfg.tcp {
+            if cfg.tcp_token.as_deref().is_none_or(str::is_empty) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "refusing to serve the control API on {addr} without a bearer token \
+                         (--api-token-file): any local user, or a web page through DNS \
+                         rebinding, could reach it"
+                    ),
+                ));
+            }
             if !addr.ip().is_loopback() {
                 return Err(io::Error::new(
                     io::ErrorKind::InvalidInput,
@@ -131,6 +145,7 @@ impl ApiServer {
         let ctx = Arc::new(Ctx {
             routes,
             limits: cfg.limits,
+            tcp_token: cfg.tcp_token.clone(),
         });
         let (stop_tx, stop_rx) = oneshot::channel();
         let mut server = server;
@@ -214,7 +229,9 @@ async fn serve(
         };
         tokio::select! {
             r = unix.accept() => match r {
-                Ok((stream, _)) => spawn_connection(stream, ctx.clone(), permit, closing.clone()),
+                Ok((stream, _)) => {
+                    spawn_connection(stream, ctx.clone(), permit, closing.clone(), Transport::Unix)
+                }
                 Err(e) => accept_failed(e).await,
             },
             r = async {
@@ -225,7 +242,7 @@ async fn serve(
             } => match r {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    spawn_connection(stream, ctx.clone(), permit, closing.clone())
+                    spawn_connection(stream, ctx.clone(), permit, closing.clone(), Transport::Tcp)
                 }
                 Err(e) => accept_failed(e).await,
             },
@@ -251,11 +268,12 @@ fn spawn_connection<S>(
     ctx: Arc<Ctx>,
     permit: tokio::sync::OwnedSemaphorePermit,
     mut closing: watch::Receiver<bool>,
+    transport: Transport,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let limits = ctx.limits;
-    let service = service_fn(move |req| handle(req, ctx.clone()));
+    let service = service_fn(move |req| handle(req, ctx.clone(), transport));
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
@@ -336,16 +354,69 @@ fn check_content_type(headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> 
     }
 }
 
-/// One request: resolve, read the body, run the endpoint on the blocking pool.
+/// Where a connection came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// The Unix socket: only its owner can connect (mode 0600).
+    Unix,
+    /// Loopback TCP: every local user, and web pages, can connect.
+    Tcp,
+}
+
+/// A request over TCP must name a loopback host and carry the bearer token.
+fn check_tcp_request(req: &Request<Incoming>, ctx: &Ctx) -> Result<(), ApiError> {
+    let host = req
+        .headers()
+        .get(HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    if !matches!(name, "127.0.0.1" | "localhost" | "::1") {
+        return Err(ApiError::Forbidden(format!(
+            "Host {host:?} is not this machine's loopback: use 127.0.0.1, localhost or [::1]"
+        )));
+    }
+    let given = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let want = ctx.tcp_token.as_deref().unwrap_or("");
+    if want.is_empty() || !constant_time_eq(given.as_bytes(), want.as_bytes()) {
+        return Err(ApiError::Unauthorized(
+            "the control API over TCP needs `Authorization: Bearer <token>` with the daemon's token"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Compares without stopping at the first difference (no timing hint about the token).
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// One request: check its origin, resolve, read the body, run the endpoint on the
+/// blocking pool.
 async fn handle(
     req: Request<Incoming>,
     ctx: Arc<Ctx>,
+    transport: Transport,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let resp = match ctx.routes.resolve(&method, &path) {
-        Err(r) => r,
-        Ok(call) => match run_call(req, call, &ctx).await {
+    let checked = match transport {
+        Transport::Unix => Ok(()),
+        Transport::Tcp => check_tcp_request(&req, &ctx),
+    };
+    let resp = match checked.map(|()| ctx.routes.resolve(&method, &path)) {
+        Err(e) => ApiResponse::from_api_error(e),
+        Ok(Err(r)) => r,
+        Ok(Ok(call)) => match run_call(req, call, &ctx).await {
             Ok(r) => r,
             Err(e) => ApiResponse::from_api_error(e),
         },

@@ -282,6 +282,7 @@ fn tcp_listener_only_on_loopback() {
     let cp: Arc<dyn ControlPlane> = Arc::new(FakeControlPlane::new());
     let mut cfg = ApiConfig::new(dir.0.join("api.sock"));
     cfg.tcp = Some("0.0.0.0:0".parse().unwrap());
+    cfg.tcp_token = Some("t0ken".into());
     let e = ApiServer::start_daemon(cfg.clone(), cp.clone()).unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
     assert!(e.to_string().contains("loopback"), "{e}");
@@ -295,8 +296,10 @@ fn tcp_listener_only_on_loopback() {
     assert!(addr.ip().is_loopback() && addr.port() != 0);
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.write_all(b"GET /ksm/run HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
+    s.write_all(
+        b"GET /ksm/run HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer t0ken\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
     let mut reply = String::new();
     s.read_to_string(&mut reply).unwrap();
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");

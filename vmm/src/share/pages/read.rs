@@ -116,13 +116,20 @@ impl SharedRam {
             pieces.extend(self.pieces(r.gfn, u64::from(r.len))?);
         }
         out.clear();
-        out.reserve((total * PAGE) as usize);
-        let mut buf = PageBuf::zeroed();
+        out.resize((total * PAGE) as usize, 0);
+        let mut at = 0usize;
         for (_, n, hva) in pieces {
-            for k in 0..n {
-                self.copy_page(hva + k * PAGE, &mut buf);
-                out.extend_from_slice(&buf.0);
+            let len = (n * PAGE) as usize;
+            debug_assert!(self.in_ram(hva, n));
+            // SAFETY: `hva..hva+len` is guest RAM (checked by `pieces`), mapped readable
+            // while `self` lives; `out[at..at+len]` is our own buffer (sized just above), so
+            // the two do not overlap. As in `copy_page`, the guest may write the pages
+            // during the copy: they are read once through raw pointers, no reference to
+            // them is formed, and the join that follows compares under write protection.
+            unsafe {
+                std::ptr::copy_nonoverlapping(hva as *const u8, out[at..].as_mut_ptr(), len);
             }
+            at += len;
         }
         Ok(())
     }
