@@ -174,7 +174,10 @@ pub(crate) fn register(
         has_dirty_source: hello.dirty_source,
     };
     if let Err(e) = engine.add_guest(spec) {
-        return refuse(&mut stream, e.to_string());
+        refuse(&mut stream, e.to_string());
+        // Its group's pool may have been made for it alone.
+        fleet.close_unused_pools(&engine.guests());
+        return;
     }
     // Agents get the pool read-only: only the daemon writes frames.
     let pool_fd = fleet.pools[&domain].readonly.as_raw_fd();
@@ -185,6 +188,7 @@ pub(crate) fn register(
     if let Err(e) = wire::send(&mut stream, &welcome, Some(pool_fd)) {
         tracing::warn!(pid = hello.pid, "cannot welcome the agent: {e}");
         let _ = engine.remove_guest(id, fleet);
+        fleet.close_unused_pools(&engine.guests());
         return;
     }
     let _ = stream.set_read_timeout(Some(fleet.request_timeout));

@@ -211,6 +211,7 @@ pub(crate) fn remove_dead(engine: &mut Engine, fleet: &mut Fleet) {
     let mut dead = std::mem::take(&mut fleet.dead);
     dead.sort_unstable();
     dead.dedup();
+    let mut removed = false;
     for id in dead {
         fleet.agent_stats.remove(&id);
         let Some(conn) = fleet.conns.remove(&id) else {
@@ -228,6 +229,7 @@ pub(crate) fn remove_dead(engine: &mut Engine, fleet: &mut Fleet) {
                 "guest left; dropping its references"
             );
             let _ = engine.remove_guest(id, fleet);
+            removed = true;
         } else {
             // Its agent is gone but the VM lives, and its pages may still map our frames:
             // keep them (the engine has the guest failed, or will on its next call) until
@@ -251,8 +253,12 @@ pub(crate) fn remove_dead(engine: &mut Engine, fleet: &mut Fleet) {
             "VM process exited; dropping its references"
         );
         let _ = engine.remove_guest(id, fleet);
+        removed = true;
     }
-    fleet.close_unused_pools(&engine.guests());
+    // Only a guest leaving can empty a share group: no work after rounds where none did.
+    if removed {
+        fleet.close_unused_pools(&engine.guests());
+    }
 }
 
 /// Applies one command on the scanner thread; returns whether the scanner should wake up
