@@ -1,12 +1,45 @@
 //! The density benchmark end to end, small: all three modes on real guests, the JSON and
-//! plots written, every guest verified, and the kernel's KSM knobs left exactly as found.
-//! This is the only test that touches /sys/kernel/mm/ksm (it runs alone in its binary).
+//! plots written, every guest verified, and the kernel's KSM knobs and `vm.max_map_count`
+//! left exactly as found. These are the only tests that touch /sys/kernel/mm/ksm and
+//! `vm.max_map_count`: they run alone in their binary, one at a time ([`HOST_WIDE`]).
 
 mod common;
 
 use std::process::Command;
+use std::sync::{Mutex, MutexGuard};
 
+use common::merge::{exit_all, guest, u, Daemon, Profile, LONG};
 use tinyvmm::fleet::procfs;
+use tinyvmm_sys::vm_limits;
+
+/// Host-wide settings: one test at a time changes them.
+static HOST_WIDE: Mutex<()> = Mutex::new(());
+
+fn host_wide() -> MutexGuard<'static, ()> {
+    HOST_WIDE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `vm.max_map_count` as found, written back on drop (also when the test fails).
+struct RestoreMapCount(u64);
+
+impl RestoreMapCount {
+    fn save() -> Self {
+        Self(vm_limits::max_map_count().unwrap())
+    }
+}
+
+impl Drop for RestoreMapCount {
+    fn drop(&mut self) {
+        if vm_limits::max_map_count().ok() != Some(self.0) {
+            vm_limits::set_max_map_count(self.0).unwrap();
+        }
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
 
 fn ksm_knobs() -> Option<(u64, u64, u64)> {
     Some((
@@ -19,6 +52,8 @@ fn ksm_knobs() -> Option<(u64, u64, u64)> {
 #[test]
 fn density_bench_runs_all_modes_verifies_guests_and_restores_ksm() {
     require_kvm!();
+    let _one = host_wide();
+    let restore = RestoreMapCount::save();
     let out_dir = common::scratch_dir("bench");
     let before = ksm_knobs();
     let out = Command::new(env!("CARGO_BIN_EXE_tinyvmm"))
@@ -46,6 +81,11 @@ fn density_bench_runs_all_modes_verifies_guests_and_restores_ksm() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "bench failed\n{stdout}\n{stderr}");
     assert_eq!(ksm_knobs(), before, "kernel KSM knobs restored");
+    assert_eq!(
+        vm_limits::max_map_count().unwrap(),
+        restore.0,
+        "vm.max_map_count restored"
+    );
 
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out_dir.join("density.json")).unwrap()).unwrap();
@@ -65,6 +105,20 @@ fn density_bench_runs_all_modes_verifies_guests_and_restores_ksm() {
         "tinyvmm saves memory: {ours:#} vs {none:#}"
     );
     assert!(ours["pages_saved"].as_u64().unwrap() > 10_000);
+    // tinyvmm's run had room for every page to be its own mapping (raised as root), and
+    // the mappings merging made are counted in its merger memory.
+    let limit = ours["max_map_count"].as_u64().unwrap();
+    if is_root() {
+        assert!(
+            limit >= 48 * 256 + vm_limits::DEFAULT_MAX_MAP_COUNT,
+            "{ours:#}"
+        );
+    }
+    let maps = ours["merge_mappings"].as_u64().unwrap();
+    assert!(
+        ours["merger_overhead_bytes"].as_u64().unwrap() >= maps * 192,
+        "{ours:#}"
+    );
     let kernel = by("kernel");
     if kernel["skipped"].is_null() {
         assert!(
@@ -92,6 +146,8 @@ fn density_bench_runs_all_modes_verifies_guests_and_restores_ksm() {
 #[test]
 fn density_bench_merges_shuffled_and_clustered_layouts() {
     require_kvm!();
+    let _one = host_wide();
+    let _restore = RestoreMapCount::save();
     let out_dir = common::scratch_dir("bench-layouts");
     let out = Command::new(env!("CARGO_BIN_EXE_tinyvmm"))
         .args([
@@ -143,4 +199,40 @@ fn density_bench_merges_shuffled_and_clustered_layouts() {
         );
         assert!(ours["pages_saved"].as_u64().unwrap() > 10_000, "{ours:#}");
     }
+}
+
+/// `tinyvmm merged --max-map-count N` raises the host's limit (root only) and VMs that
+/// register afterwards get the larger mapping budget; the limit is restored by the test.
+#[test]
+fn daemon_raises_max_map_count_and_new_guests_get_the_budget() {
+    require_kvm!();
+    if !is_root() {
+        eprintln!("skipped: raising vm.max_map_count needs root");
+        return;
+    }
+    let _one = host_wide();
+    let restore = RestoreMapCount::save();
+    let want = restore.0 + 100_000;
+    let d = Daemon::start(
+        "max-map-count",
+        &[
+            "--max-map-count",
+            &want.to_string(),
+            "--pages-to-scan",
+            "20000",
+            "--sleep-ms",
+            "5",
+        ],
+    );
+    assert_eq!(vm_limits::max_map_count().unwrap(), want);
+    assert!(d.log().contains("raised vm.max_map_count"), "{}", d.log());
+    let (g, _) = guest(&d, 70, &Profile::plain(16), &[]);
+    d.wait_for("registered", LONG, |s| u(s, "guests") == 1);
+    let gs = d.ksm_json(&["guests", "--json"]);
+    let budget = gs[0]["vma_budget"].as_u64().unwrap();
+    assert!(
+        budget > restore.0 && budget <= want,
+        "the guest's budget follows the raised limit: {gs:#}"
+    );
+    exit_all(vec![g]);
 }

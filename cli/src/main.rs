@@ -76,6 +76,13 @@ struct MergedArgs {
     /// together (the daemon keeps 16 bytes of metadata per page).
     #[arg(long, default_value_t = tinyvmm_merged::UserLimits::default().pages)]
     max_pages_per_uid: u64,
+    /// Raise the host's vm.max_map_count to at least this at start (root only; never
+    /// lowered, not restored at exit). Each merged run of guest pages is a mapping of its
+    /// VM process, so the default 65 530 caps how much of a guest with scattered duplicates
+    /// can be merged; each mapping made costs about 256 bytes of kernel memory. VMs that
+    /// register after the change get the larger budget.
+    #[arg(long, value_name = "N")]
+    max_map_count: Option<u64>,
 }
 
 #[derive(Args, Debug)]
@@ -343,6 +350,7 @@ fn merged(args: MergedArgs) -> ExitCode {
             guests: args.max_guests_per_uid,
             pages: args.max_pages_per_uid,
         },
+        max_map_count: args.max_map_count,
     };
     let d = match daemon::Daemon::bind(cfg) {
         Ok(d) => d,

@@ -124,3 +124,74 @@ impl Drop for KsmGuard {
         }
     }
 }
+
+/// Kernel memory one mapping (VMA) of a VM process costs, bytes, from the slab caches'
+/// object sizes: a `vm_area_struct`, half an `anon_vma_chain` (the anonymous pieces a
+/// merged run splits off keep one each) and an eighth of a `maple_node` (the VMA tree).
+/// 192 + 32 + 32 = 256 B on this machine kind, where remapping 200 000 isolated guest
+/// pages (400 000 new VMAs) grew the kernel's slab by 259 B per VMA. Falls back to 256
+/// when /proc/slabinfo is not readable.
+pub fn vma_kernel_bytes() -> u64 {
+    let Ok(s) = std::fs::read_to_string("/proc/slabinfo") else {
+        return 256;
+    };
+    let objsize = |cache: &str| -> Option<u64> {
+        s.lines()
+            .find(|l| l.split_whitespace().next() == Some(cache))
+            .and_then(|l| l.split_whitespace().nth(3))
+            .and_then(|v| v.parse().ok())
+    };
+    match (
+        objsize("vm_area_struct"),
+        objsize("anon_vma_chain"),
+        objsize("maple_node"),
+    ) {
+        (Some(vma), Some(avc), Some(node)) => vma + avc / 2 + node / 8,
+        _ => 256,
+    }
+}
+
+/// Kernel memory KSM's own metadata holds now, bytes: what `general_profit` leaves of the
+/// pages it saved (the kernel counts its rmap items there, 64 B per page scanned in
+/// mergeable areas). `None` on kernels without `general_profit`.
+pub fn ksm_metadata_bytes() -> Option<u64> {
+    let saved = ksm_read("pages_sharing")? + ksm_read("ksm_zero_pages").unwrap_or(0);
+    let profit: i64 = std::fs::read_to_string(format!("{KSM}/general_profit"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some((saved as i64 * 4096 - profit).max(0) as u64)
+}
+
+/// `vm.max_map_count` as found, restored on drop: the density benchmark lets tinyvmm's
+/// daemon raise it (`tinyvmm merged --max-map-count`) for its run only.
+pub struct MapCountGuard {
+    saved: u64,
+}
+
+impl MapCountGuard {
+    /// Saves the current value.
+    pub fn save() -> Result<Self, tinyvmm_sys::vm_limits::MapCountError> {
+        Ok(Self {
+            saved: tinyvmm_sys::vm_limits::max_map_count()?,
+        })
+    }
+
+    /// The value found.
+    pub fn saved(&self) -> u64 {
+        self.saved
+    }
+}
+
+impl Drop for MapCountGuard {
+    fn drop(&mut self) {
+        use tinyvmm_sys::vm_limits;
+        if vm_limits::max_map_count().ok() == Some(self.saved) {
+            return;
+        }
+        if let Err(e) = vm_limits::set_max_map_count(self.saved) {
+            tracing::error!("cannot restore vm.max_map_count to {}: {e}", self.saved);
+        }
+    }
+}

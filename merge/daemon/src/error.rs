@@ -26,6 +26,9 @@ pub enum DaemonError {
     /// The run directory is not private to this user (or cannot be created).
     #[error("run directory: {0}")]
     RunDir(#[from] tinyvmm_sys::dir::PrivateDirError),
+    /// `vm.max_map_count` could not be raised to what `--max-map-count` asks.
+    #[error("mapping limit: {0}")]
+    MapCount(#[from] tinyvmm_sys::vm_limits::MapCountError),
 }
 
 /// Why the daemon's state could not be read.

@@ -27,6 +27,11 @@ pub struct DaemonConfig {
     pub request_timeout: Duration,
     /// What one user's VM processes may register at once.
     pub user_limits: UserLimits,
+    /// Raise the host's `vm.max_map_count` to at least this at start (root only), so that
+    /// guests with scattered duplicates can be merged beyond the default 65 530 mappings
+    /// per VM process. Never lowered, not restored at exit (running VMs' mappings count
+    /// against it).
+    pub max_map_count: Option<u64>,
 }
 
 /// A daemon that is set up (lock held, socket bound) but not yet scanning.
@@ -36,6 +41,23 @@ pub struct Daemon {
     listener: UnixListener,
     rx: Receiver<Cmd>,
     tx: Sender<Cmd>,
+}
+
+/// Raises `vm.max_map_count` to `want` (if lower) and says what it did: the setting is
+/// host-wide, so it is logged at info level with the old value.
+fn raise_map_limit(want: u64) -> Result<(), DaemonError> {
+    use tinyvmm_sys::vm_limits;
+    match vm_limits::raise_max_map_count(want)? {
+        Some(old) => tracing::info!(
+            "raised vm.max_map_count from {old} to {want} (host-wide; each mapping a merge \
+             creates costs about 256 bytes of kernel memory)"
+        ),
+        None => tracing::info!(
+            "vm.max_map_count is {}, at least the {want} asked for",
+            vm_limits::max_map_count()?
+        ),
+    }
+    Ok(())
 }
 
 fn setup<'a>(
@@ -69,6 +91,9 @@ impl Daemon {
         // SAFETY: flock on a file we own.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err(DaemonError::AlreadyRunning(cfg.socket.clone()));
+        }
+        if let Some(want) = cfg.max_map_count {
+            raise_map_limit(want)?;
         }
         // We hold the lock: any socket file left there is stale.
         let _ = std::fs::remove_file(&cfg.socket);

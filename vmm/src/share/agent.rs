@@ -78,20 +78,13 @@ impl std::fmt::Debug for AgentConfig {
 }
 
 /// Mappings left for merged runs: `vm.max_map_count` minus what the process uses, minus a
-/// margin for the VMM's own needs (threads, libraries).
+/// margin for the VMM's own needs (threads, libraries). Read at each registration, so a
+/// limit the daemon raised at its start counts for the VMs that register after it.
 fn default_vma_budget() -> u32 {
-    let max: u64 = std::fs::read_to_string("/proc/sys/vm/max_map_count")
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(65530);
-    let used = vma_count() as u64;
-    max.saturating_sub(used + 1024).min(u64::from(u32::MAX)) as u32
-}
-
-fn vma_count() -> u32 {
-    std::fs::read_to_string("/proc/self/maps")
-        .map(|s| s.lines().count() as u32)
-        .unwrap_or(0)
+    use tinyvmm_sys::vm_limits;
+    let max = vm_limits::max_map_count().unwrap_or(vm_limits::DEFAULT_MAX_MAP_COUNT);
+    max.saturating_sub(vm_limits::own_mappings() + 1024)
+        .min(u64::from(u32::MAX)) as u32
 }
 
 struct Agent {
@@ -106,7 +99,6 @@ struct Agent {
     /// Scratch for one harvest of the dirty log.
     harvest: Bitmap,
     dirty_cursor: u64,
-    vma_budget: u32,
     blocked_writes: u64,
     protect_all: Vec<u64>,
     status: AgentStatusHandle,
@@ -125,7 +117,7 @@ impl Agent {
             name: self.cfg.name.clone(),
             pages: self.ram.pages(),
             share_group: self.cfg.share_group.clone(),
-            vma_budget: self.vma_budget,
+            vma_budget: self.cfg.vma_budget.unwrap_or_else(default_vma_budget),
             dirty_source: self.dirty_source.is_some(),
         }
     }
@@ -222,7 +214,7 @@ impl Agent {
             protect_p99_ns: pct(0.99),
             protect_max_ns: v.last().copied().unwrap_or(0),
             blocked_writes: self.blocked_writes,
-            vma_count: vma_count(),
+            vma_count: tinyvmm_sys::vm_limits::own_mappings() as u32,
         }
     }
 
@@ -444,7 +436,6 @@ pub fn spawn_agent(
     // Everything counts as written before registration (the loader wrote the kernel); the
     // first harvest narrows that down to what is being written now.
     dirty.set_all();
-    let vma_budget = cfg.vma_budget.unwrap_or_else(default_vma_budget);
     let agent = Agent {
         cfg,
         ram,
@@ -453,7 +444,6 @@ pub fn spawn_agent(
         digested: Bitmap::new(pages),
         harvest: Bitmap::new(pages),
         dirty_cursor: 0,
-        vma_budget,
         blocked_writes: 0,
         protect_all: Vec::new(),
         status: status.clone(),

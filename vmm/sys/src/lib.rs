@@ -1,8 +1,8 @@
 //! Host OS helpers that more than one tinyvmm crate needs, each in one place: which
 //! signals end a process and how they are masked ([`signals`]), Unix sockets only their
 //! owner may connect to and the credentials of a socket's peer ([`socket`]), directories
-//! only their owner may change ([`dir`]), anonymous memory files ([`memfd`]) and watching
-//! another process for its exit ([`process`]).
+//! only their owner may change ([`dir`]), anonymous memory files ([`memfd`]), watching
+//! another process for its exit ([`process`]) and the host's mapping limit ([`vm_limits`]).
 //!
 //! Everything here is a thin, documented wrapper around one or two system calls; the
 //! policy (which thread blocks what, which directory a socket lives in) stays with the
@@ -13,3 +13,4 @@ pub mod memfd;
 pub mod process;
 pub mod signals;
 pub mod socket;
+pub mod vm_limits;

@@ -57,8 +57,15 @@ pub struct ModeResult {
     /// guest write could wait), median of the guests' medians and the worst p99.
     pub protect_p50_ns: Option<u64>,
     pub protect_p99_ns: Option<u64>,
-    /// Memory of the merger itself (tinyvmm: the daemon's Pss, engine metadata included).
+    /// Memory of the merger itself: tinyvmm: the daemon's Pss (engine metadata included)
+    /// plus the kernel memory of the mappings merging made; kernel: KSM's rmap items.
     pub merger_overhead_bytes: u64,
+    /// tinyvmm: mappings (VMAs) merging added to the guests' processes.
+    pub merge_mappings: Option<u64>,
+    /// tinyvmm: the host's `vm.max_map_count` during the run.
+    pub max_map_count: Option<u64>,
+    /// tinyvmm: what `vm.max_map_count` was before its daemon raised it for the run.
+    pub max_map_count_raised_from: Option<u64>,
     /// One copy of the shared pages plus every guest's unique pages, bytes (the fill only).
     pub physical_limit_bytes: u64,
     pub verified_pages: u64,
@@ -99,6 +106,9 @@ pub(super) fn run_mode(
         protect_p50_ns: None,
         protect_p99_ns: None,
         merger_overhead_bytes: 0,
+        merge_mappings: None,
+        max_map_count: None,
+        max_map_count_raised_from: None,
         physical_limit_bytes: 0,
         verified_pages: 0,
         skipped: None,
@@ -217,7 +227,12 @@ pub(super) fn run_mode(
     sleep_unless_terminating(Duration::from_secs(a.idle_s))?;
     let idle = merger.cpu_since_enable(&guests) - c0;
     result.idle_cpu_pct = 100.0 * idle / w0.elapsed().as_secs_f64();
-    result.merger_overhead_bytes = merger.overhead();
+    result.merger_overhead_bytes = merger.overhead(&guests);
+    result.merge_mappings = merger.merge_mappings(&guests);
+    if let Some(l) = merger.map_limit() {
+        result.max_map_count = Some(l.now);
+        result.max_map_count_raised_from = l.raised_from;
+    }
     if let Some((p50, p99)) = merger.protect_stalls() {
         result.protect_p50_ns = Some(p50);
         result.protect_p99_ns = Some(p99);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::{DensityArgs, DensityError, Mode};
 use crate::fleet::guest::GuestProc;
-use crate::fleet::procfs::{self, KsmGuard};
+use crate::fleet::procfs::{self, KsmGuard, MapCountGuard};
 use tinyvmm_api::client::ApiClient;
 use tinyvmm_merge::{KnobsUpdate, RunMode};
 
@@ -41,7 +41,61 @@ pub(super) enum Merger {
         api: ApiClient,
         socket: PathBuf,
         cpu0: Duration,
+        /// The guests' mappings (VMAs) when merging was switched on.
+        mappings0: u64,
+        /// The host's `vm.max_map_count` for this run, and what it was before when the
+        /// daemon raised it (restored by the guard, after the daemon and guests are gone).
+        map_limit: MapLimit,
     },
+}
+
+/// `vm.max_map_count` during tinyvmm's run.
+pub(super) struct MapLimit {
+    /// The limit in force.
+    pub now: u64,
+    /// The value before the daemon raised it (restored on drop).
+    pub raised_from: Option<u64>,
+    _guard: Option<MapCountGuard>,
+}
+
+impl MapLimit {
+    /// What `--max-map-count` asks of the daemon: the limit to raise to, if any. Raising
+    /// needs root; without it the host's setting stays (and is reported).
+    fn plan(a: &DensityArgs) -> (Option<u64>, Self) {
+        let found = tinyvmm_sys::vm_limits::max_map_count()
+            .unwrap_or(tinyvmm_sys::vm_limits::DEFAULT_MAX_MAP_COUNT);
+        let want = a
+            .max_map_count
+            .unwrap_or(a.mem / 4096 + tinyvmm_sys::vm_limits::DEFAULT_MAX_MAP_COUNT);
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let keep = Self {
+            now: found,
+            raised_from: None,
+            _guard: None,
+        };
+        if want <= found {
+            return (None, keep);
+        }
+        if !root {
+            eprintln!("  tinyvmm: not root: vm.max_map_count stays {found} (asked for {want})");
+            return (None, keep);
+        }
+        match MapCountGuard::save() {
+            Ok(g) => (
+                Some(want),
+                Self {
+                    now: want,
+                    raised_from: Some(g.saved()),
+                    _guard: Some(g),
+                },
+            ),
+            Err(e) => {
+                eprintln!("  tinyvmm: {e}; vm.max_map_count stays {found}");
+                (None, keep)
+            }
+        }
+    }
 }
 
 impl Merger {
@@ -74,9 +128,14 @@ impl Merger {
                         path: log_path,
                         source,
                     })?;
-                let daemon = Command::new(exe)
+                let (raise, map_limit) = MapLimit::plan(a);
+                let mut cmd = Command::new(exe);
+                cmd.args(["merged", "--run", "0"]);
+                if let Some(n) = raise {
+                    cmd.arg("--max-map-count").arg(n.to_string());
+                }
+                let daemon = cmd
                     .env("TINYVMM_RUN_DIR", run_dir)
-                    .args(["merged", "--run", "0"])
                     .arg("--socket")
                     .arg(&socket)
                     .arg("--api-sock")
@@ -102,6 +161,8 @@ impl Merger {
                     api: ApiClient::new(&api)?,
                     socket,
                     cpu0: Duration::ZERO,
+                    mappings0: 0,
+                    map_limit,
                 })
             }
         }
@@ -142,8 +203,14 @@ impl Merger {
                 *cpu0 = now;
                 kernel_knob("run", 1)
             }
-            Merger::Tinyvmm { api, cpu0, .. } => {
+            Merger::Tinyvmm {
+                api,
+                cpu0,
+                mappings0,
+                ..
+            } => {
                 *cpu0 = now;
+                *mappings0 = guest_mappings(guests);
                 api.patch_ksm(&KnobsUpdate {
                     run: Some(RunMode::Run),
                     ..KnobsUpdate::default()
@@ -196,12 +263,45 @@ impl Merger {
         Some((crate::bench::median(&mut p50) as u64, p99))
     }
 
-    pub(super) fn overhead(&self) -> u64 {
+    /// Memory the merger itself costs, bytes: for tinyvmm the daemon's Pss (engine
+    /// metadata included) plus the kernel memory of the mappings merging added to the
+    /// guests' processes; for the kernel, KSM's own metadata (its rmap items).
+    pub(super) fn overhead(&self, guests: &[GuestProc]) -> u64 {
         match self {
-            Merger::Tinyvmm { daemon, .. } => procfs::pss_bytes(daemon.id()).unwrap_or(0),
-            _ => 0,
+            Merger::None => 0,
+            Merger::Kernel { .. } => procfs::ksm_metadata_bytes().unwrap_or(0),
+            Merger::Tinyvmm { daemon, .. } => {
+                procfs::pss_bytes(daemon.id()).unwrap_or(0)
+                    + self.merge_mappings(guests).unwrap_or(0) * procfs::vma_kernel_bytes()
+            }
         }
     }
+
+    /// Mappings (VMAs) that merging added to the guests' processes since it was switched
+    /// on (tinyvmm only).
+    pub(super) fn merge_mappings(&self, guests: &[GuestProc]) -> Option<u64> {
+        match self {
+            Merger::Tinyvmm { mappings0, .. } => {
+                Some(guest_mappings(guests).saturating_sub(*mappings0))
+            }
+            _ => None,
+        }
+    }
+
+    /// tinyvmm's `vm.max_map_count` for the run.
+    pub(super) fn map_limit(&self) -> Option<&MapLimit> {
+        match self {
+            Merger::Tinyvmm { map_limit, .. } => Some(map_limit),
+            _ => None,
+        }
+    }
+}
+
+fn guest_mappings(guests: &[GuestProc]) -> u64 {
+    guests
+        .iter()
+        .map(|g| tinyvmm_sys::vm_limits::mappings(g.pid()))
+        .sum()
 }
 
 impl Drop for Merger {

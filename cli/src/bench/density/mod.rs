@@ -7,8 +7,10 @@
 //! `mod.rs` holds the options, the errors and the loop over layouts, guest counts and
 //! modes; `merger.rs` starts and stops each mode's merger (kernel KSM knobs saved and
 //! restored, the daemon); `measure.rs` runs one mode on real guests and samples it;
-//! `report.rs` prints the table and ratios and draws the plots.
+//! `report.rs` prints the table and ratios and draws the plots; `limits.rs` measures what
+//! the page mechanism's steps cost on this machine, printed next to the results.
 
+mod limits;
 mod measure;
 mod merger;
 mod report;
@@ -134,6 +136,13 @@ pub struct DensityArgs {
     /// at a per-guest address).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "same")]
     pub layout: Vec<LayoutArg>,
+    /// vm.max_map_count for tinyvmm's run: as root, its daemon raises the host's limit to
+    /// this (`tinyvmm merged --max-map-count`) and the benchmark restores the old value
+    /// after the run; every mapping it makes is counted in tinyvmm's merger memory.
+    /// Default: a guest's pages + 65 530 (every merged page its own mapping, the worst
+    /// case); 0 leaves the host's setting.
+    #[arg(long, value_name = "N")]
+    pub max_map_count: Option<u64>,
     /// Pages per run of `--layout clustered`.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     pub run: u64,
@@ -201,6 +210,13 @@ pub fn run(a: DensityArgs) -> Result<(), DensityError> {
     } else {
         vec![a.guests]
     };
+    let limits = match limits::Limits::measure() {
+        Ok(l) => Some(l),
+        Err(e) => {
+            eprintln!("cannot measure this machine's page costs: {e}");
+            None
+        }
+    };
     let mut all = Vec::new();
     for layout in a.layout.iter().map(|l| l.layout(a.run)) {
         let mut per_layout = Vec::new();
@@ -215,7 +231,7 @@ pub fn run(a: DensityArgs) -> Result<(), DensityError> {
                 );
                 results.push(run_mode(mode, &a, n, layout)?);
             }
-            report(&results, &a);
+            report(&results, &a, limits.as_ref());
             if n == *counts.last().unwrap_or(&n) || !a.sweep {
                 plots(&results, &a.out, &layout_name(layout))?;
             }

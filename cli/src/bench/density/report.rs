@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use super::super::plot::{line_chart, PlotError, Series};
+use super::limits::Limits;
 use super::{DensityArgs, Mode, ModeResult};
 
 pub(super) fn mib(b: u64) -> f64 {
@@ -20,7 +21,7 @@ fn ratio(a: Option<f64>, b: Option<f64>) -> String {
     }
 }
 
-pub(super) fn report(results: &[ModeResult], a: &DensityArgs) {
+pub(super) fn report(results: &[ModeResult], a: &DensityArgs, limits: Option<&Limits>) {
     let n = results.first().map_or(0, |r| r.guests);
     let layout = results.first().map_or("", |r| r.layout.as_str());
     println!(
@@ -83,10 +84,29 @@ pub(super) fn report(results: &[ModeResult], a: &DensityArgs) {
             );
         }
     }
+    for r in results {
+        if let (Some(maps), Some(limit)) = (r.merge_mappings, r.max_map_count) {
+            let raised = r.max_map_count_raised_from.map_or(String::new(), |old| {
+                format!(", raised from {old} for this run")
+            });
+            println!(
+                "{}: merging made {maps} mappings (VMAs) in the guests' processes, {:.1} MiB of kernel memory (counted in merger MiB); vm.max_map_count {limit}{raised}",
+                r.mode.name(),
+                mib(maps * crate::fleet::procfs::vma_kernel_bytes()),
+            );
+        }
+    }
     if let Some(limit) = results.first().map(|r| r.physical_limit_bytes) {
         println!(
             "physical limit (one copy of shared + all unique fill pages): {:.1} MiB total",
             mib(limit)
+        );
+    }
+    if let Some(l) = limits {
+        let (isolated, runs) = l.floor_us();
+        println!(
+            "this machine, one core, per page: hash {:.2} µs, compare {:.2} µs, mmap {:.2} µs isolated / {:.2} µs in 64-page runs, MADV_DONTNEED {:.2} µs; a merged page needs at least {:.2} µs (isolated) to {:.2} µs (long runs) of CPU",
+            l.hash_us, l.compare_us, l.map_page_us, l.map_run_us, l.dontneed_us, isolated, runs
         );
     }
     let k = results
@@ -95,9 +115,10 @@ pub(super) fn report(results: &[ModeResult], a: &DensityArgs) {
     let t = results.iter().find(|r| r.mode == Mode::Tinyvmm);
     if let (Some(k), Some(t)) = (k, t) {
         println!("ratios tinyvmm/kernel (measured in this run):");
+        let with_merger = |r: &ModeResult| (r.final_pss + r.merger_overhead_bytes) as f64;
         println!(
-            "  memory            {}",
-            ratio(Some(t.final_pss as f64), Some(k.final_pss as f64))
+            "  memory            {}   (guests' Pss + merger memory)",
+            ratio(Some(with_merger(t)), Some(with_merger(k)))
         );
         println!(
             "  pages saved       {}",
