@@ -166,6 +166,7 @@ pub(super) fn run_mode(
     }
     let mut last_change = Instant::now();
     let mut last_saved = 0;
+    let mut scans_at_change = merger.full_scans();
     loop {
         sleep_unless_terminating(Duration::from_millis(250))?;
         let saved = merger.pages_saved();
@@ -177,11 +178,17 @@ pub(super) fn run_mode(
             merger_cpu_s: merger.cpu_since_enable(&guests),
         };
         result.samples.push(s);
+        let scans = merger.full_scans();
         if saved != last_saved {
             last_saved = saved;
             last_change = Instant::now();
+            scans_at_change = scans;
         }
-        let quiet = last_change.elapsed() > Duration::from_secs(3);
+        // Converged: nothing new saved for 3 s and over two whole passes of the scanner
+        // (ksmd merges a page only on the pass after the one that found its checksum
+        // stable, so a pause within a pass is not convergence).
+        let quiet = last_change.elapsed() > Duration::from_secs(3)
+            && scans.is_none_or(|n| n >= scans_at_change.unwrap_or(0) + 2);
         let timeout = t0.elapsed() > Duration::from_secs(a.converge_s);
         if (mode == Mode::None && t0.elapsed() > Duration::from_secs(2))
             || (quiet && saved > 0 && a.churn == 0)

@@ -243,6 +243,15 @@ impl Merger {
         }
     }
 
+    /// The merger's completed passes over all guests (`full_scans`), when it has them.
+    pub(super) fn full_scans(&self) -> Option<u64> {
+        match self {
+            Merger::None => None,
+            Merger::Kernel { .. } => procfs::ksm_read("full_scans"),
+            Merger::Tinyvmm { api, .. } => api.ksm().ok().map(|s| s.counters.full_scans),
+        }
+    }
+
     /// Write-protection stalls reported by the agents: (median p50, max p99).
     pub(super) fn protect_stalls(&self) -> Option<(u64, u64)> {
         let Merger::Tinyvmm { api, .. } = self else {
