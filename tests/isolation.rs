@@ -365,7 +365,8 @@ fn a_jailed_vmm_runs_its_guest_fully_with_no_privileges_and_seccomp_on_every_thr
 
 /// A system call outside a vCPU thread's filter (the hidden test hook makes one right
 /// after the filter is installed) ends the VMM with status 148 and a line naming the call
-/// and the kind of thread; with `--no-seccomp` the same run boots.
+/// and the kind of thread (so does one on the API thread or the event loop); with
+/// `--no-seccomp` the same run boots.
 #[test]
 fn a_vcpu_system_call_outside_the_filter_ends_the_vmm_naming_it() {
     require_kvm!();
@@ -389,6 +390,29 @@ fn a_vcpu_system_call_outside_the_filter_ends_the_vmm_naming_it() {
         o.stderr
     );
     assert!(o.line("DONE").is_none(), "the guest did not finish");
+
+    // The other kinds report theirs the same way.
+    let dir = common::scratch_dir("isolation-seccomp");
+    let sock = dir.join("vm.sock").display().to_string();
+    for (kind, name) in [("api", "vm-api"), ("main", "main (event loop)")] {
+        let o = common::run_vm(
+            &[
+                "--mem",
+                "24M",
+                "--cmdline",
+                cmdline,
+                "--api-sock",
+                &sock,
+                "--seccomp-test-violation",
+                kind,
+            ],
+            LONG,
+        );
+        assert_eq!(o.code(), Some(148), "{kind}: {}", o.stderr);
+        let want = format!("bad system call 110 (getppid) on a {name} thread");
+        assert!(o.stderr.contains(&want), "{kind}: {}", o.stderr);
+        let _ = std::fs::remove_file(&sock);
+    }
 
     let o = common::run_vm(
         &[
