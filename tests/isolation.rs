@@ -254,3 +254,230 @@ fn a_flooding_vm_process_cannot_exhaust_the_daemon() {
     verify_all(&mut guests, 16 * 256);
     exit_all(guests);
 }
+
+/// The lines of `/proc/PID/status` (or a task's) that start with `key:`, values only.
+fn status_field(status: &str, key: &str) -> String {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}:")))
+        .unwrap_or_else(|| panic!("no {key} in {status}"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Checks that VMM `pid` runs as uid/gid 65534 with no capability in any set,
+/// `no_new_privs` and a seccomp filter on every thread; returns the thread names.
+fn assert_jailed(pid: u32) -> Vec<String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(status_field(&status, "Uid"), "65534 65534 65534 65534");
+    assert_eq!(status_field(&status, "Gid"), "65534 65534 65534 65534");
+    assert_eq!(status_field(&status, "Groups"), "");
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(status_field(&status, set), "0000000000000000", "{set}");
+    }
+    assert_eq!(status_field(&status, "NoNewPrivs"), "1");
+    let mut names = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let name = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        let Ok(st) = std::fs::read_to_string(task.join("status")) else {
+            continue; // a thread that just ended
+        };
+        let name = name.trim().to_string();
+        assert_eq!(status_field(&st, "Seccomp"), "2", "thread {name}");
+        assert_eq!(status_field(&st, "NoNewPrivs"), "1", "thread {name}");
+        assert_eq!(
+            status_field(&st, "CapEff"),
+            "0000000000000000",
+            "thread {name}"
+        );
+        assert_eq!(
+            status_field(&st, "CapBnd"),
+            "0000000000000000",
+            "thread {name}"
+        );
+        names.push(name);
+    }
+    names
+}
+
+/// A VMM run with `--uid 65534 --gid 65534` (and seccomp, on by default) fills, merges
+/// with another guest through the daemon, serves its API and verifies: while it runs it
+/// has the new ids, no capability in any set, `no_new_privs`, and seccomp on every thread.
+#[test]
+fn a_jailed_vmm_runs_its_guest_fully_with_no_privileges_and_seccomp_on_every_thread() {
+    require_kvm!();
+    let d = Daemon::fast("isolation-jail");
+    let p = Profile::plain(32);
+    let api = d.dir.join("jailed-vm.sock");
+    let api_arg = api.display().to_string();
+    let jailed = guest(
+        &d,
+        70,
+        &p,
+        &["--uid", "65534", "--gid", "65534", "--api-sock", &api_arg],
+    )
+    .0;
+    let other = guest(&d, 71, &p, &[]).0;
+    let s = d.wait_for("merging", LONG, |s| u(s, "pages_sharing") > 2000);
+    let gs = d.ksm_json(&["guests", "--json"]);
+    let mine = gs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|g| g["pid"].as_u64() == Some(u64::from(jailed.pid())))
+        .unwrap_or_else(|| panic!("the jailed guest is registered: {gs:#}"));
+    assert!(
+        mine["merging_pages"].as_u64().unwrap() + mine["zero_pages"].as_u64().unwrap() > 1000,
+        "the jailed guest's pages merge: {mine:#}"
+    );
+
+    let names = assert_jailed(jailed.pid());
+    eprintln!("jailed VMM threads: {names:?}");
+    for kind in ["vcpu0", "merge-agent", "tinyvmm-api"] {
+        assert!(names.iter().any(|n| n == kind), "{kind} in {names:?}");
+    }
+    // Its API answers (and a call starts a blocking-pool thread, under the API's filter).
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--unix-socket", &api_arg, "http://localhost/vm"])
+        .output();
+    match out {
+        Ok(out) => {
+            let vm: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("GET /vm: {e}: {:?}", out));
+            assert_eq!(vm["merge"]["registered"], true, "GET /vm: {vm:#}");
+        }
+        Err(e) => eprintln!("SKIP of the API check: no curl ({e})"),
+    }
+    assert_jailed(jailed.pid());
+
+    let mut guests = vec![jailed, other];
+    verify_all(&mut guests, 32 * 256);
+    // Churn splits merged pages (userfaultfd, remaps) in the jailed guest; merging goes on.
+    let scans = u(&s, "full_scans");
+    guests[0].send("churn 20 1000").unwrap();
+    d.wait_for("more scans", LONG, |s| u(s, "full_scans") > scans + 2);
+    verify_all(&mut guests, 32 * 256);
+    assert_jailed(guests[0].pid());
+    exit_all(guests);
+}
+
+/// A system call outside a vCPU thread's filter (the hidden test hook makes one right
+/// after the filter is installed) ends the VMM with status 148 and a line naming the call
+/// and the kind of thread (so does one on the API thread or the event loop); with
+/// `--no-seccomp` the same run boots.
+#[test]
+fn a_vcpu_system_call_outside_the_filter_ends_the_vmm_naming_it() {
+    require_kvm!();
+    let cmdline = "console=ttyS0 reboot=k panic=-1 workload=fill mib=8";
+    let o = common::run_vm(
+        &[
+            "--mem",
+            "24M",
+            "--cmdline",
+            cmdline,
+            "--seccomp-test-violation",
+            "vcpu",
+        ],
+        LONG,
+    );
+    assert_eq!(o.code(), Some(148), "stderr: {}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("bad system call 110 (getppid) on a vcpu thread"),
+        "stderr: {}",
+        o.stderr
+    );
+    assert!(o.line("DONE").is_none(), "the guest did not finish");
+
+    // The other kinds report theirs the same way.
+    let dir = common::scratch_dir("isolation-seccomp");
+    let sock = dir.join("vm.sock").display().to_string();
+    for (kind, name) in [("api", "vm-api"), ("main", "main (event loop)")] {
+        let o = common::run_vm(
+            &[
+                "--mem",
+                "24M",
+                "--cmdline",
+                cmdline,
+                "--api-sock",
+                &sock,
+                "--seccomp-test-violation",
+                kind,
+            ],
+            LONG,
+        );
+        assert_eq!(o.code(), Some(148), "{kind}: {}", o.stderr);
+        let want = format!("bad system call 110 (getppid) on a {name} thread");
+        assert!(o.stderr.contains(&want), "{kind}: {}", o.stderr);
+        let _ = std::fs::remove_file(&sock);
+    }
+
+    let o = common::run_vm(
+        &[
+            "--mem",
+            "24M",
+            "--cmdline",
+            cmdline,
+            "--seccomp-test-violation",
+            "vcpu",
+            "--no-seccomp",
+        ],
+        LONG,
+    );
+    o.assert_ok();
+    assert!(o.line("DONE").is_some(), "{}", o.stdout);
+}
+
+/// A VMM that cannot drop to `--uid` (here: root without CAP_SETUID) stops before the
+/// guest runs, with the failed step named, and leaves no API socket behind.
+#[test]
+fn a_vmm_that_cannot_drop_its_privileges_does_not_run() {
+    use std::os::unix::process::CommandExt;
+    const CAP_SETUID: libc::c_ulong = 7;
+    require_kvm!();
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("SKIP: needs root (the test removes CAP_SETUID from a root child)");
+        return;
+    }
+    let dir = common::scratch_dir("isolation-nodrop");
+    let sock = dir.join("vm.sock");
+    let mut cmd = common::tinyvmm();
+    cmd.args(["run", "--mem", "24M", "--uid", "1234", "--gid", "1234"])
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    // SAFETY: the closure only calls prctl, which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            // Root keeps every capability across exec except those not in the bounding set.
+            if libc::prctl(libc::PR_CAPBSET_DROP, CAP_SETUID, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let o = common::wait_with_timeout(cmd.spawn().unwrap(), LONG);
+    assert_eq!(o.code(), Some(1), "stderr: {}", o.stderr);
+    assert!(
+        o.stderr.contains("cannot run as uid 1234 gid 1234") && o.stderr.contains("set the uid"),
+        "stderr: {}",
+        o.stderr
+    );
+    assert!(
+        o.line("BOOTCHECK").is_none(),
+        "the guest never ran: {}",
+        o.stdout
+    );
+    assert!(!sock.exists(), "the API socket is removed");
+
+    // A uid without a gid, or -1, is refused before anything starts.
+    let o = common::run_vm(&["--uid", "1234"], LONG);
+    assert_eq!(o.code(), Some(2), "{}", o.stderr);
+    let o = common::run_vm(&["--uid", "4294967295", "--gid", "1"], LONG);
+    assert_eq!(o.code(), Some(2), "{}", o.stderr);
+}

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tinyvmm::vm_control::{LiveVm, VmDescription};
@@ -9,6 +10,7 @@ use tinyvmm::{bench, exit_status, ksm_client, launcher, size};
 use tinyvmm_api::vm::ShareMemory;
 use tinyvmm_api::ApiServer;
 use tinyvmm_merged as daemon;
+use tinyvmm_vmm::seccomp::{Filters, ThreadKind};
 use tinyvmm_vmm::{BootSpec, ExitReason, KernelSource, MemoryPolicy, VmConfig, Vmm};
 
 #[derive(Parser, Debug)]
@@ -128,6 +130,43 @@ struct RunArgs {
     /// Unix socket created with mode 0600.
     #[arg(long)]
     api_sock: Option<PathBuf>,
+    /// Run as this user once /dev/kvm, the images, the API socket and the merge daemon
+    /// connection are open (a daemon is started first if needed): no supplementary groups,
+    /// no capabilities (the bounding set dropped too), no_new_privs. Needs root; a jailed
+    /// VMM cannot reconnect to a restarted merge daemon. Numeric ids only.
+    #[arg(long, requires = "gid", value_parser = clap::value_parser!(u32).range(0..i64::from(u32::MAX)))]
+    uid: Option<u32>,
+    /// The group to run as, with --uid.
+    #[arg(long, requires = "uid", value_parser = clap::value_parser!(u32).range(0..i64::from(u32::MAX)))]
+    gid: Option<u32>,
+    /// Turn off the seccomp filters that every VMM thread (vCPUs, merge agent, API, event
+    /// loop) runs under by default. For debugging only: a call a filter refuses ends the
+    /// VMM with exit status 148 and a "bad system call" line naming it.
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Test hook: a thread of this kind makes a system call outside its filter.
+    #[arg(long, hide = true, value_enum)]
+    seccomp_test_violation: Option<TestViolation>,
+}
+
+/// Thread kinds for the hidden seccomp test hook.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum TestViolation {
+    Vcpu,
+    Agent,
+    Api,
+    Main,
+}
+
+impl From<TestViolation> for ThreadKind {
+    fn from(v: TestViolation) -> Self {
+        match v {
+            TestViolation::Vcpu => ThreadKind::Vcpu,
+            TestViolation::Agent => ThreadKind::Agent,
+            TestViolation::Api => ThreadKind::Api,
+            TestViolation::Main => ThreadKind::Main,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -184,14 +223,98 @@ fn kernel_source(arg: &str) -> KernelSource {
     }
 }
 
+/// The seccomp filters of a `run`, unless `--no-seccomp`.
+fn seccomp_filters(args: &RunArgs) -> Result<Option<Arc<Filters>>, ExitCode> {
+    if args.no_seccomp {
+        tracing::warn!("seccomp filters are off (--no-seccomp)");
+        return Ok(None);
+    }
+    match Filters::build(tinyvmm_vmm::vcpu::kick_signal()) {
+        Ok(f) => Ok(Some(Arc::new(match args.seccomp_test_violation {
+            Some(kind) => f.with_test_violation(kind.into()),
+            None => f,
+        }))),
+        Err(e) => {
+            eprintln!("tinyvmm: error: {e}");
+            Err(ExitCode::from(1))
+        }
+    }
+}
+
+/// Drops to `--uid`/`--gid` if given (else only sets no_new_privs), while the process has
+/// one thread: every thread started afterwards inherits the result.
+fn jail(args: &RunArgs) -> Result<(), ExitCode> {
+    let res = match (args.uid, args.gid) {
+        (Some(uid), Some(gid)) => tinyvmm_sys::jail::drop_privileges(uid, gid)
+            .map(|()| tracing::info!(uid, gid, "dropped privileges"))
+            .map_err(|e| format!("cannot run as uid {uid} gid {gid}: {e}")),
+        _ => tinyvmm_sys::jail::set_no_new_privs()
+            .map_err(|e| format!("cannot set no_new_privs: {e}")),
+    };
+    res.map_err(|msg| {
+        eprintln!("tinyvmm: error: {msg}");
+        ExitCode::from(1)
+    })
+}
+
+/// The merge agent of a `--share-memory` VM, ready to start: its config, guest RAM, and
+/// the first daemon connection (made before privileges are dropped).
+struct AgentParts {
+    cfg: tinyvmm_vmm::share::AgentConfig,
+    ram: tinyvmm_vmm::share::SharedRam,
+    first: Option<std::os::unix::net::UnixStream>,
+}
+
+fn prepare_agent(
+    args: &RunArgs,
+    vmm: &Vmm,
+    seccomp: Option<Arc<Filters>>,
+) -> Result<AgentParts, ExitCode> {
+    let cfg = tinyvmm_vmm::share::AgentConfig {
+        socket: args
+            .merge_socket
+            .clone()
+            .unwrap_or_else(daemon::default_merge_socket),
+        share_group: args.share_group.clone(),
+        name: args.name.clone().unwrap_or_else(|| args.kernel.clone()),
+        vma_budget: args.vma_budget,
+        autostart: if args.no_daemon_autostart {
+            None
+        } else {
+            std::env::current_exe().ok().map(|exe| {
+                Arc::new(launcher::MergedLauncher::new(exe))
+                    as Arc<dyn tinyvmm_vmm::share::DaemonLauncher>
+            })
+        },
+        reconnect: args.uid.is_none(),
+        seccomp,
+    };
+    let ram =
+        tinyvmm_vmm::share::SharedRam::new(vmm.ram_ranges(), Box::new(vmm.guest_memory().clone()))
+            .map_err(|e| {
+                eprintln!("tinyvmm: error: cannot enrol guest memory for merging: {e}");
+                ExitCode::from(1)
+            })?;
+    let first = tinyvmm_vmm::share::first_connection(&cfg);
+    Ok(AgentParts { cfg, ram, first })
+}
+
 fn run(args: RunArgs) -> ExitCode {
+    match run_vm(args) {
+        Ok(code) | Err(code) => code,
+    }
+}
+
+/// `tinyvmm run`: everything that needs privileges first (KVM, images, guest RAM's
+/// userfaultfd, the merge daemon connection, the API socket), then the drop, then the
+/// threads, each under its seccomp filter.
+fn run_vm(args: RunArgs) -> Result<ExitCode, ExitCode> {
     let policy = match args.share_memory {
         None => MemoryPolicy::Private,
         Some(ShareMode::Kernel) => MemoryPolicy::KernelMergeable,
         Some(ShareMode::Tinyvmm) => MemoryPolicy::Shareable,
     };
     let share = args.share_memory == Some(ShareMode::Tinyvmm);
-    let guest_name = args.name.clone().unwrap_or_else(|| args.kernel.clone());
     let mut description = VmDescription {
         vcpus: args.vcpus,
         mem_bytes: args.mem,
@@ -202,11 +325,12 @@ fn run(args: RunArgs) -> ExitCode {
             Some(ShareMode::Kernel) => ShareMemory::Kernel,
         },
     };
+    let seccomp = seccomp_filters(&args)?;
     let cfg = VmConfig {
         boot: BootSpec {
             kernel: kernel_source(&args.kernel),
-            initrd: args.initrd,
-            cmdline: args.cmdline,
+            initrd: args.initrd.clone(),
+            cmdline: args.cmdline.clone(),
         },
         mem_size: args.mem,
         vcpus: args.vcpus,
@@ -214,73 +338,61 @@ fn run(args: RunArgs) -> ExitCode {
         dirty_log: share,
         serial_out: Box::new(tinyvmm_vmm::SerialStdout),
         serial_in: Some(libc::STDIN_FILENO),
+        seccomp: seccomp.clone(),
     };
-    let vmm = match Vmm::new(cfg) {
-        Ok(v) => v,
-        Err(e) => {
-            eprintln!("tinyvmm: error: {e}");
-            return ExitCode::from(1);
-        }
-    };
+    let vmm = Vmm::new(cfg).map_err(|e| {
+        eprintln!("tinyvmm: error: {e}");
+        ExitCode::from(1)
+    })?;
     // Threads started from here on (the merge agent, the API server) inherit the mask, so
     // termination signals reach only the VMM's signalfd (`Vmm::run` blocks them too; a
     // signal that comes earlier waits, pending, and stops the guest cleanly then).
     if let Err(e) = tinyvmm_sys::signals::block_termination_signals() {
         eprintln!("tinyvmm: error: cannot block termination signals: {e}");
-        return ExitCode::from(1);
+        return Err(ExitCode::from(1));
     }
-    let mut agent_status = None;
-    if share {
-        let agent = tinyvmm_vmm::share::AgentConfig {
-            socket: args
-                .merge_socket
-                .clone()
-                .unwrap_or_else(daemon::default_merge_socket),
-            share_group: args.share_group.clone(),
-            name: guest_name,
-            vma_budget: args.vma_budget,
-            autostart: if args.no_daemon_autostart {
-                None
-            } else {
-                std::env::current_exe().ok().map(|exe| {
-                    std::sync::Arc::new(launcher::MergedLauncher::new(exe))
-                        as std::sync::Arc<dyn tinyvmm_vmm::share::DaemonLauncher>
-                })
-            },
-        };
-        let ram = match tinyvmm_vmm::share::SharedRam::new(
-            vmm.ram_ranges(),
-            Box::new(vmm.guest_memory().clone()),
-        ) {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("tinyvmm: error: cannot enrol guest memory for merging: {e}");
-                return ExitCode::from(1);
-            }
-        };
-        match tinyvmm_vmm::share::spawn_agent(agent, ram, Some(vmm.dirty_source())) {
-            Ok((_thread, status)) => agent_status = Some(status),
-            Err(e) => {
-                eprintln!("tinyvmm: error: cannot start the merge agent: {e}");
-                return ExitCode::from(1);
-            }
-        }
-    }
-    // Served until `run` returns (dropping it removes the socket).
-    let _api = match &args.api_sock {
-        Some(sock) => {
-            description.mem_bytes = vmm.mem_size();
-            let vm = LiveVm::new(description, vmm.exit_signal(), agent_status);
-            match ApiServer::start_vm(sock, std::sync::Arc::new(vm)) {
-                Ok(s) => Some(s),
+    let agent = if share {
+        Some(prepare_agent(&args, &vmm, seccomp.clone())?)
+    } else {
+        None
+    };
+    let bound_api = match &args.api_sock {
+        Some(sock) => Some(ApiServer::bind_vm(sock).map_err(|e| {
+            eprintln!(
+                "tinyvmm: error: cannot serve the VM API on {}: {e}",
+                sock.display()
+            );
+            ExitCode::from(1)
+        })?),
+        None => None,
+    };
+    // Still one thread here: what the jail sets is inherited by every thread below.
+    jail(&args)?;
+    let agent_status = match agent {
+        Some(AgentParts { cfg, ram, first }) => {
+            match tinyvmm_vmm::share::spawn_agent(cfg, ram, Some(vmm.dirty_source()), first) {
+                Ok((_thread, status)) => Some(status),
                 Err(e) => {
-                    eprintln!(
-                        "tinyvmm: error: cannot serve the VM API on {}: {e}",
-                        sock.display()
-                    );
-                    return ExitCode::from(1);
+                    eprintln!("tinyvmm: error: cannot start the merge agent: {e}");
+                    return Err(ExitCode::from(1));
                 }
             }
+        }
+        None => None,
+    };
+    // Served until `run` returns (dropping it removes the socket).
+    let _api = match bound_api {
+        Some(bound) => {
+            description.mem_bytes = vmm.mem_size();
+            let vm = LiveVm::new(description, vmm.exit_signal(), agent_status);
+            let filters = seccomp.clone();
+            let on_start: tinyvmm_api::ThreadStart = Box::new(move || {
+                tinyvmm_vmm::seccomp::install_or_exit(filters.as_deref(), ThreadKind::Api)
+            });
+            Some(bound.start_vm(Arc::new(vm), Some(on_start)).map_err(|e| {
+                eprintln!("tinyvmm: error: cannot serve the VM API: {e}");
+                ExitCode::from(1)
+            })?)
         }
         None => None,
     };
@@ -294,11 +406,11 @@ fn run(args: RunArgs) -> ExitCode {
                 ExitReason::Signal(s) => tracing::info!("stopped by signal {s}"),
                 ExitReason::GuestReset | ExitReason::Requested => {}
             }
-            ExitCode::from(exit_status::exit_status(&reason))
+            Ok(ExitCode::from(exit_status::exit_status(&reason)))
         }
         Err(e) => {
             eprintln!("tinyvmm: error: {e}");
-            ExitCode::from(1)
+            Err(ExitCode::from(1))
         }
     }
 }

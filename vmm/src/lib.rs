@@ -11,6 +11,7 @@
 
 pub mod boot;
 pub mod memory;
+pub mod seccomp;
 pub mod share;
 mod signals;
 pub mod vcpu;
@@ -65,6 +66,9 @@ pub struct VmConfig {
     pub serial_out: Box<dyn Write + Send>,
     /// Where guest serial input comes from (a pollable fd), if anywhere.
     pub serial_in: Option<std::os::fd::RawFd>,
+    /// The seccomp filters that [`Vmm::run`] installs on the vCPU threads and, once they
+    /// run, on the calling thread (the event loop); `None` runs unfiltered.
+    pub seccomp: Option<Arc<seccomp::Filters>>,
 }
 
 impl std::fmt::Debug for VmConfig {
@@ -75,6 +79,7 @@ impl std::fmt::Debug for VmConfig {
             .field("vcpus", &self.vcpus)
             .field("memory_policy", &self.memory_policy)
             .field("dirty_log", &self.dirty_log)
+            .field("seccomp", &self.seccomp.is_some())
             .finish()
     }
 }
@@ -175,6 +180,7 @@ pub struct Vmm {
     serial_input: Option<SerialInput>,
     boot: BootInfo,
     created: Instant,
+    seccomp: Option<Arc<seccomp::Filters>>,
     // Keeps /dev/kvm open for the VM's lifetime.
     _kvm: Kvm,
 }
@@ -316,6 +322,7 @@ impl Vmm {
             serial_input,
             boot,
             created,
+            seccomp: cfg.seccomp,
             _kvm: kvm,
         })
     }
@@ -381,7 +388,10 @@ impl Vmm {
     }
 
     /// Starts the vCPUs and runs the event loop, with `extra` subscribers, until the VM
-    /// stops. SIGINT, SIGTERM and SIGHUP stop it cleanly.
+    /// stops. SIGINT, SIGTERM and SIGHUP stop it cleanly. With seccomp filters in the
+    /// config, each vCPU thread installs its own at its start and the calling thread
+    /// installs the event loop's once every vCPU thread is started (a thread inherits its
+    /// creator's filter, so the creator must not be filtered first).
     pub fn run(self, extra: Vec<Subscriber>) -> Result<ExitReason, VmmError> {
         let signals = signals::SignalWatcher::new(self.exit.clone()).map_err(host("signalfd"))?;
         vcpu::install_kick_handler().map_err(host("vCPU kick signal handler"))?;
@@ -410,12 +420,17 @@ impl Vmm {
                 self.exit.clone(),
                 stop.clone(),
             );
+            let filters = self.seccomp.clone();
             let t = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
-                .spawn(move || vcpu.run())
+                .spawn(move || {
+                    seccomp::install_or_exit(filters.as_deref(), seccomp::ThreadKind::Vcpu);
+                    vcpu.run()
+                })
                 .map_err(host("spawn vCPU thread"))?;
             threads.push(t);
         }
+        seccomp::install_or_exit(self.seccomp.as_deref(), seccomp::ThreadKind::Main);
         tracing::info!(
             setup_ms = format_args!("{:.2}", self.created.elapsed().as_secs_f64() * 1e3),
             "guest started"

@@ -67,7 +67,7 @@ use tinyvmm_merge::{Counters, GuestCounters, Knobs, KnobsUpdate};
 
 pub use response::{status_of, ApiResponse, JSON, PROMETHEUS_TEXT};
 pub use routes::{DaemonRoutes, KNOBS, ROUTES};
-pub use server::{is_json_content_type, ApiServer, Call, CallFn, Routes};
+pub use server::{is_json_content_type, ApiServer, BoundApi, Call, CallFn, Routes, ThreadStart};
 
 /// What the API needs from the daemon.
 ///

@@ -80,11 +80,39 @@ struct Ctx {
     tcp_token: Option<String>,
 }
 
+/// Runs first on the API server's I/O thread, before it serves anything (a VMM installs
+/// its seccomp filter there; the threads the server starts later inherit it).
+pub type ThreadStart = Box<dyn FnOnce() + Send>;
+
+/// An API server's listeners, bound but not served yet ([`ApiServer::bind`]): a process
+/// that drops its privileges binds while it may, then starts serving. Dropping it removes
+/// the socket file.
+pub struct BoundApi {
+    server: ApiServer,
+    unix: std::os::unix::net::UnixListener,
+    tcp: Option<std::net::TcpListener>,
+    cfg: ApiConfig,
+}
+
+impl std::fmt::Debug for BoundApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BoundApi")
+            .field("server", &self.server)
+            .finish_non_exhaustive()
+    }
+}
+
 impl ApiServer {
     /// Serves `routes` as `cfg` says. Fails if another server listens on the socket, if the
     /// path is something other than a (stale) socket, or if the TCP address is not a
     /// loopback address.
     pub fn serve(cfg: ApiConfig, routes: Arc<dyn Routes>) -> io::Result<ApiServer> {
+        Self::bind(cfg)?.start(routes, None)
+    }
+
+    /// Binds the listeners `cfg` asks for, failing as [`ApiServer::serve`] does; nothing is
+    /// served until [`BoundApi::start`].
+    pub fn bind(cfg: ApiConfig) -> io::Result<BoundApi> {
         if let Some(addr) = cfg.tcp {
             if cfg.tcp_token.as_deref().is_none_or(str::is_empty) {
                 return Err(io::Error::new(
@@ -130,6 +158,29 @@ impl ApiServer {
             stop: None,
             thread: None,
         };
+        Ok(BoundApi {
+            server,
+            unix,
+            tcp,
+            cfg,
+        })
+    }
+}
+
+impl BoundApi {
+    /// Serves `routes` on the bound listeners from a new I/O thread, which runs `on_start`
+    /// first if given.
+    pub fn start(
+        self,
+        routes: Arc<dyn Routes>,
+        on_start: Option<ThreadStart>,
+    ) -> io::Result<ApiServer> {
+        let BoundApi {
+            server,
+            unix,
+            tcp,
+            cfg,
+        } = self;
         // From here on, dropping `server` removes the socket file on any error.
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -153,6 +204,9 @@ impl ApiServer {
         let thread = std::thread::Builder::new()
             .name("tinyvmm-api".into())
             .spawn(move || {
+                if let Some(f) = on_start {
+                    f();
+                }
                 rt.block_on(serve(unix, tcp, ctx, stop_rx));
                 rt.shutdown_timeout(SHUTDOWN_GRACE);
             })?;
@@ -160,7 +214,9 @@ impl ApiServer {
         tracing::info!(socket = %server.socket.display(), tcp = ?server.tcp_addr, "control API listening");
         Ok(server)
     }
+}
 
+impl ApiServer {
     /// The Unix socket served.
     pub fn socket_path(&self) -> &Path {
         &self.socket

@@ -19,7 +19,7 @@ use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use crate::response::{method_not_allowed, ApiResponse};
-use crate::server::{Call, Routes};
+use crate::server::{BoundApi, Call, Routes, ThreadStart};
 use crate::{ApiConfig, ApiError, ApiServer};
 
 /// Every route of the VM API, as `(path template, methods)`; the OpenAPI document
@@ -240,5 +240,22 @@ impl ApiServer {
     /// Serves the VM API of `vm` on the Unix socket `socket` (mode 0600), default limits.
     pub fn start_vm(socket: impl Into<PathBuf>, vm: Arc<dyn VmControl>) -> io::Result<ApiServer> {
         Self::serve(ApiConfig::new(socket), Arc::new(VmRoutes::new(vm)))
+    }
+
+    /// Binds the VM API's Unix socket `socket` (mode 0600) without serving it yet: see
+    /// [`BoundApi::start_vm`].
+    pub fn bind_vm(socket: impl Into<PathBuf>) -> io::Result<BoundApi> {
+        Self::bind(ApiConfig::new(socket))
+    }
+}
+
+impl BoundApi {
+    /// Serves the VM API of `vm` on these listeners; the I/O thread runs `on_start` first.
+    pub fn start_vm(
+        self,
+        vm: Arc<dyn VmControl>,
+        on_start: Option<ThreadStart>,
+    ) -> io::Result<ApiServer> {
+        self.start(Arc::new(VmRoutes::new(vm)), on_start)
     }
 }

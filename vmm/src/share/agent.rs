@@ -61,8 +61,13 @@ pub struct AgentConfig {
     pub name: String,
     /// Override of the VMA budget (default: what `vm.max_map_count` leaves, minus a margin).
     pub vma_budget: Option<u32>,
-    /// Starts a daemon if none answers at first.
+    /// Starts a daemon if none answers at first ([`first_connection`] only).
     pub autostart: Option<Arc<dyn DaemonLauncher>>,
+    /// Connect again after losing the daemon (or never having had one). Off in a VMM
+    /// that dropped its privileges: the run directory is no longer its own.
+    pub reconnect: bool,
+    /// The seccomp filters; the agent thread installs its kind's at its start.
+    pub seccomp: Option<Arc<crate::seccomp::Filters>>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -73,6 +78,8 @@ impl std::fmt::Debug for AgentConfig {
             .field("name", &self.name)
             .field("vma_budget", &self.vma_budget)
             .field("autostart", &self.autostart.is_some())
+            .field("reconnect", &self.reconnect)
+            .field("seccomp", &self.seccomp.is_some())
             .finish()
     }
 }
@@ -119,41 +126,6 @@ impl Agent {
             share_group: self.cfg.share_group.clone(),
             vma_budget: self.cfg.vma_budget.unwrap_or_else(default_vma_budget),
             dirty_source: self.dirty_source.is_some(),
-        }
-    }
-
-    /// Connects to the daemon, if it is one this VM may trust: its run directory is
-    /// private to this user (not a symlink, owned by us, not group/world-writable — else
-    /// another user could have put a fake daemon's socket there) and the process at the
-    /// other end runs as root or as this user.
-    fn connect(&self) -> Result<UnixStream, ConnectError> {
-        if let Some(dir) = self
-            .cfg
-            .socket
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-        {
-            if dir.exists() {
-                tinyvmm_sys::dir::check_private_dir(dir)?;
-            }
-        }
-        let stream = UnixStream::connect(&self.cfg.socket).map_err(ConnectError::NoDaemon)?;
-        let peer = tinyvmm_sys::socket::peer_cred(&stream).map_err(ConnectError::NoDaemon)?;
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        let me = unsafe { libc::geteuid() };
-        if peer.uid != 0 && peer.uid != me {
-            return Err(ConnectError::ForeignDaemon {
-                pid: peer.pid,
-                uid: peer.uid,
-            });
-        }
-        Ok(stream)
-    }
-
-    fn start_daemon(&self, launcher: &dyn DaemonLauncher) {
-        match launcher.launch(&self.cfg.socket) {
-            Ok(pid) => tracing::info!(pid, "started a merge daemon"),
-            Err(e) => tracing::warn!("cannot start a merge daemon: {e}"),
         }
     }
 
@@ -356,60 +328,52 @@ impl Agent {
         }
     }
 
-    fn run(mut self) {
-        let mut autostart = self.cfg.autostart.clone();
+    /// Serves registrations until the process ends: `first` (made before the thread
+    /// started), then new connections after each loss if the config allows reconnecting.
+    fn run(mut self, first: Option<UnixStream>) {
+        crate::seccomp::install_or_exit(
+            self.cfg.seccomp.as_deref(),
+            crate::seccomp::ThreadKind::Agent,
+        );
+        let mut next = first;
         let mut warned = false;
         loop {
-            let stream = match self.connect() {
-                Ok(s) => s,
-                Err(e) if e.untrusted() => {
-                    // Never registered with, nor started there: keep running unmerged.
-                    if !warned {
-                        tracing::error!(
-                            socket = %self.cfg.socket.display(),
-                            "refusing the merge daemon: {e}; guest runs unmerged"
-                        );
-                        warned = true;
-                    }
-                    autostart = None;
-                    std::thread::sleep(Duration::from_secs(1));
-                    continue;
+            let stream = match next.take() {
+                Some(s) => s,
+                None if !self.cfg.reconnect => {
+                    tracing::warn!(
+                        socket = %self.cfg.socket.display(),
+                        "no merge daemon connection, and this VMM dropped its privileges \
+                         (--uid) so it cannot connect again: guest runs unmerged"
+                    );
+                    return;
                 }
-                Err(e) => {
-                    if let Some(launcher) = autostart.take() {
-                        self.start_daemon(launcher.as_ref());
-                        // Give it a moment, then keep trying below.
-                        let deadline = Instant::now() + Duration::from_secs(5);
-                        let mut s = None;
-                        while Instant::now() < deadline {
-                            std::thread::sleep(Duration::from_millis(20));
-                            if let Ok(c) = self.connect() {
-                                s = Some(c);
-                                break;
-                            }
-                        }
-                        match s {
-                            Some(s) => s,
-                            None => continue,
-                        }
-                    } else {
+                None => match connect(&self.cfg.socket) {
+                    Ok(s) => s,
+                    Err(e) => {
                         if !warned {
-                            tracing::warn!(
-                                socket = %self.cfg.socket.display(),
-                                "no merge daemon: {e}; guest runs unmerged, retrying"
-                            );
+                            if e.untrusted() {
+                                tracing::error!(
+                                    socket = %self.cfg.socket.display(),
+                                    "refusing the merge daemon: {e}; guest runs unmerged"
+                                );
+                            } else {
+                                tracing::warn!(
+                                    socket = %self.cfg.socket.display(),
+                                    "no merge daemon: {e}; guest runs unmerged, retrying"
+                                );
+                            }
                             warned = true;
                         }
                         std::thread::sleep(Duration::from_secs(1));
                         continue;
                     }
-                }
+                },
             };
-            autostart = None;
             warned = false;
             match self.session(stream) {
                 Ok(()) => {}
-                Err(e) => tracing::warn!("merge daemon connection ended: {e}; retrying"),
+                Err(e) => tracing::warn!("merge daemon connection ended: {e}"),
             }
             // Merged pages keep their mappings of the old pool; the next daemon starts a new one.
             self.ram.drop_pool();
@@ -422,12 +386,74 @@ impl Agent {
     }
 }
 
-/// Starts the agent thread for `ram`. It runs for the life of the process. Returns the
-/// thread and a view of its status.
+/// Connects to the daemon at `socket`, if it is one this VM may trust: its run directory
+/// is private to this user (not a symlink, owned by us, not group/world-writable — else
+/// another user could have put a fake daemon's socket there) and the process at the other
+/// end runs as root or as this user.
+fn connect(socket: &Path) -> Result<UnixStream, ConnectError> {
+    if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if dir.exists() {
+            tinyvmm_sys::dir::check_private_dir(dir)?;
+        }
+    }
+    let stream = UnixStream::connect(socket).map_err(ConnectError::NoDaemon)?;
+    let peer = tinyvmm_sys::socket::peer_cred(&stream).map_err(ConnectError::NoDaemon)?;
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let me = unsafe { libc::geteuid() };
+    if peer.uid != 0 && peer.uid != me {
+        return Err(ConnectError::ForeignDaemon {
+            pid: peer.pid,
+            uid: peer.uid,
+        });
+    }
+    Ok(stream)
+}
+
+/// The agent's first connection to its daemon, made by the caller before it drops
+/// privileges or installs seccomp filters: starting a daemon (`cfg.autostart`, when none
+/// answers) forks and execs, which no filter allows and which must not hand a filter or
+/// a dropped uid to the daemon. Waits up to 5 s for a daemon it started. `None` when no
+/// (trusted) daemon answers; the agent then keeps trying if `cfg.reconnect` allows.
+pub fn first_connection(cfg: &AgentConfig) -> Option<UnixStream> {
+    match connect(&cfg.socket) {
+        Ok(s) => Some(s),
+        Err(e) if e.untrusted() => {
+            // Never registered with, nor started there.
+            tracing::error!(
+                socket = %cfg.socket.display(),
+                "refusing the merge daemon: {e}; guest runs unmerged"
+            );
+            None
+        }
+        Err(e) => {
+            let launcher = cfg.autostart.as_ref()?;
+            match launcher.launch(&cfg.socket) {
+                Ok(pid) => tracing::info!(pid, "started a merge daemon"),
+                Err(le) => {
+                    tracing::warn!("no merge daemon ({e}) and cannot start one: {le}");
+                    return None;
+                }
+            }
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+                if let Ok(s) = connect(&cfg.socket) {
+                    return Some(s);
+                }
+            }
+            None
+        }
+    }
+}
+
+/// Starts the agent thread for `ram`, serving `first` (see [`first_connection`]) first.
+/// It runs for the life of the process, under the agent's seccomp filter if `cfg` has
+/// filters. Returns the thread and a view of its status.
 pub fn spawn_agent(
     cfg: AgentConfig,
     ram: SharedRam,
     dirty_source: Option<Box<dyn DirtySource>>,
+    first: Option<UnixStream>,
 ) -> std::io::Result<(JoinHandle<()>, AgentStatusHandle)> {
     let pages = ram.pages();
     let status = AgentStatusHandle::default();
@@ -450,6 +476,6 @@ pub fn spawn_agent(
     };
     let t = std::thread::Builder::new()
         .name("merge-agent".into())
-        .spawn(move || agent.run())?;
+        .spawn(move || agent.run(first))?;
     Ok((t, status))
 }

@@ -13,7 +13,8 @@ pub mod errors;
 pub mod pages;
 
 pub use agent::{
-    spawn_agent, AgentConfig, AgentStatus, AgentStatusHandle, DaemonLauncher, DirtySource,
+    first_connection, spawn_agent, AgentConfig, AgentStatus, AgentStatusHandle, DaemonLauncher,
+    DirtySource,
 };
 pub use errors::{ConnectError, RequestError, SessionError};
 pub use pages::{RamRange, SharedRam};
