@@ -108,6 +108,7 @@ pub mod counters;
 mod engine;
 pub mod host;
 mod index;
+mod keyed;
 pub mod knobs;
 #[cfg(feature = "sim")]
 pub mod sim;
@@ -118,4 +119,5 @@ pub use host::{
     DomainId, FrameId, Gfn, GuestId, HostError, MergeHost, MergeOp, MergeOutcome, MergeResult,
     OpKind, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome, PAGE_SIZE,
 };
+pub use keyed::HashKey;
 pub use knobs::{Advisor, KnobError, Knobs, KnobsUpdate, RunMode, MAX_PAGES_TO_SCAN};
