@@ -71,6 +71,8 @@ fn guest(id: u32, name: &str, group: &str, merging: u64, zero: u64) -> GuestInfo
         pid: 1000 + id,
         name: name.to_string(),
         share_group: group.to_string(),
+        uid: 0,
+        share_group_uids: vec![0],
         agent: tinyvmm_merge_protocol::AgentStats {
             protect_batches: 40,
             protect_p50_ns: 90_000,

@@ -219,7 +219,7 @@ fn metrics_have_help_type_and_guest_labels() {
     assert!(text.contains("# TYPE tinyvmm_ksm_full_scans counter\n"));
     assert!(text.contains("tinyvmm_ksm_smart_scan 1\n"));
     assert!(text.contains(
-        "tinyvmm_ksm_guest_merging_pages{guest=\"1\",name=\"vm-a\",share_group=\"default\"} 2000\n"
+        "tinyvmm_ksm_guest_merging_pages{guest=\"1\",name=\"vm-a\",share_group=\"default\",uid=\"0\"} 2000\n"
     ));
     // Label values are escaped.
     assert!(text.contains("name=\"vm \\\"b\\\"\""));

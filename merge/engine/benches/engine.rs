@@ -249,42 +249,54 @@ impl std::hash::Hasher for KeyedOne {
 
 /// Cost of one stable-set lookup (a `HashMap<u64, u32>` of 1 Mi page hashes, half the
 /// lookups hits) with the old fixed mixer and with the secret-keyed SipHash-1-3 the
-/// engine now uses: ns per lookup, median of 3.
+/// engine now uses: ns per lookup, median of 5 runs of each, interleaved (so that a busy
+/// machine weighs on both alike).
 fn index_lookup_cost() {
-    fn run<S: std::hash::BuildHasher>(hasher: S) -> f64 {
-        let n = 1u64 << 20;
-        let key = |i: u64| xxh3(&i.to_le_bytes());
+    fn table<S: std::hash::BuildHasher>(
+        hasher: S,
+        n: u64,
+    ) -> std::collections::HashMap<u64, u32, S> {
         let mut m = std::collections::HashMap::with_capacity_and_hasher(n as usize, hasher);
         for i in 0..n {
-            m.insert(key(i), i as u32);
+            m.insert(xxh3(&i.to_le_bytes()), i as u32);
         }
-        let probes: Vec<u64> = (0..4 * n).map(|i| key(i % (2 * n))).collect();
-        let times: Vec<f64> = (0..3)
-            .map(|_| {
-                let t = Instant::now();
-                let mut hits = 0u64;
-                for p in &probes {
-                    hits += u64::from(m.contains_key(std::hint::black_box(p)));
-                }
-                std::hint::black_box(hits);
-                t.elapsed().as_nanos() as f64 / probes.len() as f64
-            })
-            .collect();
-        median(times)
+        m
     }
-    let fixed = run(std::hash::BuildHasherDefault::<FixedMix>::default());
-    let keyed = run(Keyed(tinyvmm_merge::HashKey::random()));
-    let k = tinyvmm_merge::HashKey::random();
+    fn time<S: std::hash::BuildHasher>(
+        m: &std::collections::HashMap<u64, u32, S>,
+        probes: &[u64],
+    ) -> f64 {
+        let t = Instant::now();
+        let mut hits = 0u64;
+        for p in probes {
+            hits += u64::from(m.contains_key(std::hint::black_box(p)));
+        }
+        std::hint::black_box(hits);
+        t.elapsed().as_nanos() as f64 / probes.len() as f64
+    }
+    let n = 1u64 << 20;
+    let fixed = table(std::hash::BuildHasherDefault::<FixedMix>::default(), n);
+    let keyed = table(Keyed(tinyvmm_merge::HashKey::random()), n);
+    let probes: Vec<u64> = (0..4 * n)
+        .map(|i| xxh3(&(i % (2 * n)).to_le_bytes()))
+        .collect();
+    let (mut tf, mut tk) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        tf.push(time(&fixed, &probes));
+        tk.push(time(&keyed, &probes));
+    }
+    let (f, k) = (median(tf), median(tk));
+    let key = tinyvmm_merge::HashKey::random();
     let t = Instant::now();
     let mut acc = 0u64;
     for i in 0..10_000_000u64 {
-        acc ^= k.hash(std::hint::black_box(i));
+        acc ^= key.hash(std::hint::black_box(i));
     }
     std::hint::black_box(acc);
     println!(
-        "index lookup (1 Mi entries): fixed mixer {fixed:.1} ns, keyed SipHash-1-3 {keyed:.1} ns \
+        "index lookup (1 Mi entries): fixed mixer {f:.1} ns, keyed SipHash-1-3 {k:.1} ns \
          (+{:.1} ns); the keyed hash alone {:.1} ns",
-        keyed - fixed,
+        k - f,
         t.elapsed().as_nanos() as f64 / 1e7
     );
 }
