@@ -123,6 +123,15 @@ impl FakeControlPlane {
         }
     }
 
+    /// Makes guest `id` a VM of `uid` whose share group `members` share.
+    pub fn set_guest_owner(&self, id: u32, uid: u32, members: Vec<u32>) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for g in st.guests.iter_mut().filter(|g| g.counters.id.0 == id) {
+            g.uid = uid;
+            g.share_group_uids = members.clone();
+        }
+    }
+
     /// The knobs now.
     pub fn knobs(&self) -> Knobs {
         self.lock().knobs
