@@ -1119,7 +1119,12 @@ fn ksm_api_sock_defaults_to_the_run_dir() {
 struct Echo(AtomicU64);
 
 impl api::Routes for Echo {
-    fn resolve(&self, method: &Method, path: &str) -> Result<api::Call, api::ApiResponse> {
+    fn resolve(
+        &self,
+        method: &Method,
+        path: &str,
+        _caller: api::Caller,
+    ) -> Result<api::Call, api::ApiResponse> {
         if path != "/echo" {
             return Err(api::ApiResponse::error(StatusCode::NOT_FOUND, "no"));
         }

@@ -10,6 +10,7 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use common::merge::{exit_all, guest, u, verify_all, Daemon, Profile, LONG};
+use common::tenant::{as_uid, http_get, http_put, stat, Tenant};
 use tinyvmm_merge_protocol::wire::{self, AgentMsg, DaemonMsg, Hello, PROTOCOL_VERSION};
 
 /// Registers like an agent and returns the pool descriptor the daemon hands out, then
@@ -175,7 +176,8 @@ fn a_flooding_vm_process_cannot_exhaust_the_daemon() {
     let d = Daemon::fast("isolation-flood");
     let p = Profile::plain(16);
     let mut guests: Vec<_> = (0..2).map(|i| guest(&d, 90 + i, &p, &[]).0).collect();
-    d.wait_for("merging", LONG, |s| u(s, "pages_sharing") > 1000);
+    let merged = d.wait_for("merging", LONG, |s| u(s, "pages_sharing") > 1000);
+    let meta0 = u(&merged, "engine_metadata_bytes");
     let pid = d.pid();
     let rss0 = procfs::rss_bytes(pid).unwrap();
     let fds0 = daemon_fds(pid);
@@ -230,6 +232,12 @@ fn a_flooding_vm_process_cannot_exhaust_the_daemon() {
         u(s, "guests") == 2
     });
     let scans = u(&s, "full_scans");
+    // 3 000 group names came and went: the engine keeps no state for any of them.
+    let meta1 = u(&s, "engine_metadata_bytes");
+    assert!(
+        meta1 <= meta0 + (64 << 10),
+        "engine metadata {meta0} -> {meta1} bytes after 3 000 short-lived groups"
+    );
     std::thread::sleep(Duration::from_secs(2));
     let rss1 = procfs::rss_bytes(pid).unwrap();
     let fds1 = daemon_fds(pid);
@@ -480,4 +488,172 @@ fn a_vmm_that_cannot_drop_its_privileges_does_not_run() {
     assert_eq!(o.code(), Some(2), "{}", o.stderr);
     let o = common::run_vm(&["--uid", "4294967295", "--gid", "1"], LONG);
     assert_eq!(o.code(), Some(2), "{}", o.stderr);
+}
+
+/// Another tenant's uid (no account needed: only its credentials matter).
+const OTHER_UID: u32 = 4242;
+
+/// A daemon that other users may reach (`--socket-mode 666`), with `extra` flags.
+fn multi_tenant_daemon(name: &str, extra: &[&str]) -> Daemon {
+    let mut flags = vec![
+        "--pages-to-scan",
+        "20000",
+        "--sleep-ms",
+        "5",
+        "--socket-mode",
+        "666",
+    ];
+    flags.extend_from_slice(extra);
+    Daemon::start(name, &flags)
+}
+
+/// The guests `uid` sees in `GET /guests`: (status, each guest's `domain`, `uid` and
+/// `unshared_pages`).
+fn guests_seen_by(uid: u32, d: &Daemon) -> (u16, Vec<(u64, u64, u64)>) {
+    let api = d.api();
+    let (status, v) = as_uid(uid, move || http_get(&api, "/guests"))
+        .join()
+        .unwrap();
+    let seen = v
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|g| (u(g, "domain"), u(g, "uid"), u(g, "unshared_pages")))
+                .collect()
+        })
+        .unwrap_or_default();
+    (status, seen)
+}
+
+/// A VM process of another uid that names the real guests' share group gets a group of
+/// its own: another pool (which stays empty while the guests merge), merge requests that
+/// never join it to their frames although it claims their shared pages, and a control
+/// API that does not show it their guests (nor lets it change a knob).
+#[test]
+fn another_uid_naming_the_guests_group_gets_a_group_of_its_own() {
+    require_kvm!();
+    let d = multi_tenant_daemon("isolation-tenant", &[]);
+    let p = Profile::plain(16);
+    let mut guests: Vec<_> = (0..2).map(|i| guest(&d, 100 + i, &p, &[]).0).collect();
+    d.wait_for("merging", LONG, |s| u(s, "pages_sharing") > 1000);
+    // Root's own registration in "default" gets the guests' pool: the reference.
+    let theirs = pool_fd_as_a_vm_gets_it(&d);
+    let (their_ino, their_blocks) = stat(&theirs);
+    assert!(their_blocks > 0);
+
+    let t = Tenant::register(OTHER_UID, &d.socket(), "default", 1024);
+    assert_ne!(
+        stat(&t.pool).0,
+        their_ino,
+        "another uid's \"default\" is another pool"
+    );
+    // Several full scans with the tenant registered: it is digested and, in the guests'
+    // group, would have been asked to join their frames.
+    let scans = u(&d.status(), "full_scans");
+    d.wait_for("three full scans", LONG, |s| {
+        u(s, "full_scans") >= scans + 3
+    });
+    let (status, seen) = guests_seen_by(OTHER_UID, &d);
+    assert_eq!(status, 200);
+    assert_eq!(
+        seen.len(),
+        1,
+        "the other uid sees its own guest only: {seen:?}"
+    );
+    assert_eq!(seen[0].1, u64::from(OTHER_UID));
+    // Digested: its pages are candidates in its own group, with no twin there.
+    assert!(
+        seen[0].2 >= 1000,
+        "the tenant's pages were digested: {seen:?}"
+    );
+    let (_, all) = guests_seen_by(0, &d);
+    assert_eq!(all.len(), 3, "root sees every guest: {all:?}");
+    assert!(
+        all.iter().filter(|g| g.1 == 0).all(|g| g.0 != seen[0].0),
+        "different domains: {all:?}"
+    );
+    let api = d.api();
+    let put = as_uid(OTHER_UID, move || http_put(&api, "/ksm/run", "2"))
+        .join()
+        .unwrap();
+    assert_eq!(put, 403, "another uid cannot change the knobs");
+    let r = t.finish();
+    eprintln!("tenant of uid {OTHER_UID}: {r:?}");
+    assert_eq!(r.merge_requests, 0, "never asked to join a frame: {r:?}");
+    assert_eq!(r.joins_equal, 0, "{r:?}");
+    assert_eq!(
+        r.pool_blocks_end, 0,
+        "its pool holds nothing of theirs: {r:?}"
+    );
+    assert_eq!(u(&d.status(), "run"), 1);
+    verify_all(&mut guests, 16 * 256);
+    exit_all(guests);
+}
+
+/// A share policy that lists both uids for a group makes their VMs share it: the other
+/// uid's registration gets the guests' pool, is asked to join their frames, finds in them
+/// exactly the pages it holds, and its pages count as merging; it sees the guests of the
+/// group it shares.
+#[test]
+fn a_share_policy_lets_two_uids_share_a_group() {
+    require_kvm!();
+    let dir = common::scratch_dir("isolation-policy-file");
+    let policy = dir.join("policy.json");
+    std::fs::write(
+        &policy,
+        format!(r#"{{"groups": [{{"name": "default", "uids": [0, {OTHER_UID}]}}]}}"#),
+    )
+    .unwrap();
+    let d = multi_tenant_daemon(
+        "isolation-policy",
+        &["--share-policy", policy.to_str().unwrap()],
+    );
+    let p = Profile::plain(16);
+    let mut guests: Vec<_> = (0..2).map(|i| guest(&d, 110 + i, &p, &[]).0).collect();
+    d.wait_for("merging", LONG, |s| u(s, "pages_sharing") > 1000);
+    let theirs = pool_fd_as_a_vm_gets_it(&d);
+    let t = Tenant::register(OTHER_UID, &d.socket(), "default", 1024);
+    assert_eq!(stat(&t.pool).0, stat(&theirs).0, "the same pool");
+    let id = t.guest;
+    d.wait_for("the other uid's pages merging", LONG, |_| {
+        let g = d.ksm_json(&["guests", "--json"]);
+        g.as_array().is_some_and(|a| {
+            a.iter()
+                .any(|g| u(g, "id") == u64::from(id) && u(g, "merging_pages") > 500)
+        })
+    });
+    let (_, seen) = guests_seen_by(OTHER_UID, &d);
+    assert_eq!(
+        seen.len(),
+        3,
+        "the group's members see its guests: {seen:?}"
+    );
+    assert!(
+        seen.iter().all(|g| g.0 == seen[0].0),
+        "one domain: {seen:?}"
+    );
+    let r = t.finish();
+    eprintln!("tenant of uid {OTHER_UID}: {r:?}");
+    assert!(r.joins_equal > 500, "joined the guests' frames: {r:?}");
+    verify_all(&mut guests, 16 * 256);
+    exit_all(guests);
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// `tinyvmm merged` refuses a malformed share policy at start, saying what is wrong.
+#[test]
+fn a_malformed_share_policy_stops_the_daemon_at_start() {
+    let dir = common::scratch_dir("isolation-bad-policy");
+    let policy = dir.join("policy.json");
+    std::fs::write(&policy, r#"{"groups": [{"name": "ci", "uids": []}]}"#).unwrap();
+    let out = common::tinyvmm()
+        .env("TINYVMM_RUN_DIR", &dir)
+        .args(["merged", "--share-policy"])
+        .arg(&policy)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("lists no uids"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
 }

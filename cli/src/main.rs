@@ -42,13 +42,30 @@ enum Command {
 }
 
 #[derive(Args, Debug)]
+#[command(after_help = MERGED_HELP)]
 struct MergedArgs {
     /// Socket that VM processes register on.
     #[arg(long)]
     socket: Option<PathBuf>,
-    /// The REST control socket (HTTP/1.1 + JSON, mode 0600).
+    /// The REST control socket (HTTP/1.1 + JSON; mode 0600 unless --socket-mode).
     #[arg(long)]
     api_sock: Option<PathBuf>,
+    /// Which users' VMs may share which share group: a JSON file such as
+    /// {"groups": [{"name": "ci", "uids": [1000, 1001]}]}. Without it, every group is
+    /// private to the uid of the VMs that ask for it (root's too). Checked at start: a
+    /// malformed file is an error.
+    #[arg(long, value_name = "FILE")]
+    share_policy: Option<PathBuf>,
+    /// Mode of the agents' and the control API's sockets, octal: 600 (default: this user
+    /// and root only), 660 (and the sockets' group), 666 (every user). With access for
+    /// others, the run directory is made 0711. Other users' VMs then register (each in
+    /// its own uid's groups), and other users read the control API (their own groups'
+    /// guests only) but cannot change it.
+    #[arg(long, value_name = "MODE", default_value = "600", value_parser = parse_socket_mode)]
+    socket_mode: u32,
+    /// Group (numeric gid) of the sockets, for --socket-mode 660.
+    #[arg(long, value_name = "GID")]
+    socket_group: Option<u32>,
     /// Also serve the control API over TCP at this loopback address (e.g. 127.0.0.1:8742);
     /// any other address is refused. Off by default.
     #[arg(long, requires = "api_token_file")]
@@ -87,6 +104,29 @@ struct MergedArgs {
     max_map_count: Option<u64>,
 }
 
+/// The share-group rules, at the end of `tinyvmm merged --help`.
+const MERGED_HELP: &str = "\
+Share groups: a VM names its group (tinyvmm run --share-group NAME, default \"default\"), but
+the name is only a label within the VM process's user: VMs of different uids never share
+a group (a merge domain and its pool) unless --share-policy lists both uids for that group
+name. Root is just another user: its VMs share with root's VMs only, unless a policy group
+lists uid 0. Over the control API, root and the daemon's own user see every guest and may
+change the knobs; other users (see --socket-mode) see only the guests of their own groups
+and may only read; a request over --api-tcp with the token is the administrator's.";
+
+/// `--socket-mode`: an octal mode that leaves the owner read and write access.
+fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    let digits = s.trim_start_matches("0o");
+    let mode = u32::from_str_radix(digits, 8)
+        .map_err(|_| format!("{s:?} is not an octal mode such as 600, 660 or 666"))?;
+    if mode > 0o777 || mode & 0o600 != 0o600 {
+        return Err(format!(
+            "{s:?}: the mode must be at most 777 and give the owner read and write (600, 660, 666)"
+        ));
+    }
+    Ok(mode)
+}
+
 #[derive(Args, Debug)]
 struct RunArgs {
     /// Kernel image: a bzImage or ELF vmlinux; `builtin` (or omitted) boots the built-in
@@ -112,7 +152,9 @@ struct RunArgs {
     /// The merge daemon's socket (default: the run directory's merged.sock).
     #[arg(long)]
     merge_socket: Option<PathBuf>,
-    /// Share group (merge domain): guests in different groups never share a frame.
+    /// Share group (merge domain): guests in different groups never share a frame. The
+    /// name is within this user: other users' VMs of the same group name share with it
+    /// only where the daemon's --share-policy says so.
     #[arg(long, default_value = "default")]
     share_group: String,
     /// The guest's name at the merge daemon (`GET /guests/{name}`, `tinyvmm ksm guests`)
@@ -454,6 +496,20 @@ fn merged(args: MergedArgs) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let share_policy = match &args.share_policy {
+        None => daemon::SharePolicy::none(),
+        Some(path) => match daemon::SharePolicy::load(path) {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("tinyvmm: error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let socket_access = tinyvmm_sys::socket::SocketAccess {
+        mode: args.socket_mode,
+        group: args.socket_group,
+    };
     let cfg = daemon::DaemonConfig {
         socket: args.socket.unwrap_or_else(daemon::default_merge_socket),
         knobs,
@@ -463,6 +519,8 @@ fn merged(args: MergedArgs) -> ExitCode {
             pages: args.max_pages_per_uid,
         },
         max_map_count: args.max_map_count,
+        share_policy,
+        socket_access,
     };
     let d = match daemon::Daemon::bind(cfg) {
         Ok(d) => d,
@@ -478,6 +536,7 @@ fn merged(args: MergedArgs) -> ExitCode {
     let api_sock = args.api_sock.unwrap_or_else(daemon::default_api_socket);
     let mut api_cfg = tinyvmm_api::ApiConfig::new(&api_sock);
     api_cfg.tcp = args.api_tcp;
+    api_cfg.socket_access = socket_access;
     if let Some(path) = &args.api_token_file {
         match std::fs::read_to_string(path) {
             Ok(t) if !t.trim().is_empty() => api_cfg.tcp_token = Some(t.trim().to_string()),

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod merge;
+pub mod tenant;
 
 use std::io::Read;
 use std::path::PathBuf;

@@ -67,7 +67,9 @@ use tinyvmm_merge::{Counters, GuestCounters, Knobs, KnobsUpdate};
 
 pub use response::{status_of, ApiResponse, JSON, PROMETHEUS_TEXT};
 pub use routes::{DaemonRoutes, KNOBS, ROUTES};
-pub use server::{is_json_content_type, ApiServer, BoundApi, Call, CallFn, Routes, ThreadStart};
+pub use server::{
+    is_json_content_type, ApiServer, BoundApi, Call, CallFn, Caller, Routes, ThreadStart,
+};
 
 /// What the API needs from the daemon.
 ///
@@ -81,7 +83,8 @@ pub trait ControlPlane: Send + Sync + 'static {
     /// Validates `upd` against the current knobs and applies it atomically; an invalid
     /// update changes nothing and is `ApiError::BadRequest` with the `KnobError` text.
     fn update_knobs(&self, upd: KnobsUpdate) -> Result<KsmState, ApiError>;
-    /// Every registered guest.
+    /// Every registered guest (the API shows each caller only those it may see:
+    /// [`Caller::may_see`]).
     fn guests(&self) -> Result<Vec<GuestInfo>, ApiError>;
 }
 
@@ -112,8 +115,15 @@ pub struct GuestInfo {
     pub pid: u32,
     /// The VM's name.
     pub name: String,
-    /// Its share group (merge domain).
+    /// The share group it asked for. A group is private to the VM's user (`uid`) unless
+    /// the daemon's share policy lets several users share it: `share_group_uids` says who
+    /// shares it.
     pub share_group: String,
+    /// The VM process's user (from its socket's peer credentials).
+    pub uid: u32,
+    /// The users whose VMs share its group (and who may see it over the control API):
+    /// `[uid]`, or the uids the daemon's share policy lists for the group.
+    pub share_group_uids: Vec<u32>,
     /// Its agent's page-work statistics: how long pages stayed write-protected (the
     /// longest a guest write could wait), writes that did wait, the VM's mapping count.
     #[serde(flatten)]
@@ -151,7 +161,8 @@ pub enum ApiError {
     #[error("{0}")]
     Unauthorized(String),
     /// A request over TCP naming a host that is not this machine's loopback (403): what a
-    /// web page's script sends after rebinding its DNS name to 127.0.0.1.
+    /// web page's script sends after rebinding its DNS name to 127.0.0.1; or a change
+    /// asked by a user who may only read (another user on a shared Unix socket).
     #[error("{0}")]
     Forbidden(String),
     /// The endpoint failed inside the server (500).
@@ -202,8 +213,11 @@ pub struct ApiConfig {
     pub tcp: Option<SocketAddr>,
     /// The bearer token every request over TCP must carry (`Authorization: Bearer ...`);
     /// requests over TCP must also name a loopback host (`Host: 127.0.0.1:PORT`,
-    /// `localhost:PORT` or `[::1]:PORT`). The Unix socket (mode 0600) needs neither.
+    /// `localhost:PORT` or `[::1]:PORT`). The Unix socket needs neither: the caller is
+    /// known by its peer credentials ([`Caller`]).
     pub tcp_token: Option<String>,
+    /// Who may connect to the Unix socket (by default its owner only, 0600).
+    pub socket_access: tinyvmm_sys::socket::SocketAccess,
     /// Protection against clients.
     pub limits: Limits,
 }
@@ -215,6 +229,7 @@ impl ApiConfig {
             socket: socket.into(),
             tcp: None,
             tcp_token: None,
+            socket_access: tinyvmm_sys::socket::SocketAccess::default(),
             limits: Limits::default(),
         }
     }

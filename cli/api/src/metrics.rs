@@ -1,7 +1,8 @@
 //! `GET /metrics`: the counters in the Prometheus text exposition format (0.0.4).
 //!
 //! Fleet-wide series are `tinyvmm_ksm_<name>` with the names of `GET /ksm`; per-guest
-//! series are `tinyvmm_ksm_guest_<name>{guest="<id>",name="<name>",share_group="<group>"}`.
+//! series are `tinyvmm_ksm_guest_<name>{guest="<id>",name="<name>",share_group="<group>",uid="<uid>"}`
+//! (the VM's user: a share group is private to it unless the daemon's policy shares it).
 //! Fields are taken from the serialized state, so a counter the engine adds later shows
 //! up here too (as a gauge with a generic help text).
 
@@ -158,7 +159,16 @@ const GUEST: &[(&str, &str, &str)] = &[
 ];
 
 /// Fields that are labels or not numbers, never series.
-const NOT_SERIES: &[&str] = &["id", "domain", "pid", "name", "share_group", "advisor"];
+const NOT_SERIES: &[&str] = &[
+    "id",
+    "domain",
+    "pid",
+    "name",
+    "share_group",
+    "uid",
+    "share_group_uids",
+    "advisor",
+];
 
 /// A JSON scalar as a sample value; `None` for anything else.
 fn sample(v: &Value) -> Option<String> {
@@ -213,10 +223,11 @@ pub fn render(state: &KsmState, guests: &[GuestInfo]) -> String {
         .filter_map(|g| match serde_json::to_value(g) {
             Ok(Value::Object(obj)) => Some((
                 format!(
-                    "guest=\"{}\",name=\"{}\",share_group=\"{}\"",
+                    "guest=\"{}\",name=\"{}\",share_group=\"{}\",uid=\"{}\"",
                     g.counters.id.0,
                     label(&g.name),
-                    label(&g.share_group)
+                    label(&g.share_group),
+                    g.uid
                 ),
                 obj,
             )),

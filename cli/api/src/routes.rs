@@ -11,7 +11,7 @@ use hyper::{Method, StatusCode};
 use tinyvmm_merge::KnobsUpdate;
 
 use crate::response::{method_not_allowed, ApiResponse, PROMETHEUS_TEXT};
-use crate::server::{ApiServer, Call, Routes};
+use crate::server::{ApiServer, Call, Caller, Routes};
 use crate::{metrics, ApiConfig, ApiError, ControlPlane};
 
 /// Every route the server answers, as `(path template, methods)`; the OpenAPI document
@@ -185,12 +185,20 @@ impl DaemonRoutes {
 }
 
 impl Routes for DaemonRoutes {
-    fn resolve(&self, method: &Method, path: &str) -> Result<Call, ApiResponse> {
+    /// Every caller may read (a user sees only its own share groups' guests); only the
+    /// administrator may change knobs.
+    fn resolve(&self, method: &Method, path: &str, caller: Caller) -> Result<Call, ApiResponse> {
         let endpoint = resolve(method, path)?;
+        if endpoint.takes_body() && caller != Caller::Admin {
+            return Err(ApiResponse::from_api_error(ApiError::Forbidden(format!(
+                "{method} {path}: only root or the daemon's own user may change the merge \
+                 daemon's settings; other users may read them"
+            ))));
+        }
         let cp = self.cp.clone();
         Ok(Call {
             takes_body: endpoint.takes_body(),
-            run: Box::new(move |body| execute(&endpoint, body, cp.as_ref())),
+            run: Box::new(move |body| execute_as(&endpoint, body, cp.as_ref(), caller)),
         })
     }
 
@@ -394,8 +402,32 @@ pub fn parse_put(knob: &'static str, body: &[u8]) -> Result<KnobsUpdate, PutErro
     knobs_update(serde_json::Value::Object(obj)).map_err(|source| PutError::Value { knob, source })
 }
 
-/// Runs an endpoint. `body` is the whole request body (ignored by endpoints that take none).
+/// Runs an endpoint for the administrator. `body` is the whole request body (ignored by
+/// endpoints that take none).
+#[cfg(test)]
 pub fn execute(endpoint: &Endpoint, body: &[u8], cp: &dyn ControlPlane) -> ApiResponse {
+    execute_as(endpoint, body, cp, Caller::Admin)
+}
+
+/// The guests `caller` may see.
+fn visible_guests(
+    cp: &dyn ControlPlane,
+    caller: Caller,
+) -> Result<Vec<crate::GuestInfo>, ApiError> {
+    let mut guests = cp.guests()?;
+    guests.retain(|g| caller.may_see(g));
+    Ok(guests)
+}
+
+/// Runs an endpoint for `caller`: guests (in `/guests` and `/metrics`) are those it may
+/// see ([`Caller::may_see`]); a guest it may not see is answered as one that does not
+/// exist.
+pub fn execute_as(
+    endpoint: &Endpoint,
+    body: &[u8],
+    cp: &dyn ControlPlane,
+    caller: Caller,
+) -> ApiResponse {
     let result = match endpoint {
         Endpoint::GetKsm => cp.ksm().map(|s| ApiResponse::json(StatusCode::OK, &s)),
         Endpoint::PatchKsm => parse_patch(body)
@@ -413,8 +445,10 @@ pub fn execute(endpoint: &Endpoint, body: &[u8], cp: &dyn ControlPlane) -> ApiRe
                 .ok_or_else(|| ApiError::NotFound(format!("the daemon reports no {knob}")))?;
             Ok(ApiResponse::json(StatusCode::OK, &v))
         }),
-        Endpoint::ListGuests => cp.guests().map(|g| ApiResponse::json(StatusCode::OK, &g)),
-        Endpoint::GetGuest(id) => cp.guests().and_then(|guests| {
+        Endpoint::ListGuests => {
+            visible_guests(cp, caller).map(|g| ApiResponse::json(StatusCode::OK, &g))
+        }
+        Endpoint::GetGuest(id) => visible_guests(cp, caller).and_then(|guests| {
             let by_id = id.parse::<u32>().ok();
             guests
                 .iter()
@@ -428,7 +462,7 @@ pub fn execute(endpoint: &Endpoint, body: &[u8], cp: &dyn ControlPlane) -> ApiRe
                 })
         }),
         Endpoint::Metrics => cp.ksm().and_then(|s| {
-            let guests = cp.guests()?;
+            let guests = visible_guests(cp, caller)?;
             Ok(ApiResponse {
                 status: StatusCode::OK,
                 content_type: PROMETHEUS_TEXT,

@@ -33,13 +33,49 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 /// One API served by [`ApiServer`]: its routing and its endpoints, independent of the
 /// transport. The merge daemon's API and a VM's own API are two implementations.
 pub trait Routes: Send + Sync + 'static {
-    /// Maps a request line to a [`Call`], or answers it at once (404 for an unknown path;
-    /// 405 with `Allow` for a known path and a method it does not take). Runs on the
-    /// server's I/O thread, so it must not block.
-    fn resolve(&self, method: &Method, path: &str) -> Result<Call, ApiResponse>;
+    /// Maps a request line from `caller` to a [`Call`], or answers it at once (404 for an
+    /// unknown path; 405 with `Allow` for a known path and a method it does not take; 403
+    /// for a change asked by a caller who may only read). Runs on the server's I/O thread,
+    /// so it must not block.
+    fn resolve(&self, method: &Method, path: &str, caller: Caller) -> Result<Call, ApiResponse>;
 
     /// Who answers the calls, for 5xx messages ("the merge daemon", "the VMM").
     fn backend(&self) -> &'static str;
+}
+
+/// Who sent a request, as the transport knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Caller {
+    /// The administrator: over the Unix socket, root or the server's own user (its
+    /// socket's peer credentials); over TCP, whoever has the bearer token. Sees and may
+    /// change everything.
+    Admin,
+    /// Another user (uid) on a Unix socket opened to others (`tinyvmm merged
+    /// --socket-mode`): may read, and sees only the guests of share groups it is a member
+    /// of; may change nothing.
+    User(u32),
+}
+
+impl Caller {
+    /// The caller at the other end of a Unix socket whose peer has effective uid `uid`
+    /// (`None`: unknown, who sees nothing), served by a process of effective uid `me`.
+    pub fn from_peer_uid(uid: Option<u32>, me: u32) -> Caller {
+        match uid {
+            Some(0) => Caller::Admin,
+            Some(u) if u == me => Caller::Admin,
+            Some(u) => Caller::User(u),
+            None => Caller::User(u32::MAX),
+        }
+    }
+
+    /// Whether this caller may see `guest`: the administrator sees every guest, a user
+    /// the guests of the share groups it is a member of.
+    pub fn may_see(&self, guest: &crate::GuestInfo) -> bool {
+        match self {
+            Caller::Admin => true,
+            Caller::User(uid) => guest.share_group_uids.contains(uid),
+        }
+    }
 }
 
 /// An endpoint bound to its backend, waiting for the request body.
@@ -134,7 +170,7 @@ impl ApiServer {
                 ));
             }
         }
-        let unix = tinyvmm_sys::socket::bind_unix_0600(&cfg.socket)?;
+        let unix = tinyvmm_sys::socket::bind_unix(&cfg.socket, &cfg.socket_access)?;
         unix.set_nonblocking(true)?;
         let socket_id = std::fs::symlink_metadata(&cfg.socket)
             .ok()
@@ -286,7 +322,11 @@ async fn serve(
         tokio::select! {
             r = unix.accept() => match r {
                 Ok((stream, _)) => {
-                    spawn_connection(stream, ctx.clone(), permit, closing.clone(), Transport::Unix)
+                    // SAFETY: geteuid has no preconditions and cannot fail.
+                    let me = unsafe { libc::geteuid() };
+                    let peer = stream.peer_cred().ok().map(|c| c.uid());
+                    let caller = Caller::from_peer_uid(peer, me);
+                    spawn_connection(stream, ctx.clone(), permit, closing.clone(), Transport::Unix(caller))
                 }
                 Err(e) => accept_failed(e).await,
             },
@@ -413,8 +453,8 @@ fn check_content_type(headers: &HeaderMap, body: &[u8]) -> Result<(), ApiError> 
 /// Where a connection came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Transport {
-    /// The Unix socket: only its owner can connect (mode 0600).
-    Unix,
+    /// The Unix socket, and who is at the other end (by its peer credentials).
+    Unix(Caller),
     /// Loopback TCP: every local user, and web pages, can connect.
     Tcp,
 }
@@ -465,11 +505,12 @@ async fn handle(
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let method = req.method().clone();
     let path = req.uri().path().to_string();
+    // Over TCP, whoever has the token is the administrator.
     let checked = match transport {
-        Transport::Unix => Ok(()),
-        Transport::Tcp => check_tcp_request(&req, &ctx),
+        Transport::Unix(caller) => Ok(caller),
+        Transport::Tcp => check_tcp_request(&req, &ctx).map(|()| Caller::Admin),
     };
-    let resp = match checked.map(|()| ctx.routes.resolve(&method, &path)) {
+    let resp = match checked.map(|caller| ctx.routes.resolve(&method, &path, caller)) {
         Err(e) => ApiResponse::from_api_error(e),
         Ok(Err(r)) => r,
         Ok(Ok(call)) => match run_call(req, call, &ctx).await {

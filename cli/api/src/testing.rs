@@ -71,6 +71,8 @@ fn guest(id: u32, name: &str, group: &str, merging: u64, zero: u64) -> GuestInfo
         pid: 1000 + id,
         name: name.to_string(),
         share_group: group.to_string(),
+        uid: 0,
+        share_group_uids: vec![0],
         agent: tinyvmm_merge_protocol::AgentStats {
             protect_batches: 40,
             protect_p50_ns: 90_000,
@@ -118,6 +120,15 @@ impl FakeControlPlane {
             updates: AtomicU64::new(0),
             calls: AtomicU64::new(0),
             unavailable: AtomicBool::new(false),
+        }
+    }
+
+    /// Makes guest `id` a VM of `uid` whose share group `members` share.
+    pub fn set_guest_owner(&self, id: u32, uid: u32, members: Vec<u32>) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        for g in st.guests.iter_mut().filter(|g| g.counters.id.0 == id) {
+            g.uid = uid;
+            g.share_group_uids = members.clone();
         }
     }
 

@@ -193,6 +193,66 @@ fn guest_by_id_or_name_and_404() {
     assert_eq!(r.status, StatusCode::NOT_FOUND);
 }
 
+/// Over a Unix socket opened to other users, a user sees only the guests of the share
+/// groups it is a member of and cannot change a knob; root and the daemon's own user are
+/// the administrator.
+#[test]
+fn other_users_see_only_their_groups_and_change_nothing() {
+    let cp = Arc::new(FakeControlPlane::new());
+    cp.set_guest_owner(2, 1000, vec![1000, 1001]);
+    let routes = DaemonRoutes::new(cp.clone());
+    let call = |caller: Caller, method: Method, path: &str, body: &[u8]| match Routes::resolve(
+        &routes, &method, path, caller,
+    ) {
+        Ok(c) => (c.run)(body),
+        Err(r) => r,
+    };
+    let ids = |caller: Caller| -> Vec<u64> {
+        let r = call(caller, Method::GET, "/guests", b"");
+        assert_eq!(r.status, StatusCode::OK);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|g| g["id"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(ids(Caller::Admin), vec![1, 2]);
+    assert_eq!(ids(Caller::User(1000)), vec![2]);
+    assert_eq!(ids(Caller::User(1001)), vec![2]);
+    assert_eq!(ids(Caller::User(7)), Vec::<u64>::new());
+    let get = |caller, path: &str| call(caller, Method::GET, path, b"").status;
+    assert_eq!(get(Caller::User(1000), "/guests/2"), StatusCode::OK);
+    assert_eq!(get(Caller::User(1000), "/guests/1"), StatusCode::NOT_FOUND);
+    assert_eq!(
+        get(Caller::User(1000), "/guests/vm-a"),
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(get(Caller::User(7), "/ksm"), StatusCode::OK);
+    let metrics = call(Caller::User(7), Method::GET, "/metrics", b"");
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    assert!(text.contains("tinyvmm_ksm_pages_shared"), "{text}");
+    assert!(!text.contains("tinyvmm_ksm_guest_"), "{text}");
+    let metrics = call(Caller::User(1000), Method::GET, "/metrics", b"");
+    let text = String::from_utf8(metrics.body.to_vec()).unwrap();
+    assert!(text.contains("guest=\"2\""), "{text}");
+    assert!(!text.contains("guest=\"1\""), "{text}");
+    for (method, path, body) in [
+        (Method::PUT, "/ksm/run", &b"2"[..]),
+        (Method::PATCH, "/ksm", &b"{\"run\": 2}"[..]),
+    ] {
+        let r = call(Caller::User(1000), method.clone(), path, body);
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{method} {path}");
+    }
+    assert_eq!(cp.knobs(), Knobs::default(), "nothing changed");
+    let r = call(Caller::Admin, Method::PUT, "/ksm/run", b"0");
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(Caller::from_peer_uid(Some(0), 5), Caller::Admin);
+    assert_eq!(Caller::from_peer_uid(Some(5), 5), Caller::Admin);
+    assert_eq!(Caller::from_peer_uid(Some(6), 5), Caller::User(6));
+    assert_eq!(Caller::from_peer_uid(None, 5), Caller::User(u32::MAX));
+}
+
 #[test]
 fn unavailable_daemon_is_503() {
     let cp = FakeControlPlane::new();
@@ -219,7 +279,7 @@ fn metrics_have_help_type_and_guest_labels() {
     assert!(text.contains("# TYPE tinyvmm_ksm_full_scans counter\n"));
     assert!(text.contains("tinyvmm_ksm_smart_scan 1\n"));
     assert!(text.contains(
-        "tinyvmm_ksm_guest_merging_pages{guest=\"1\",name=\"vm-a\",share_group=\"default\"} 2000\n"
+        "tinyvmm_ksm_guest_merging_pages{guest=\"1\",name=\"vm-a\",share_group=\"default\",uid=\"0\"} 2000\n"
     ));
     // Label values are escaped.
     assert!(text.contains("name=\"vm \\\"b\\\"\""));

@@ -19,7 +19,7 @@ use hyper::{Method, StatusCode};
 use serde::{Deserialize, Serialize};
 
 use crate::response::{method_not_allowed, ApiResponse};
-use crate::server::{BoundApi, Call, Routes, ThreadStart};
+use crate::server::{BoundApi, Call, Caller, Routes, ThreadStart};
 use crate::{ApiConfig, ApiError, ApiServer};
 
 /// Every route of the VM API, as `(path template, methods)`; the OpenAPI document
@@ -222,7 +222,8 @@ impl VmRoutes {
 }
 
 impl Routes for VmRoutes {
-    fn resolve(&self, method: &Method, path: &str) -> Result<Call, ApiResponse> {
+    /// A VM's socket is its owner's alone (mode 0600): every caller is served alike.
+    fn resolve(&self, method: &Method, path: &str, _caller: Caller) -> Result<Call, ApiResponse> {
         let endpoint = resolve_vm(method, path)?;
         let vm = self.vm.clone();
         Ok(Call {

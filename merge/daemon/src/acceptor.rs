@@ -108,7 +108,7 @@ enum HelloRefusal {
 }
 
 /// Longest guest name and share group name a hello may carry.
-const MAX_NAME_BYTES: usize = 256;
+const MAX_NAME_BYTES: usize = crate::policy::MAX_GROUP_NAME_BYTES;
 
 fn check_hello(h: &Hello) -> Result<(), HelloRefusal> {
     if h.version != PROTOCOL_VERSION {
@@ -160,7 +160,10 @@ pub(crate) fn register(
             ),
         );
     }
-    let domain = match fleet.domain(&hello.share_group) {
+    // The group is the daemon's to decide: the name asked for, within the peer's uid,
+    // unless the share policy lets this uid share the group of that name.
+    let group = fleet.policy.group_of(peer.uid, &hello.share_group);
+    let domain = match fleet.domain(&group) {
         Ok(d) => d,
         Err(e) => return refuse(&mut stream, format!("cannot create the pool: {e}")),
     };
@@ -196,8 +199,10 @@ pub(crate) fn register(
     tracing::info!(
         guest = id.0,
         pid = hello.pid,
+        uid = peer.uid,
         pages = hello.pages,
-        group = %hello.share_group,
+        %group,
+        domain = domain.0,
         "guest registered"
     );
     fleet.conns.insert(
@@ -206,6 +211,8 @@ pub(crate) fn register(
             stream,
             hello,
             uid: peer.uid,
+            group,
+            domain,
             process: ProcessWatch::new(pid),
         },
     );

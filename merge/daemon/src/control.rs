@@ -38,6 +38,10 @@ pub struct GuestSnapshot {
     pub counters: GuestCounters,
     /// From its registration.
     pub hello: Hello,
+    /// The VM process's user.
+    pub uid: u32,
+    /// The users whose VMs share its group (`policy.rs`).
+    pub share_group_uids: Vec<u32>,
     /// Its agent's statistics (write-protect stalls, VMAs).
     pub agent: tinyvmm_merge_protocol::AgentStats,
 }
@@ -107,6 +111,8 @@ pub(crate) fn snapshot(engine: &Engine, fleet: &mut Fleet, with_guests: bool) ->
                 Some(GuestSnapshot {
                     counters: c,
                     hello: conn.hello.clone(),
+                    uid: conn.uid,
+                    share_group_uids: fleet.policy.members(&conn.group),
                     agent: fleet.agent_stats.get(&c.id).cloned().unwrap_or_default(),
                 })
             })
@@ -156,6 +162,8 @@ impl tinyvmm_api::ControlPlane for Control {
                 pid: g.hello.pid,
                 name: g.hello.name,
                 share_group: g.hello.share_group,
+                uid: g.uid,
+                share_group_uids: g.share_group_uids,
                 agent: g.agent,
             })
             .collect())

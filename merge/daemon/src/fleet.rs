@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use tinyvmm_sys::process::ProcessWatch;
 
+use crate::policy::{GroupKey, SharePolicy};
 pub use crate::pool::{Pool, POOL_LEN};
 
 use tinyvmm_merge::host::{
@@ -31,6 +32,11 @@ pub struct Conn {
     pub hello: Hello,
     /// The VM process's user (from the socket's peer credentials).
     pub uid: u32,
+    /// Its share group: the name it asked for, within its uid unless the policy shares
+    /// it (`policy.rs`).
+    pub group: GroupKey,
+    /// Its group's merge domain.
+    pub domain: DomainId,
     /// The VM process (from the socket's peer credentials, not from `hello`).
     pub process: ProcessWatch,
 }
@@ -40,9 +46,14 @@ pub struct Conn {
 pub struct Fleet {
     pub conns: HashMap<GuestId, Conn>,
     pub pools: HashMap<DomainId, Pool>,
-    pub domains: HashMap<String, DomainId>,
-    /// Domain ids are never reused (the engine keeps a closed group's empty indexes).
+    /// The domain of each share group that has guests (its pool is in `pools`).
+    pub domains: HashMap<GroupKey, DomainId>,
+    /// The next domain id to hand out: ids are not reused while the engine may remember
+    /// them (the engine drops a domain with its last guest, as `close_unused_pools` does
+    /// its pool).
     next_domain: u32,
+    /// Which users' VMs may share a group.
+    pub policy: SharePolicy,
     next_request: u64,
     /// Guests whose connection failed during a call; the daemon removes them after the
     /// round.
@@ -94,6 +105,7 @@ impl Fleet {
             orphans: Vec::new(),
             request_timeout,
             limits: UserLimits::default(),
+            policy: SharePolicy::none(),
         }
     }
 
@@ -102,16 +114,16 @@ impl Fleet {
     /// the group gets a fresh pool.
     pub fn close_unused_pools(&mut self, guests: &[GuestCounters]) {
         let used: std::collections::HashSet<DomainId> = guests.iter().map(|g| g.domain).collect();
-        let unused: Vec<String> = self
+        let unused: Vec<GroupKey> = self
             .domains
             .iter()
             .filter(|(_, d)| !used.contains(d))
-            .map(|(name, _)| name.clone())
+            .map(|(key, _)| key.clone())
             .collect();
-        for name in unused {
-            if let Some(d) = self.domains.remove(&name) {
+        for key in unused {
+            if let Some(d) = self.domains.remove(&key) {
                 self.pools.remove(&d);
-                tracing::debug!(group = %wire::clip(&name), "share group empty; pool closed");
+                tracing::debug!(group = %key, "share group empty; pool closed");
             }
         }
     }
@@ -124,15 +136,20 @@ impl Fleet {
             .fold((0, 0), |(n, p), c| (n + 1, p + c.hello.pages))
     }
 
-    /// The domain of a share group, created (with its pool) on first use.
-    pub fn domain(&mut self, group: &str) -> std::io::Result<DomainId> {
+    /// The domain of a share group, created (with its pool) on first use. Groups are
+    /// keyed by who shares them ([`GroupKey`]), never by the name a VM asked for alone.
+    pub fn domain(&mut self, group: &GroupKey) -> std::io::Result<DomainId> {
         if let Some(d) = self.domains.get(group) {
             return Ok(*d);
         }
+        // Skip ids still in use (only after 2^32 groups came and went).
+        while self.pools.contains_key(&DomainId(self.next_domain)) {
+            self.next_domain = self.next_domain.wrapping_add(1);
+        }
         let id = DomainId(self.next_domain);
-        self.pools.insert(id, Pool::create(group)?);
-        self.next_domain += 1;
-        self.domains.insert(group.to_string(), id);
+        self.pools.insert(id, Pool::create(&id.0.to_string())?);
+        self.next_domain = self.next_domain.wrapping_add(1);
+        self.domains.insert(group.clone(), id);
         Ok(id)
     }
 
@@ -269,11 +286,7 @@ impl Fleet {
         if runs.is_empty() {
             return Ok(());
         }
-        let domain = match self.conns.get(&guest) {
-            Some(c) => self.domains.get(&c.hello.share_group).copied(),
-            None => None,
-        };
-        let Some(domain) = domain else {
+        let Some(domain) = self.conns.get(&guest).map(|c| c.domain) else {
             return Err(HostError::GuestGone { guest });
         };
         let mut i = 0;
@@ -478,6 +491,11 @@ mod tests {
             Conn {
                 stream: daemon_end,
                 uid: 0,
+                group: GroupKey::Private {
+                    uid: 0,
+                    name: "default".into(),
+                },
+                domain: DomainId(0),
                 hello: Hello {
                     version: tinyvmm_merge_protocol::PROTOCOL_VERSION,
                     pid: std::process::id(),

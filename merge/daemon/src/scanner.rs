@@ -15,6 +15,8 @@ use crate::acceptor::{accept_loop, register};
 use crate::control::{snapshot, Cmd, Control};
 use crate::error::DaemonError;
 use crate::fleet::{Fleet, UserLimits};
+use crate::policy::SharePolicy;
+use tinyvmm_sys::socket::SocketAccess;
 
 /// Settings of one daemon.
 #[derive(Debug, Clone)]
@@ -32,6 +34,12 @@ pub struct DaemonConfig {
     /// per VM process. Never lowered, not restored at exit (running VMs' mappings count
     /// against it).
     pub max_map_count: Option<u64>,
+    /// Which users' VMs may share which group (by default, none: every group is private
+    /// to its uid).
+    pub share_policy: SharePolicy,
+    /// Who may connect to the agents' socket (by default its owner only, 0600); with
+    /// access for others, the run directory is made 0711 so that they can reach it.
+    pub socket_access: SocketAccess,
 }
 
 /// A daemon that is set up (lock held, socket bound) but not yet scanning.
@@ -72,7 +80,7 @@ fn setup<'a>(
 }
 
 impl Daemon {
-    /// Takes the lock and binds the socket (mode 0600).
+    /// Takes the lock and binds the socket (mode 0600, or as `socket_access` says).
     pub fn bind(cfg: DaemonConfig) -> Result<Self, DaemonError> {
         cfg.knobs.validate()?;
         let dir = cfg
@@ -80,7 +88,12 @@ impl Daemon {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_else(|| PathBuf::from("."));
-        tinyvmm_sys::dir::ensure_private_dir(&dir)?;
+        let dir_mode = if cfg.socket_access.shared() {
+            0o711
+        } else {
+            0o700
+        };
+        tinyvmm_sys::dir::ensure_private_dir_mode(&dir, dir_mode)?;
         let lock_path = cfg.socket.with_extension("lock");
         let lock = std::fs::OpenOptions::new()
             .create(true)
@@ -97,7 +110,7 @@ impl Daemon {
         }
         // We hold the lock: any socket file left there is stale.
         let _ = std::fs::remove_file(&cfg.socket);
-        let listener = tinyvmm_sys::socket::bind_unix_0600(&cfg.socket)
+        let listener = tinyvmm_sys::socket::bind_unix(&cfg.socket, &cfg.socket_access)
             .map_err(setup("cannot listen on", &cfg.socket))?;
         let (tx, rx) = mpsc::channel();
         Ok(Self {
@@ -130,6 +143,7 @@ impl Daemon {
         let mut engine = Engine::new(self.cfg.knobs)?;
         let mut fleet = Fleet::new(self.cfg.request_timeout);
         fleet.limits = self.cfg.user_limits;
+        fleet.policy = self.cfg.share_policy.clone();
         let mut next_round = Instant::now();
         let mut rounds: u64 = 0;
         let mut budget_warned: Option<Instant> = None;

@@ -206,8 +206,107 @@ fn rescan(b: &mut Bench, round: u64) -> (Duration, u64, Duration) {
     (start.elapsed(), b.sim.stats.pages_hashed - hashed, host)
 }
 
+/// The old fixed mixer of the stable set's map (before the indexes were keyed), kept
+/// here only as the baseline of [`index_lookup_cost`].
+#[derive(Default)]
+struct FixedMix(u64);
+
+impl std::hash::Hasher for FixedMix {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("u64 keys only")
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (n >> 29);
+    }
+}
+
+/// The engine's keyed placement, through its public key.
+struct Keyed(tinyvmm_merge::HashKey);
+
+impl std::hash::BuildHasher for Keyed {
+    type Hasher = KeyedOne;
+    fn build_hasher(&self) -> KeyedOne {
+        KeyedOne(self.0, 0)
+    }
+}
+
+struct KeyedOne(tinyvmm_merge::HashKey, u64);
+
+impl std::hash::Hasher for KeyedOne {
+    fn finish(&self) -> u64 {
+        self.1
+    }
+    fn write(&mut self, _: &[u8]) {
+        unreachable!("u64 keys only")
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.1 = self.0.hash(n);
+    }
+}
+
+/// Cost of one stable-set lookup (a `HashMap<u64, u32>` of 1 Mi page hashes, half the
+/// lookups hits) with the old fixed mixer and with the secret-keyed SipHash-1-3 the
+/// engine now uses: ns per lookup, median of 5 runs of each, interleaved (so that a busy
+/// machine weighs on both alike).
+fn index_lookup_cost() {
+    fn table<S: std::hash::BuildHasher>(
+        hasher: S,
+        n: u64,
+    ) -> std::collections::HashMap<u64, u32, S> {
+        let mut m = std::collections::HashMap::with_capacity_and_hasher(n as usize, hasher);
+        for i in 0..n {
+            m.insert(xxh3(&i.to_le_bytes()), i as u32);
+        }
+        m
+    }
+    fn time<S: std::hash::BuildHasher>(
+        m: &std::collections::HashMap<u64, u32, S>,
+        probes: &[u64],
+    ) -> f64 {
+        let t = Instant::now();
+        let mut hits = 0u64;
+        for p in probes {
+            hits += u64::from(m.contains_key(std::hint::black_box(p)));
+        }
+        std::hint::black_box(hits);
+        t.elapsed().as_nanos() as f64 / probes.len() as f64
+    }
+    let n = 1u64 << 20;
+    let fixed = table(std::hash::BuildHasherDefault::<FixedMix>::default(), n);
+    let keyed = table(Keyed(tinyvmm_merge::HashKey::random()), n);
+    let probes: Vec<u64> = (0..4 * n)
+        .map(|i| xxh3(&(i % (2 * n)).to_le_bytes()))
+        .collect();
+    let (mut tf, mut tk) = (Vec::new(), Vec::new());
+    for _ in 0..5 {
+        tf.push(time(&fixed, &probes));
+        tk.push(time(&keyed, &probes));
+    }
+    let (f, k) = (median(tf), median(tk));
+    let key = tinyvmm_merge::HashKey::random();
+    let t = Instant::now();
+    let mut acc = 0u64;
+    for i in 0..10_000_000u64 {
+        acc ^= key.hash(std::hint::black_box(i));
+    }
+    std::hint::black_box(acc);
+    println!(
+        "index lookup (1 Mi entries): fixed mixer {f:.1} ns, keyed SipHash-1-3 {k:.1} ns \
+         (+{:.1} ns); the keyed hash alone {:.1} ns",
+        k - f,
+        t.elapsed().as_nanos() as f64 / 1e7
+    );
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    index_lookup_cost();
+    if std::env::var("MERGE_BENCH_ONLY_INDEX").is_ok() {
         return;
     }
     let mib: u64 = std::env::var("MERGE_BENCH_GUEST_MIB")

@@ -1,31 +1,8 @@
-//! Compact content indexes: the unstable set's open-addressing table and a pass-through
-//! hasher for maps keyed by content hashes.
+//! The unstable set's compact open-addressing table. Its keys are agent-reported page
+//! hashes, so a key's place (home slot and tag) is its [`HashKey`] hash, never the value
+//! itself: an agent cannot aim values at one probe cluster (see `keyed.rs`).
 
-use std::hash::{BuildHasherDefault, Hasher};
-
-/// A `Hasher` for keys that already are good 64-bit hashes (xxh3 of page content).
-#[derive(Default, Clone, Copy)]
-pub(crate) struct IdHasher(u64);
-
-impl Hasher for IdHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = self.0.rotate_left(8) ^ u64::from(b);
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        // Mix once so that test hashes with few distinct bits still spread.
-        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (n >> 29);
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-}
-
-pub(crate) type IdBuild = BuildHasherDefault<IdHasher>;
+use crate::keyed::HashKey;
 
 const EMPTY: u64 = 0;
 const TOMB: u64 = 1;
@@ -37,19 +14,19 @@ pub(crate) struct PageRef {
     pub gfn: u32,
 }
 
-fn mix(h: u64) -> u64 {
-    let h = h ^ (h >> 33);
-    let h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^ (h >> 33)
-}
+/// A key's keyed hash: its low bits give the home slot, its top 16 bits the tag.
+#[derive(Clone, Copy)]
+struct Placed(u64);
 
-fn tag(h: u64) -> u64 {
-    mix(h) >> 48
-}
+impl Placed {
+    fn tag(self) -> u64 {
+        self.0 >> 48
+    }
 
-fn entry(h: u64, r: PageRef) -> u64 {
-    debug_assert!(r.slot < 0xffff);
-    tag(h) << 48 | u64::from(r.slot + 1) << 32 | u64::from(r.gfn)
+    fn entry(self, r: PageRef) -> u64 {
+        debug_assert!(r.slot < 0xffff);
+        self.tag() << 48 | u64::from(r.slot + 1) << 32 | u64::from(r.gfn)
+    }
 }
 
 fn page_of(e: u64) -> PageRef {
@@ -63,14 +40,29 @@ fn page_of(e: u64) -> PageRef {
 /// (16-bit hash tag, guest slot, gfn). The full hash lives in the page's metadata; the
 /// caller keeps the invariant "a page is in the table iff it is a candidate, under the
 /// hash its metadata records", so the table can always be rehashed from the metadata.
-#[derive(Default)]
+/// Entries are placed by the keyed hash of their recorded hash (module doc).
 pub(crate) struct UnstableTable {
     slots: Vec<u64>,
     live: usize,
     tombs: usize,
+    key: HashKey,
 }
 
 impl UnstableTable {
+    /// An empty table whose entries are placed under `key`.
+    pub fn new(key: HashKey) -> Self {
+        UnstableTable {
+            slots: Vec::new(),
+            live: 0,
+            tombs: 0,
+            key,
+        }
+    }
+
+    fn place(&self, h: u64) -> Placed {
+        Placed(self.key.hash(h))
+    }
+
     pub fn len(&self) -> usize {
         self.live
     }
@@ -88,8 +80,9 @@ impl UnstableTable {
         if self.live == 0 {
             return None;
         }
-        let t = tag(h);
-        let mut i = mix(h) as usize & self.mask();
+        let p = self.place(h);
+        let t = p.tag();
+        let mut i = p.0 as usize & self.mask();
         loop {
             let e = self.slots[i];
             if e == EMPTY {
@@ -115,14 +108,15 @@ impl UnstableTable {
             };
             self.rehash(cap, &hash_of);
         }
-        let mut i = mix(h) as usize & self.mask();
+        let p = self.place(h);
+        let mut i = p.0 as usize & self.mask();
         loop {
             let e = self.slots[i];
             if e == EMPTY || e == TOMB {
                 if e == TOMB {
                     self.tombs -= 1;
                 }
-                self.slots[i] = entry(h, r);
+                self.slots[i] = p.entry(r);
                 self.live += 1;
                 return;
             }
@@ -135,8 +129,9 @@ impl UnstableTable {
         if self.live == 0 {
             return false;
         }
-        let want = entry(h, r);
-        let mut i = mix(h) as usize & self.mask();
+        let p = self.place(h);
+        let want = p.entry(r);
+        let mut i = p.0 as usize & self.mask();
         loop {
             let e = self.slots[i];
             if e == EMPTY {
@@ -159,12 +154,12 @@ impl UnstableTable {
         for e in old {
             if e != EMPTY && e != TOMB {
                 let r = page_of(e);
-                let h = hash_of(r);
-                let mut i = mix(h) as usize & self.mask();
+                let p = self.place(hash_of(r));
+                let mut i = p.0 as usize & self.mask();
                 while self.slots[i] != EMPTY {
                     i = (i + 1) & self.mask();
                 }
-                self.slots[i] = entry(h, r);
+                self.slots[i] = p.entry(r);
                 self.live += 1;
             }
         }
@@ -191,7 +186,7 @@ mod tests {
     #[test]
     fn table_insert_find_remove_and_grow() {
         let hash_of = |r: PageRef| u64::from(r.gfn) % 7; // heavy collisions
-        let mut t = UnstableTable::default();
+        let mut t = UnstableTable::new(HashKey::fixed(1));
         for g in 0..1000u32 {
             t.insert(
                 hash_of(PageRef { slot: 1, gfn: g }),
@@ -214,5 +209,38 @@ mod tests {
         assert!(t
             .find(3, |r| r.gfn % 2 == 1 && u64::from(r.gfn) % 7 == 3)
             .is_some());
+    }
+
+    /// Values an agent could aim at one home slot of the old fixed mixer (murmur's
+    /// finalizer, invertible): under the keyed hash they scatter, so no probe cluster is
+    /// longer than a table of random keys would have.
+    #[test]
+    fn values_aimed_at_one_slot_do_not_cluster() {
+        fn inverse(m: u64) -> u64 {
+            // Newton's iteration for the inverse of an odd number mod 2^64.
+            let mut x = m;
+            for _ in 0..6 {
+                x = x.wrapping_mul(2u64.wrapping_sub(m.wrapping_mul(x)));
+            }
+            x
+        }
+        let unmix = |y: u64| {
+            let y = y ^ (y >> 33);
+            let y = y.wrapping_mul(inverse(0xff51_afd7_ed55_8ccd));
+            y ^ (y >> 33)
+        };
+        let aimed: Vec<u64> = (1..=4096u64).map(|i| unmix(i << 20)).collect();
+        let mut t = UnstableTable::new(HashKey::random());
+        let hash_of = |r: PageRef| aimed[r.gfn as usize];
+        for g in 0..aimed.len() as u32 {
+            t.insert(aimed[g as usize], PageRef { slot: 0, gfn: g }, hash_of);
+        }
+        let mut longest = 0;
+        let mut run = 0;
+        for &e in t.slots.iter().chain(t.slots.iter()) {
+            run = if e == EMPTY { 0 } else { run + 1 };
+            longest = longest.max(run);
+        }
+        assert!(longest < 200, "a probe cluster of {longest} entries");
     }
 }

@@ -40,7 +40,12 @@
 //!   budget**: the engine tracks the mappings its merged layout needs and never plans a
 //!   merge beyond it, preferring merges that extend runs and long runs when it runs low.
 //! * **Share groups**: each guest is in a domain; each domain has its own pool and its own
-//!   indexes, so nothing is ever shared across domains.
+//!   indexes, so nothing is ever shared across domains. A domain's state is dropped with
+//!   its last guest.
+//! * **Agents may lie**, so the indexes never trust where a reported hash would put itself:
+//!   every key is placed by a secret-keyed hash ([`HashKey`], SipHash-1-3 under a random
+//!   key per engine), and a new frame is indexed under the hash the host reports for the
+//!   bytes it wrote into it (the daemon hashes them itself).
 //! * **Smart scan**: pages that keep failing to merge are visited less and less often.
 //!
 //! # Invariants
@@ -108,6 +113,7 @@ pub mod counters;
 mod engine;
 pub mod host;
 mod index;
+mod keyed;
 pub mod knobs;
 #[cfg(feature = "sim")]
 pub mod sim;
@@ -118,4 +124,5 @@ pub use host::{
     DomainId, FrameId, Gfn, GuestId, HostError, MergeHost, MergeOp, MergeOutcome, MergeResult,
     OpKind, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome, PAGE_SIZE,
 };
+pub use keyed::HashKey;
 pub use knobs::{Advisor, KnobError, Knobs, KnobsUpdate, RunMode, MAX_PAGES_TO_SCAN};

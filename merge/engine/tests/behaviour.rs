@@ -398,6 +398,47 @@ fn max_page_sharing_respected() {
     assert_eq!(c.stable_node_dups, 2 * n);
 }
 
+/// Share groups that come and go (a VM process registering under a new group name each
+/// time) leave no state behind: a domain is dropped with its last guest.
+#[test]
+fn domains_that_empty_leave_no_engine_state() {
+    let n = 64;
+    let mut f = Fleet::new(knobs(1000));
+    let keep_a = f.add(0, n, 0, BIG, false);
+    let keep_b = f.add(1, n, 0, BIG, false);
+    fill_unique(&mut f, keep_a, n, 5);
+    fill_unique(&mut f, keep_b, n, 5);
+    f.converge(100);
+    let (bytes0, domains0) = (f.engine.metadata_bytes(), f.engine.domain_count());
+    assert_eq!(domains0, 1);
+    for i in 0..500u32 {
+        let (x, y) = (2 + 2 * i, 3 + 2 * i);
+        let a = f.add(x, n, 1 + i, BIG, false);
+        let b = f.add(y, n, 1 + i, BIG, false);
+        fill_unique(&mut f, a, n, 1000);
+        fill_unique(&mut f, b, n, 1000);
+        f.round();
+        f.round();
+        assert_eq!(f.engine.domain_count(), 2);
+        for g in [a, b] {
+            f.sim.remove_guest(g);
+            f.engine.remove_guest(g, &mut f.sim).unwrap();
+        }
+        f.check();
+    }
+    assert_eq!(f.engine.domain_count(), domains0);
+    let bytes1 = f.engine.metadata_bytes();
+    assert!(
+        bytes1 <= bytes0 + 4096,
+        "engine metadata {bytes0} -> {bytes1} bytes after 500 groups came and went"
+    );
+    assert_eq!(
+        f.counters().pages_shared,
+        n,
+        "the lasting group keeps its frames"
+    );
+}
+
 #[test]
 fn guest_removal_frees_frames() {
     let n = 60;
@@ -622,6 +663,9 @@ fn advisor_sets_pages_to_scan_for_the_target_scan_time() {
 fn freed_frames_are_reused_in_runs() {
     let n = 100;
     let mut f = Fleet::new(knobs(1000));
+    // A guest that stays keeps the domain (a domain is dropped with its last guest).
+    let keep = f.add(9, 1, 0, BIG, false);
+    f.sim.fill(keep, 0, 1_000_000);
     let a = f.add(0, n, 0, BIG, false);
     let b = f.add(1, n, 0, BIG, false);
     fill_unique(&mut f, a, n, 1);

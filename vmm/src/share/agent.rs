@@ -387,13 +387,13 @@ impl Agent {
 }
 
 /// Connects to the daemon at `socket`, if it is one this VM may trust: its run directory
-/// is private to this user (not a symlink, owned by us, not group/world-writable — else
-/// another user could have put a fake daemon's socket there) and the process at the other
-/// end runs as root or as this user.
+/// is owned by this user or by root (a root daemon serving several users) and is not a
+/// symlink nor group/world-writable — else another user could have put a fake daemon's
+/// socket there — and the process at the other end runs as root or as this user.
 fn connect(socket: &Path) -> Result<UnixStream, ConnectError> {
     if let Some(dir) = socket.parent().filter(|d| !d.as_os_str().is_empty()) {
         if dir.exists() {
-            tinyvmm_sys::dir::check_private_dir(dir)?;
+            tinyvmm_sys::dir::check_trusted_dir(dir)?;
         }
     }
     let stream = UnixStream::connect(socket).map_err(ConnectError::NoDaemon)?;

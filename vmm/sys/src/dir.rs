@@ -39,6 +39,16 @@ pub enum PrivateDirError {
         /// This process's effective uid.
         me: u32,
     },
+    /// Owned by a user who is neither root nor this process's user.
+    #[error("{} is owned by uid {owner}, neither root nor this user (uid {me}); refusing it", path.display())]
+    NotTrusted {
+        /// The directory.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// This process's effective uid.
+        me: u32,
+    },
     /// Other users may create or replace files in it.
     #[error("{} is writable by group or others (mode {mode:04o}); refusing it", path.display())]
     Writable {
@@ -52,6 +62,19 @@ pub enum PrivateDirError {
 /// Checks that `path` is a directory (not a symbolic link) owned by this process's
 /// effective uid and not writable by group or others.
 pub fn check_private_dir(path: &Path) -> Result<(), PrivateDirError> {
+    check_dir(path, false)
+}
+
+/// Checks that `path` is a directory (not a symbolic link) owned by root or by this
+/// process's effective uid, and not writable by group or others: nobody but root and this
+/// user can have put a socket there. This is what a VM of any user asks of the run
+/// directory of a daemon it registers with (a root daemon serving several users has its
+/// run directory owned by root).
+pub fn check_trusted_dir(path: &Path) -> Result<(), PrivateDirError> {
+    check_dir(path, true)
+}
+
+fn check_dir(path: &Path, root_too: bool) -> Result<(), PrivateDirError> {
     let m = std::fs::symlink_metadata(path).map_err(|source| PrivateDirError::Io {
         path: path.to_path_buf(),
         source,
@@ -65,7 +88,14 @@ pub fn check_private_dir(path: &Path) -> Result<(), PrivateDirError> {
     }
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
-    if m.uid() != me {
+    if root_too && m.uid() != me && m.uid() != 0 {
+        return Err(PrivateDirError::NotTrusted {
+            path,
+            owner: m.uid(),
+            me,
+        });
+    }
+    if !root_too && m.uid() != me {
         return Err(PrivateDirError::NotOwned {
             path,
             owner: m.uid(),
@@ -82,6 +112,12 @@ pub fn check_private_dir(path: &Path) -> Result<(), PrivateDirError> {
 /// Creates `path` with mode 0700 if it does not exist (its missing parents too), then
 /// checks it with [`check_private_dir`] and narrows its mode to 0700.
 pub fn ensure_private_dir(path: &Path) -> Result<(), PrivateDirError> {
+    ensure_private_dir_mode(path, 0o700)
+}
+
+/// [`ensure_private_dir`], then sets `mode` (group and others' write bits are always
+/// cleared): 0711 lets other users reach sockets inside by name, and nothing more.
+pub fn ensure_private_dir_mode(path: &Path, mode: u32) -> Result<(), PrivateDirError> {
     let io_err = |source| PrivateDirError::Io {
         path: path.to_path_buf(),
         source,
@@ -96,7 +132,8 @@ pub fn ensure_private_dir(path: &Path) -> Result<(), PrivateDirError> {
         Err(e) => return Err(io_err(e)),
     }
     check_private_dir(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700)).map_err(io_err)
+    let mode = (mode & 0o755) | 0o700;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)
 }
 
 #[cfg(test)]
@@ -150,6 +187,16 @@ mod tests {
                 check_private_dir(&foreign),
                 Err(PrivateDirError::NotOwned { owner: 65534, .. })
             ));
+            assert!(matches!(
+                check_trusted_dir(&foreign),
+                Err(PrivateDirError::NotTrusted { owner: 65534, .. })
+            ));
+            // Root's directory is trusted (a root daemon serving other users), not private
+            // to another user.
+            let roots = base.join("roots");
+            std::fs::create_dir(&roots).unwrap();
+            std::fs::set_permissions(&roots, std::fs::Permissions::from_mode(0o711)).unwrap();
+            assert!(check_trusted_dir(&roots).is_ok());
         }
         std::fs::remove_dir_all(&base).unwrap();
     }

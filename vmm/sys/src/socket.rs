@@ -1,4 +1,4 @@
-//! Unix sockets that only their owner may connect to.
+//! Unix sockets that only their owner (or the users it names) may connect to.
 
 use std::ffi::OsStr;
 use std::io;
@@ -13,6 +13,40 @@ use std::path::Path;
 /// A stale socket file (nobody listening) is replaced; a live one is an error. The
 /// listener is in blocking mode.
 pub fn bind_unix_0600(path: &Path) -> io::Result<UnixListener> {
+    bind_unix(path, &SocketAccess::default())
+}
+
+/// Who may connect to a socket: its permission bits (connecting needs write permission)
+/// and, optionally, its group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// The socket file's mode, e.g. 0o600 (its owner only), 0o660 (and its group), 0o666
+    /// (every user).
+    pub mode: u32,
+    /// The socket file's group (`None`: the process's).
+    pub group: Option<u32>,
+}
+
+impl Default for SocketAccess {
+    /// Its owner only (0600).
+    fn default() -> Self {
+        SocketAccess {
+            mode: 0o600,
+            group: None,
+        }
+    }
+}
+
+impl SocketAccess {
+    /// Whether users other than the owner may connect.
+    pub fn shared(&self) -> bool {
+        self.mode & 0o022 != 0
+    }
+}
+
+/// [`bind_unix_0600`] with the mode and group of `access`, set between `bind` and
+/// `listen`.
+pub fn bind_unix(path: &Path, access: &SocketAccess) -> io::Result<UnixListener> {
     let ctx = |what: &str, e: io::Error| {
         io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
     };
@@ -88,9 +122,16 @@ pub fn bind_unix_0600(path: &Path) -> io::Result<UnixListener> {
     if rc != 0 {
         return Err(ctx("cannot bind", io::Error::last_os_error()));
     }
-    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+    if let Some(gid) = access.group {
+        if let Err(e) = std::os::unix::fs::chown(path, None, Some(gid)) {
+            let _ = std::fs::remove_file(path);
+            return Err(ctx(&format!("cannot give group {gid}"), e));
+        }
+    }
+    let mode = access.mode & 0o777;
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)) {
         let _ = std::fs::remove_file(path);
-        return Err(ctx("cannot set mode 0600 on", e));
+        return Err(ctx(&format!("cannot set mode {mode:04o} on"), e));
     }
     // SAFETY: listen on a bound socket we own; the result is checked.
     if unsafe { libc::listen(fd.as_raw_fd(), 128) } != 0 {

@@ -149,10 +149,11 @@ pub enum AuditError {
 impl Engine {
     /// Checks the engine's internal invariants; describes the first one broken.
     pub fn audit(&self) -> Result<(), AuditError> {
-        let mut refs: Vec<Vec<u32>> = self
+        let mut refs: Vec<Option<Vec<u32>>> = self
             .domains
+            .slots()
             .iter()
-            .map(|d| vec![0; d.frames.len()])
+            .map(|d| d.as_ref().map(|d| vec![0; d.frames.len()]))
             .collect();
         for slot in 0..self.guests.len() {
             if self.guests[slot].is_some() {
@@ -160,16 +161,19 @@ impl Engine {
             }
         }
         for (di, merged) in refs.iter().enumerate() {
-            self.audit_domain(di, merged)?;
+            if let Some(merged) = merged {
+                self.audit_domain(di, merged)?;
+            }
         }
         Ok(())
     }
 
     /// Checks one guest's pages and counts, adding its merged pages to `refs`.
-    fn audit_guest(&self, slot: usize, refs: &mut [Vec<u32>]) -> Result<(), AuditError> {
+    fn audit_guest(&self, slot: usize, refs: &mut [Option<Vec<u32>>]) -> Result<(), AuditError> {
         let g = self.guests.live(slot);
         let guest = g.id;
         let dom = &self.domains[g.dom];
+        let refs = refs[g.dom].as_mut().expect("a live guest's domain is live");
         let mut counts = [0u64; PageSt::N];
         for (i, p) in g.pages.iter().enumerate() {
             let gfn = i as u64;
@@ -181,14 +185,14 @@ impl Engine {
                         return Err(AuditError::MergedAnonymous { guest, gfn });
                     };
                     let fi = f as usize;
-                    if fi >= refs[g.dom].len() || dom.frames[fi].state == FrameSt::Free {
+                    if fi >= refs.len() || dom.frames[fi].state == FrameSt::Free {
                         return Err(AuditError::MergedOntoFreeFrame {
                             guest,
                             gfn,
                             frame: f,
                         });
                     }
-                    refs[g.dom][fi] += 1;
+                    refs[fi] += 1;
                 }
                 PageSt::Zero if p.map != ANON => {
                     return Err(AuditError::ZeroUnderPoolMapping { guest, gfn });

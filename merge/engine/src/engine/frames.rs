@@ -9,7 +9,8 @@ use tracing::warn;
 
 use super::{Engine, PageSt, Slots};
 use crate::host::{DomainId, MergeHost};
-use crate::index::{IdBuild, PageRef, UnstableTable};
+use crate::index::{PageRef, UnstableTable};
+use crate::keyed::{HashKey, KeyedBuild};
 
 /// End of a stable chain.
 pub(super) const NONE: u32 = u32::MAX;
@@ -73,8 +74,8 @@ const FREE_FRAME: FrameMeta = FrameMeta {
 /// A share group: its pool, stable set and unstable set. Nothing is shared across domains.
 pub(super) struct Domain {
     pub(super) id: DomainId,
-    /// The stable set: hash -> first frame of its chain.
-    pub(super) stable: HashMap<u64, u32, IdBuild>,
+    /// The stable set: hash -> first frame of its chain (placed by the keyed hash).
+    pub(super) stable: HashMap<u64, u32, KeyedBuild>,
     /// Pool frames; `len()` is the pool's high-water mark.
     pub(super) frames: Vec<FrameMeta>,
     pub(super) nfree: u32,
@@ -85,15 +86,16 @@ pub(super) struct Domain {
 }
 
 impl Domain {
-    pub(super) fn new(id: DomainId) -> Self {
+    /// An empty domain whose indexes place their keys under `key`.
+    pub(super) fn new(id: DomainId, key: HashKey) -> Self {
         Domain {
             id,
-            stable: HashMap::default(),
+            stable: HashMap::with_hasher(KeyedBuild(key)),
             frames: Vec::new(),
             nfree: 0,
             allocated: 0,
             cursor: 0,
-            unstable: UnstableTable::default(),
+            unstable: UnstableTable::new(key),
         }
     }
 
@@ -233,6 +235,77 @@ impl Domain {
     }
 }
 
+/// The domains that have guests, in reusable slots (a guest keeps its domain's slot
+/// number while it is registered). A domain whose last guest leaves is dropped whole —
+/// frames, stable and unstable set — so share groups that come and go (a loop of new
+/// group names) leave nothing behind.
+#[derive(Default)]
+pub(super) struct Domains {
+    slots: Vec<Option<Domain>>,
+    ids: HashMap<DomainId, usize>,
+}
+
+impl Domains {
+    /// The slot of domain `id`, created empty (under `key`) if it has none.
+    pub(super) fn slot_for(&mut self, id: DomainId, key: HashKey) -> usize {
+        if let Some(&di) = self.ids.get(&id) {
+            return di;
+        }
+        let dom = Some(Domain::new(id, key));
+        let di = match self.slots.iter().position(Option::is_none) {
+            Some(di) => {
+                self.slots[di] = dom;
+                di
+            }
+            None => {
+                self.slots.push(dom);
+                self.slots.len() - 1
+            }
+        };
+        self.ids.insert(id, di);
+        di
+    }
+
+    /// Drops the domain in slot `di` (its last guest left).
+    pub(super) fn drop_slot(&mut self, di: usize) {
+        if let Some(d) = self.slots[di].take() {
+            self.ids.remove(&d.id);
+        }
+    }
+
+    /// Every domain.
+    pub(super) fn iter(&self) -> impl Iterator<Item = &Domain> + '_ {
+        self.slots.iter().flatten()
+    }
+
+    /// Every slot, vacant ones as `None` (for audits indexed by slot).
+    pub(super) fn slots(&self) -> &[Option<Domain>] {
+        &self.slots
+    }
+
+    /// Domains held.
+    pub(super) fn len(&self) -> usize {
+        self.ids.len()
+    }
+}
+
+impl std::ops::Index<usize> for Domains {
+    type Output = Domain;
+    /// The domain in slot `di`, which a registered guest's `dom` names: a vacant slot here
+    /// is an engine bug, hence the panic.
+    #[track_caller]
+    fn index(&self, di: usize) -> &Domain {
+        self.slots[di].as_ref().expect("live domain")
+    }
+}
+
+impl std::ops::IndexMut<usize> for Domains {
+    #[track_caller]
+    fn index_mut(&mut self, di: usize) -> &mut Domain {
+        self.slots[di].as_mut().expect("live domain")
+    }
+}
+
 impl Engine {
     /// Frees frames with no sharers (live, orphaned or doomed) through the host: punched,
     /// then back on the free list.
@@ -301,7 +374,7 @@ pub(super) fn tab_insert(guests: &Slots, dom: &mut Domain, r: PageRef) {
 
 /// Makes page `r` a candidate (-> candidate: into the unstable set), or volatile if its
 /// guest failed (a failed guest has no candidates).
-pub(super) fn to_unique(guests: &mut Slots, domains: &mut [Domain], r: PageRef) {
+pub(super) fn to_unique(guests: &mut Slots, domains: &mut Domains, r: PageRef) {
     let g = guests.live_mut(r.slot as usize);
     if g.failed {
         g.set_state(r.gfn as usize, PageSt::Volatile);

@@ -35,8 +35,9 @@ use crate::counters::RoundReport;
 use crate::host::{DomainId, FrameId, Gfn, GuestId, HostError, MergeHost, PageDigest};
 use crate::knobs::{Advisor, KnobError, Knobs, KnobsUpdate, RunMode, MAX_PAGES_TO_SCAN};
 
+use crate::keyed::HashKey;
 pub use audit::AuditError;
-use frames::Domain;
+use frames::Domains;
 use pages::{Guest, PageMeta, PageSt};
 
 /// What the engine knows about one page (for audits and debugging).
@@ -177,8 +178,9 @@ pub struct Engine {
     knobs: Knobs,
     guests: Slots,
     ids: HashMap<GuestId, u32>,
-    domains: Vec<Domain>,
-    dom_ids: HashMap<DomainId, usize>,
+    domains: Domains,
+    /// The secret key of every index keyed by agent-reported hashes.
+    hash_key: HashKey,
     cursor_slot: usize,
     cursor_gfn: usize,
     stats: Cumulative,
@@ -188,15 +190,24 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// A new engine with `knobs` (validated) and no guests.
+    /// A new engine with `knobs` (validated) and no guests; its indexes are keyed by a
+    /// random secret ([`HashKey::random`]), so agents cannot aim their reported hashes at
+    /// one bucket.
     pub fn new(knobs: Knobs) -> Result<Self, KnobError> {
+        Self::with_hash_key(knobs, HashKey::random())
+    }
+
+    /// [`Engine::new`] with the given index key: [`HashKey::fixed`] makes a simulation
+    /// replay exactly (the order in which equal-hash candidates are found depends on the
+    /// key).
+    pub fn with_hash_key(knobs: Knobs, hash_key: HashKey) -> Result<Self, KnobError> {
         knobs.validate()?;
         Ok(Engine {
             knobs,
             guests: Slots::default(),
             ids: HashMap::new(),
-            domains: Vec::new(),
-            dom_ids: HashMap::new(),
+            domains: Domains::default(),
+            hash_key,
             cursor_slot: 0,
             cursor_gfn: 0,
             stats: Cumulative::default(),
@@ -233,14 +244,7 @@ impl Engine {
             }
             None => return Err(EngineError::TooManyGuests),
         };
-        let dom = match self.dom_ids.get(&spec.domain) {
-            Some(&d) => d,
-            None => {
-                self.domains.push(Domain::new(spec.domain));
-                self.dom_ids.insert(spec.domain, self.domains.len() - 1);
-                self.domains.len() - 1
-            }
-        };
+        let dom = self.domains.slot_for(spec.domain, self.hash_key);
         let mut counts = [0; PageSt::N];
         counts[PageSt::Unscanned as usize] = spec.pages;
         self.guests[slot] = Some(Guest {
@@ -274,7 +278,10 @@ impl Engine {
     }
 
     /// Forgets a guest (its process is gone, or it left after [`Engine::unmerge_guest`]):
-    /// drops its references; frames left without sharers are freed through the host.
+    /// drops its references; frames left without sharers are freed through the host. When
+    /// it was its domain's last guest, the domain's state (frames, stable and unstable
+    /// set) is dropped too: the host may close the domain's pool, and a later guest of the
+    /// same domain starts afresh.
     pub fn remove_guest(
         &mut self,
         id: GuestId,
@@ -289,6 +296,13 @@ impl Engine {
             self.cursor_gfn = 0;
         }
         self.free_frames(di, to_free, host);
+        if !self.guests.iter().flatten().any(|g| g.dom == di) {
+            debug!(
+                domain = self.domains[di].id.0,
+                "last guest left; domain dropped"
+            );
+            self.domains.drop_slot(di);
+        }
         debug!(guest = id.0, "guest removed");
         Ok(())
     }

@@ -32,7 +32,7 @@ impl Engine {
             c.guests += 1;
             c.guests_failed += u64::from(g.failed);
         }
-        for d in &self.domains {
+        for d in self.domains.iter() {
             c.pages_shared += d.allocated;
             c.pool_frames += d.frames.len() as u64;
         }
@@ -42,7 +42,7 @@ impl Engine {
 
     fn finish_counters(&self, c: &mut Counters, merged: u64) {
         c.pages_sharing = merged.saturating_sub(c.pages_shared);
-        for d in &self.domains {
+        for d in self.domains.iter() {
             for &head in d.stable.values() {
                 let k = d.chain_from(head).count() as u64;
                 if k > 1 {
@@ -126,6 +126,12 @@ impl Engine {
                 .map(Guest::bytes)
                 .sum::<usize>()
             + self.domains.iter().map(Domain::bytes).sum::<usize>()
+    }
+
+    /// Domains whose state the engine holds: one per share group that has a registered
+    /// guest (a domain is dropped with its last guest).
+    pub fn domain_count(&self) -> usize {
+        self.domains.len()
     }
 
     /// Pages tracked (all registered guests).
