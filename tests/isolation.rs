@@ -25,6 +25,7 @@ fn pool_fd_as_a_vm_gets_it(d: &Daemon) -> OwnedFd {
         share_group: "default".into(),
         vma_budget: 1000,
         dirty_source: false,
+        run_as_uid: None,
     });
     wire::send(&mut s, &hello, None).unwrap();
     let (msg, fd) = wire::recv::<DaemonMsg>(&mut s).unwrap();
@@ -158,6 +159,7 @@ fn hello(pages: u64, group: &str) -> AgentMsg {
         share_group: group.into(),
         vma_budget: 1000,
         dirty_source: false,
+        run_as_uid: None,
     })
 }
 
@@ -327,7 +329,9 @@ fn a_jailed_vmm_runs_its_guest_fully_with_no_privileges_and_seccomp_on_every_thr
         &["--uid", "65534", "--gid", "65534", "--api-sock", &api_arg],
     )
     .0;
-    let other = guest(&d, 71, &p, &[]).0;
+    // Its share groups are those of the uid it drops to (named in its hello, taken from a
+    // root peer): a second VMM jailed to the same uid shares with it.
+    let other = guest(&d, 71, &p, &["--uid", "65534", "--gid", "65534"]).0;
     let s = d.wait_for("merging", LONG, |s| u(s, "pages_sharing") > 2000);
     let gs = d.ksm_json(&["guests", "--json"]);
     let mine = gs
@@ -336,6 +340,9 @@ fn a_jailed_vmm_runs_its_guest_fully_with_no_privileges_and_seccomp_on_every_thr
         .iter()
         .find(|g| g["pid"].as_u64() == Some(u64::from(jailed.pid())))
         .unwrap_or_else(|| panic!("the jailed guest is registered: {gs:#}"));
+    for g in gs.as_array().unwrap() {
+        assert_eq!(g["uid"], 65534, "filed under the jailed uid: {g:#}");
+    }
     assert!(
         mine["merging_pages"].as_u64().unwrap() + mine["zero_pages"].as_u64().unwrap() > 1000,
         "the jailed guest's pages merge: {mine:#}"
@@ -656,4 +663,38 @@ fn a_malformed_share_policy_stops_the_daemon_at_start() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("lists no uids"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Only root may register a VM for another uid (a VMM that registers, then drops to
+/// `--uid`): another user who names a uid not its own — to join that tenant's groups — is
+/// refused with the reason, and nothing is registered.
+#[test]
+fn a_user_cannot_register_a_vm_for_another_uid() {
+    require_kvm!();
+    let d = multi_tenant_daemon("isolation-claim", &[]);
+    let socket = d.socket();
+    let reply = as_uid(OTHER_UID, move || {
+        let mut s = UnixStream::connect(&socket).unwrap();
+        let hello = AgentMsg::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            pid: std::process::id(),
+            name: "claims-root".into(),
+            pages: 64,
+            share_group: "default".into(),
+            vma_budget: 1000,
+            dirty_source: false,
+            run_as_uid: Some(0),
+        });
+        wire::send(&mut s, &hello, None).unwrap();
+        wire::recv::<DaemonMsg>(&mut s).unwrap().0
+    })
+    .join()
+    .unwrap();
+    match reply {
+        DaemonMsg::Refused(why) => {
+            assert!(why.contains("may not register a VM for uid 0"), "{why}")
+        }
+        other => panic!("registered for root: {other:?}"),
+    }
+    assert_eq!(u(&d.status(), "guests"), 0);
 }

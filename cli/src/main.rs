@@ -330,6 +330,7 @@ fn prepare_agent(
         },
         reconnect: args.uid.is_none(),
         seccomp,
+        run_as_uid: args.uid,
     };
     let ram =
         tinyvmm_vmm::share::SharedRam::new(vmm.ram_ranges(), Box::new(vmm.guest_memory().clone()))

@@ -103,6 +103,7 @@ impl Tenant {
                 share_group: group,
                 vma_budget: 100_000,
                 dirty_source: false,
+                run_as_uid: None,
             });
             wire::send(&mut s, &hello, None).unwrap();
             let (msg, fd) = wire::recv::<DaemonMsg>(&mut s).unwrap();

@@ -150,19 +150,23 @@ pub(crate) fn register(
         return refuse(&mut stream, "cannot read the peer's credentials".into());
     };
     let pid = peer.pid;
-    let (guests, pages) = fleet.registered_by(peer.uid);
+    let uid = match tenant_uid(peer.uid, hello.run_as_uid) {
+        Ok(uid) => uid,
+        Err(why) => return refuse(&mut stream, why),
+    };
+    let (guests, pages) = fleet.registered_by(uid);
     if guests >= fleet.limits.guests || pages + hello.pages > fleet.limits.pages {
         return refuse(
             &mut stream,
             format!(
-                "uid {} has {guests} guests of {pages} pages registered; the limits are {} guests and {} pages",
-                peer.uid, fleet.limits.guests, fleet.limits.pages
+                "uid {uid} has {guests} guests of {pages} pages registered; the limits are {} guests and {} pages",
+                fleet.limits.guests, fleet.limits.pages
             ),
         );
     }
-    // The group is the daemon's to decide: the name asked for, within the peer's uid,
+    // The group is the daemon's to decide: the name asked for, within the VM's uid,
     // unless the share policy lets this uid share the group of that name.
-    let group = fleet.policy.group_of(peer.uid, &hello.share_group);
+    let group = fleet.policy.group_of(uid, &hello.share_group);
     let domain = match fleet.domain(&group) {
         Ok(d) => d,
         Err(e) => return refuse(&mut stream, format!("cannot create the pool: {e}")),
@@ -199,7 +203,7 @@ pub(crate) fn register(
     tracing::info!(
         guest = id.0,
         pid = hello.pid,
-        uid = peer.uid,
+        uid,
         pages = hello.pages,
         %group,
         domain = domain.0,
@@ -210,12 +214,26 @@ pub(crate) fn register(
         Conn {
             stream,
             hello,
-            uid: peer.uid,
+            uid,
             group,
             domain,
             process: ProcessWatch::new(pid),
         },
     );
+}
+
+/// The user a registration counts for: the peer's own uid, or the uid a root peer says its
+/// VM process will drop to (`tinyvmm run --uid` registers before it drops). Another user
+/// naming a uid not its own is refused: it could otherwise join any tenant's groups.
+fn tenant_uid(peer_uid: u32, claimed: Option<u32>) -> Result<u32, String> {
+    match claimed {
+        None => Ok(peer_uid),
+        Some(u) if u == peer_uid || peer_uid == 0 => Ok(u),
+        Some(u) => Err(format!(
+            "uid {peer_uid} may not register a VM for uid {u} (only root may, for a VMM that \
+             drops to that uid)"
+        )),
+    }
 }
 
 fn next_guest_id() -> u32 {
@@ -227,6 +245,16 @@ fn next_guest_id() -> u32 {
 mod tests {
     use super::*;
 
+    #[test]
+    fn only_root_registers_for_another_uid() {
+        assert_eq!(tenant_uid(1000, None), Ok(1000));
+        assert_eq!(tenant_uid(1000, Some(1000)), Ok(1000));
+        assert_eq!(tenant_uid(0, Some(65534)), Ok(65534));
+        assert_eq!(tenant_uid(0, None), Ok(0));
+        let e = tenant_uid(1000, Some(0)).unwrap_err();
+        assert!(e.contains("may not register a VM for uid 0"), "{e}");
+    }
+
     fn hello() -> Hello {
         Hello {
             version: PROTOCOL_VERSION,
@@ -236,6 +264,7 @@ mod tests {
             share_group: "default".into(),
             vma_budget: 100,
             dirty_source: true,
+            run_as_uid: None,
         }
     }
 

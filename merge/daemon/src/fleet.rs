@@ -504,6 +504,7 @@ mod tests {
                     share_group: "default".into(),
                     vma_budget: 100,
                     dirty_source: false,
+                    run_as_uid: None,
                 },
                 process: ProcessWatch::new(std::process::id()),
             },

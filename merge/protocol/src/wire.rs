@@ -20,7 +20,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::page::{Gfn, MergeOp, MergeResult, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome};
 
 /// Bumped on any incompatible change (2: [`Reply::Error`] carries a typed [`AgentError`]).
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest frame either side accepts (a digest batch of 64 Ki pages is ~1.5 MiB).
 pub const MAX_FRAME: usize = 16 << 20;
 
@@ -41,6 +41,11 @@ pub struct Hello {
     pub vma_budget: u32,
     /// Whether the agent tracks guest writes (KVM dirty log).
     pub dirty_source: bool,
+    /// The user the VM process will run as, when it registers before dropping to it
+    /// (`tinyvmm run --uid`): its share groups and limits are then that user's. The daemon
+    /// takes this from a root peer only (root may become any user anyway) and refuses a
+    /// registration in which another user claims a uid not its own.
+    pub run_as_uid: Option<u32>,
 }
 
 /// Work the daemon asks of an agent: one batched round trip each (the merge engine's `MergeHost` calls).
@@ -391,6 +396,7 @@ mod tests {
             share_group: "default".into(),
             vma_budget: 60000,
             dirty_source: true,
+            run_as_uid: None,
         });
         send(&mut a, &hello, None).unwrap();
         let (got, fd): (AgentMsg, _) = recv(&mut b).unwrap();
@@ -471,6 +477,7 @@ mod tests {
             share_group: huge,
             vma_budget: 1,
             dirty_source: false,
+            run_as_uid: None,
         });
         assert!(hello.summary().len() < MAX_LOGGED_TEXT + 64);
     }

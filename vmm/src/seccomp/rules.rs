@@ -109,6 +109,8 @@ const API: &[libc::c_long] = &[
     libc::SYS_setsockopt,
     libc::SYS_getsockname,
     libc::SYS_getpeername,
+    // Who the caller is: its peer credentials against the server's own uid.
+    libc::SYS_geteuid,
     libc::SYS_fcntl,
     libc::SYS_clone3,
     libc::SYS_set_robust_list,

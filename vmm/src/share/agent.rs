@@ -68,6 +68,9 @@ pub struct AgentConfig {
     pub reconnect: bool,
     /// The seccomp filters; the agent thread installs its kind's at its start.
     pub seccomp: Option<Arc<crate::seccomp::Filters>>,
+    /// The user the VMM drops to after registering (`--uid`), named in the hello so that
+    /// the daemon files the guest under that user's share groups.
+    pub run_as_uid: Option<u32>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -77,6 +80,7 @@ impl std::fmt::Debug for AgentConfig {
             .field("share_group", &self.share_group)
             .field("name", &self.name)
             .field("vma_budget", &self.vma_budget)
+            .field("run_as_uid", &self.run_as_uid)
             .field("autostart", &self.autostart.is_some())
             .field("reconnect", &self.reconnect)
             .field("seccomp", &self.seccomp.is_some())
@@ -126,6 +130,7 @@ impl Agent {
             share_group: self.cfg.share_group.clone(),
             vma_budget: self.cfg.vma_budget.unwrap_or_else(default_vma_budget),
             dirty_source: self.dirty_source.is_some(),
+            run_as_uid: self.cfg.run_as_uid,
         }
     }
 
