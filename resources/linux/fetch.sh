@@ -19,15 +19,15 @@ extract_vmlinux() {
   len=$(od -An -t u4 -j $((0x24c)) -N 4 "$bz" | tr -d ' ')
   off=$(( (setup_sects + 1) * 512 + off ))
   magic=$(od -An -t x1 -j "$off" -N 4 "$bz" | tr -d ' ')
-  local dec
+  local dec pkg
   case "$magic" in
-    02214c18) dec="lz4 -dc" ;;
-    28b52ffd) dec="zstd -dcq" ;;
-    fd377a58) dec="xz -dcq" ;;
-    1f8b08*) dec="gzip -dcq" ;;
+    02214c18) dec="lz4 -dc" pkg=lz4 ;;
+    28b52ffd) dec="zstd -dcq" pkg=zstd ;;
+    fd377a58) dec="xz -dcq" pkg=xz-utils ;;
+    1f8b08*) dec="gzip -dcq" pkg=gzip ;;
     *) echo "unknown kernel compression (magic $magic)" >&2; return 1 ;;
   esac
-  command -v "${dec%% *}" >/dev/null || { apt-get install -y -qq "${dec%% *}" >/dev/null; }
+  command -v "${dec%% *}" >/dev/null || apt-get install -y -qq "$pkg" >/dev/null
   # Decompressors complain about the 4-byte size the kernel build appends; the ELF is whole.
   tail -c +$((off + 1)) "$bz" | head -c "$len" | $dec > "$dst.tmp" 2>/dev/null || true
   [ "$(head -c 4 "$dst.tmp")" = $'\x7fELF' ] || { echo "no ELF in $bz" >&2; rm -f "$dst.tmp"; return 1; }
