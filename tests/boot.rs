@@ -91,8 +91,9 @@ fn vm_with_more_than_3g_has_ram_above_the_mmio_gap() {
     let cmdline = guest_cmdline("workload=hello mem_mib=3584");
     let out = run_vm(&["--mem", "3584M", "--cmdline", &cmdline], T);
     out.assert_ok();
+    // RAM below the EBDA, the reserved EBDA + BIOS area, RAM below and above the gap.
     let entries: u32 = out.field("E820", "entries").unwrap().parse().unwrap();
-    assert_eq!(entries, 3, "{}", out.stdout);
+    assert_eq!(entries, 4, "{}", out.stdout);
     let kib: u64 = out.field("E820", "ram_kib").unwrap().parse().unwrap();
     assert!(kib > 3583 * 1024 && kib <= 3584 * 1024, "{kib}");
 }
@@ -206,6 +207,49 @@ fn two_vcpus_boot() {
     let out = run_vm(&["--mem", "64M", "--vcpus", "2", "--cmdline", &cmdline], T);
     out.assert_ok();
     assert!(out.line("HELLO").is_some());
+}
+
+/// The guest finds the ACPI tables as Linux does and checks them: one enabled local APIC
+/// per vCPU, the IOAPIC, COM1 in the DSDT; ELF and bzImage alike (both get
+/// `boot_params.acpi_rsdp_addr`, which must match what the BIOS-area scan finds).
+#[test]
+fn acpi_tables_describe_every_vcpu() {
+    require_kvm!();
+    for kernel in ["builtin", "builtin-bzimage"] {
+        for vcpus in [1u32, 2, 4, 8] {
+            let cmdline = guest_cmdline("workload=acpi mem_mib=64");
+            let n = vcpus.to_string();
+            let out = run_vm(
+                &[
+                    "--kernel",
+                    kernel,
+                    "--mem",
+                    "64M",
+                    "--vcpus",
+                    &n,
+                    "--cmdline",
+                    &cmdline,
+                ],
+                T,
+            );
+            out.assert_ok();
+            let line = out
+                .line("ACPI ")
+                .unwrap_or_else(|| panic!("{}", out.stdout));
+            assert!(
+                line.starts_with("ACPI OK "),
+                "{kernel} --vcpus {vcpus}: {line}"
+            );
+            let field = |k| out.field("ACPI OK", k).unwrap();
+            assert_eq!(field("lapics"), n, "{line}");
+            assert_eq!(field("rsdp"), "0xe0000", "{line}");
+            assert_eq!(field("bp_rsdp"), "0xe0000", "{line}");
+            assert_eq!(field("tables"), "FACP,APIC,DSDT", "{line}");
+            assert_eq!(field("ioapic"), "0xfec00000", "{line}");
+            assert_eq!(field("overrides"), "1", "{line}");
+            assert_eq!(field("com1"), "1", "{line}");
+        }
+    }
 }
 
 fn assert_rejected(args: &[&str], needle: &str) {

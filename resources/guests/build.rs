@@ -14,7 +14,14 @@ const ENTRY64_OFFSET: u64 = 0x200;
 /// Setup sectors after the boot sector; the payload starts at (SETUP_SECTS + 1) * 512.
 const SETUP_SECTS: u8 = 1;
 
-const SOURCES: &[&str] = &["head.S", "kernel.c", "user.c", "lib.c", "content.c"];
+const SOURCES: &[&str] = &[
+    "head.S",
+    "kernel.c",
+    "user.c",
+    "lib.c",
+    "content.c",
+    "acpi.c",
+];
 const HEADERS: &[&str] = &["guest.h", "link.ld"];
 
 const CFLAGS: &[&str] = &[

@@ -18,6 +18,7 @@ use vm_memory::{
 use crate::x86_64::layout::*;
 
 const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
 const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
 const KERNEL_HDR_MAGIC: u32 = 0x5372_6448; // "HdrS"
 const KERNEL_LOADER_OTHER: u8 = 0xff;
@@ -27,6 +28,8 @@ const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
 /// Boot protocol 2.12 introduced `xloadflags` (and so XLF_KERNEL_64).
 const MIN_BOOT_PROTOCOL: u16 = 0x020c;
 const XLF_KERNEL_64: u16 = 1;
+/// Boot protocol 2.14 introduced `acpi_rsdp_addr`.
+const ACPI_RSDP_BOOT_PROTOCOL: u16 = 0x020e;
 const E820_MAX_ENTRIES: usize = 128;
 
 /// Where the kernel image comes from.
@@ -233,13 +236,21 @@ fn load_initrd(
     Ok((addr, size))
 }
 
-/// The e820 map for `mem`: low RAM below the EBDA, then every region from 1 MiB up.
+/// The e820 map for `mem`: low RAM below the EBDA; the EBDA and the BIOS area (MP table,
+/// ACPI tables) reserved; then every region from 1 MiB up.
 pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<boot_e820_entry> {
-    let mut map = vec![boot_e820_entry {
-        addr: 0,
-        size: EBDA_START,
-        r#type: E820_RAM,
-    }];
+    let mut map = vec![
+        boot_e820_entry {
+            addr: 0,
+            size: EBDA_START,
+            r#type: E820_RAM,
+        },
+        boot_e820_entry {
+            addr: EBDA_START,
+            size: HIMEM_START - EBDA_START,
+            r#type: E820_RESERVED,
+        },
+    ];
     for r in mem.iter() {
         let start = r.start_addr().raw_value().max(HIMEM_START);
         let end = r.start_addr().raw_value() + r.len();
@@ -254,17 +265,27 @@ pub fn e820_map(mem: &GuestMemoryMmap) -> Vec<boot_e820_entry> {
     map
 }
 
-/// Loads the kernel, initrd and command line into `mem` and writes the zero page.
-pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootInfo, BootError> {
+/// Loads the kernel, initrd and command line into `mem` and writes the zero page, which
+/// also tells the kernel where the ACPI RSDP is (`acpi_rsdp`), if the kernel knows the
+/// field: a bzImage of boot protocol 2.14 or later, or an ELF vmlinux (which has no
+/// version; older kernels ignore the field, padding to them).
+pub fn load(
+    mem: &GuestMemoryMmap,
+    spec: &BootSpec,
+    acpi_rsdp: Option<u64>,
+) -> Result<BootInfo, BootError> {
     match &spec.kernel {
-        KernelSource::File(p) => load_from(mem, spec, &mut open_kernel_file(p)?),
-        KernelSource::Embedded { bytes, .. } => load_from(mem, spec, &mut Cursor::new(*bytes)),
+        KernelSource::File(p) => load_from(mem, spec, acpi_rsdp, &mut open_kernel_file(p)?),
+        KernelSource::Embedded { bytes, .. } => {
+            load_from(mem, spec, acpi_rsdp, &mut Cursor::new(*bytes))
+        }
     }
 }
 
 fn load_from<F: Read + ReadVolatile + Seek>(
     mem: &GuestMemoryMmap,
     spec: &BootSpec,
+    acpi_rsdp: Option<u64>,
     image: &mut F,
 ) -> Result<BootInfo, BootError> {
     let path = spec.kernel.to_string();
@@ -323,6 +344,9 @@ fn load_from<F: Read + ReadVolatile + Seek>(
         None => None,
     };
 
+    if format == KernelFormat::Elf || params.hdr.version >= ACPI_RSDP_BOOT_PROTOCOL {
+        params.acpi_rsdp_addr = acpi_rsdp.unwrap_or(0);
+    }
     params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
     params.hdr.cmd_line_ptr = CMDLINE_START as u32;
     params.hdr.cmdline_size = cmdline_len as u32;
@@ -364,11 +388,20 @@ mod tests {
     fn e820_skips_legacy_hole_and_mmio_gap() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&ram_ranges(64 << 20)).unwrap();
         let m = e820_map(&mem);
-        assert_eq!(m.len(), 2);
-        assert_eq!((m[0].addr, m[0].size), (0, EBDA_START));
+        assert_eq!(m.len(), 3);
         assert_eq!(
-            (m[1].addr, m[1].size),
-            (HIMEM_START, (64 << 20) - HIMEM_START)
+            (m[0].addr, m[0].size, m[0].r#type),
+            (0, EBDA_START, E820_RAM)
+        );
+        // The EBDA and the BIOS area, where the MP and ACPI tables are, are reserved.
+        assert_eq!(
+            (m[1].addr, m[1].addr + m[1].size, m[1].r#type),
+            (EBDA_START, HIMEM_START, E820_RESERVED)
+        );
+        assert!(m[1].addr <= ACPI_START && ACPI_END <= m[1].addr + m[1].size);
+        assert_eq!(
+            (m[2].addr, m[2].size, m[2].r#type),
+            (HIMEM_START, (64 << 20) - HIMEM_START, E820_RAM)
         );
     }
 
@@ -384,13 +417,16 @@ mod tests {
             cmdline: "console=ttyS0".into(),
         };
         assert!(matches!(
-            load(&mem, &spec),
+            load(&mem, &spec, None),
             Err(BootError::NotAKernel { .. })
         ));
         let spec = BootSpec {
             kernel: KernelSource::File("/nonexistent/bzImage".into()),
             ..spec
         };
-        assert!(matches!(load(&mem, &spec), Err(BootError::KernelIo { .. })));
+        assert!(matches!(
+            load(&mem, &spec, None),
+            Err(BootError::KernelIo { .. })
+        ));
     }
 }

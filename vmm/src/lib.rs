@@ -1,8 +1,8 @@
 //! The tinyvmm virtual machine monitor: one VM with its vCPUs, guest RAM, legacy devices
 //! and event loop, booted through the Linux 64-bit boot protocol.
 //!
-//! [`Vmm::new`] builds the VM (KVM VM with in-kernel irqchip and PIT, guest RAM, kernel,
-//! initrd, boot parameters, configured vCPUs, devices on the port bus); [`Vmm::run`] starts
+//! [`Vmm::new`] builds the VM (KVM VM with in-kernel irqchip and PIT, guest RAM, ACPI and MP
+//! tables, kernel, initrd, boot parameters, configured vCPUs, devices on the port bus); [`Vmm::run`] starts
 //! the vCPU threads and runs the event loop (serial input, signals, exit requests) until
 //! the guest resets, a signal or the API asks to stop, or a vCPU hits an exit the VMM
 //! cannot handle; it returns the [`ExitReason`], from which the process exit status comes.
@@ -113,6 +113,9 @@ pub enum VmmError {
     /// Writing the MP table failed.
     #[error(transparent)]
     Mptable(#[from] x86_64::mptable::MptableError),
+    /// Building or writing the ACPI tables failed.
+    #[error(transparent)]
+    Acpi(#[from] x86_64::acpi::AcpiError),
     /// A host resource (eventfd, thread, epoll, signal) failed.
     #[error("{what}: {source}")]
     Host {
@@ -243,7 +246,20 @@ impl Vmm {
             slots.push(slot);
         }
 
-        let boot = boot::load(&mem, &cfg.boot)?;
+        // Firmware tables first: the zero page points to the RSDP.
+        let acpi_devices = [x86_64::acpi::DeviceDescription::uart(
+            "COM1", 0, COM1_BASE, COM1_IRQ,
+        )];
+        let acpi = x86_64::acpi::setup_acpi(
+            &mem,
+            &x86_64::acpi::AcpiConfig {
+                vcpus: cfg.vcpus,
+                devices: &acpi_devices,
+                isa_irqs: &[COM1_IRQ as u8],
+            },
+        )?;
+        x86_64::mptable::setup_mptable(&mem, cfg.vcpus)?;
+        let boot = boot::load(&mem, &cfg.boot, Some(acpi.rsdp_addr()))?;
         tracing::info!(
             format = ?boot.format,
             entry = format_args!("{:#x}", boot.entry),
@@ -252,7 +268,6 @@ impl Vmm {
             "kernel {} loaded", cfg.boot.kernel
         );
         x86_64::regs::write_boot_tables(&mem)?;
-        x86_64::mptable::setup_mptable(&mem, cfg.vcpus)?;
 
         // Devices.
         let exit = ExitSignal::new().map_err(host("exit eventfd"))?;

@@ -47,6 +47,7 @@ typedef unsigned long usize;
 #define COM1_GSI 4
 
 /* boot_params offsets (Linux arch/x86/include/uapi/asm/bootparam.h). */
+#define BP_ACPI_RSDP_ADDR 0x070
 #define BP_EXT_RAMDISK_IMAGE 0x0c0
 #define BP_EXT_RAMDISK_SIZE 0x0c4
 #define BP_EXT_CMD_LINE_PTR 0x0c8
@@ -152,6 +153,9 @@ u64 page_key(u64 seed, u64 guest_seed, enum page_class cls, u64 index, u32 versi
 /* Write page contents; returns the wrapping sum of the 512 words. */
 u64 page_write(volatile u64 *page, enum page_class cls, u32 version, u64 key);
 static inline u64 page_word(u64 key, u32 j) { return mix64(key + (u64)(j + 1) * 0x9e3779b97f4a7c15ULL); }
+
+/* acpi.c: the `acpi` workload; prints ACPI OK/FAIL, returns 0 if the tables are valid. */
+int acpi_check(u64 boot_params);
 
 /* user.c */
 void umain(void) __attribute__((noreturn));

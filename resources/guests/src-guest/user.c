@@ -3,7 +3,8 @@
  * tinyvmm test guest: the CPL3 part (runs at native speed, IOPL=3).
  *
  * Boot checks (e820, command line, initrd), the fill-area layout, and the
- * workloads: hello, fill, wait, verify, churn, serve, crash, pagefault.
+ * workloads: hello, fill, wait, verify, churn, serve, crash, pagefault, corrupt (and
+ * acpi, in acpi.c).
  * README.md documents every serial line printed here.
  *
  * One file although it is long: it is one freestanding program whose parts share the
@@ -17,9 +18,9 @@
 #define MAX_RANGES 64
 #define MAX_FAIL_LINES 8
 
-enum workload { W_HELLO, W_FILL, W_WAIT, W_VERIFY, W_CHURN, W_SERVE, W_CRASH, W_PAGEFAULT, W_CORRUPT };
-static const char *const workload_names[] = { "hello", "fill",	"wait",	     "verify", "churn",
-					      "serve", "crash", "pagefault", "corrupt" };
+enum workload { W_HELLO, W_FILL, W_WAIT, W_VERIFY, W_CHURN, W_SERVE, W_CRASH, W_PAGEFAULT, W_CORRUPT, W_ACPI };
+static const char *const workload_names[] = { "hello", "fill",	"wait",	     "verify",	"churn", "serve",
+					      "crash", "pagefault", "corrupt", "acpi" };
 #define N_WORKLOAD_NAMES (sizeof(workload_names) / sizeof(workload_names[0]))
 
 static struct params {
@@ -860,6 +861,10 @@ void umain(void)
 		switch (P.work[k]) {
 		case W_HELLO:
 			kprintf("HELLO from tinyvmm test guest\n");
+			break;
+		case W_ACPI:
+			if (acpi_check(boot_info.boot_params))
+				failed = 1;
 			break;
 		case W_FILL:
 			do_fill(0);

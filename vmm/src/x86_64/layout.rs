@@ -20,6 +20,11 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 4096;
 /// Start of the Extended BIOS Data Area, where the MP table goes; RAM below it is usable.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The ACPI tables: the RSDP at the start of the BIOS area (0xE0000–0xFFFFF, where Linux
+/// scans for it on 16-byte boundaries), the other tables right after it.
+pub const ACPI_START: u64 = 0xe_0000;
+/// End of the ACPI area (the end of the BIOS area).
+pub const ACPI_END: u64 = HIMEM_START;
 /// First address above the legacy hole: where kernels load.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO gap (LAPIC, IOAPIC, KVM's TSS); RAM resumes at 4 GiB.
