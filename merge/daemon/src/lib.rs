@@ -25,9 +25,11 @@ mod acceptor;
 mod control;
 mod error;
 mod fleet;
+mod lanes;
 mod pool;
 mod rundir;
 mod scanner;
+mod worker;
 
 pub use control::{Control, GuestSnapshot, Snapshot};
 pub use error::{DaemonError, SnapshotError, UpdateError};

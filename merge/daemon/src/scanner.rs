@@ -132,7 +132,7 @@ impl Daemon {
             }
             reap(&mut engine, &mut fleet);
             let start = cpu_time();
-            let report = engine.scan_round(&mut fleet);
+            let report = engine.scan_round_concurrent(&mut fleet);
             let cpu = cpu_time().saturating_sub(start);
             engine.advise(cpu, &report);
             rounds += 1;
@@ -193,6 +193,9 @@ fn cpu_time() -> Duration {
 /// hung-up) socket between requests means the VM process is gone.
 fn reap(engine: &mut Engine, fleet: &mut Fleet) {
     for (id, conn) in &fleet.conns {
+        if fleet.busy(*id) {
+            continue; // its worker is in an exchange: the socket is not idle
+        }
         let mut pfd = libc::pollfd {
             fd: conn.stream.as_raw_fd(),
             events: libc::POLLIN,
@@ -214,7 +217,7 @@ pub(crate) fn remove_dead(engine: &mut Engine, fleet: &mut Fleet) {
     let mut removed = false;
     for id in dead {
         fleet.agent_stats.remove(&id);
-        let Some(conn) = fleet.conns.remove(&id) else {
+        let Some(conn) = fleet.disconnect(id) else {
             continue;
         };
         let holds_frames = engine

@@ -115,7 +115,8 @@ pub mod sim;
 pub use counters::{Counters, GuestCounters, RoundReport};
 pub use engine::{AuditError, Engine, EngineError, GuestSpec, PageInfo, PageState};
 pub use host::{
-    DomainId, FrameId, Gfn, GuestId, HostError, MergeHost, MergeOp, MergeOutcome, MergeResult,
-    OpKind, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome, PAGE_SIZE,
+    ConcurrentHost, DigestDone, DigestReply, DigestRequest, DomainId, FrameId, Gfn, GuestId,
+    HostError, MergeHost, MergeOp, MergeOutcome, MergeResult, OpKind, PageDigest, PageRun,
+    UnmergeOutcome, ZeroOutcome, PAGE_SIZE,
 };
 pub use knobs::{Advisor, KnobError, Knobs, KnobsUpdate, RunMode, MAX_PAGES_TO_SCAN};

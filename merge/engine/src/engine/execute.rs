@@ -192,6 +192,16 @@ impl Engine {
         let res = host
             .merge(pid, &ops, &mut out)
             .and_then(|()| expect_results(pid, "populate", out.len(), pairs.len()));
+        if let Err(HostError::Busy { .. }) = res {
+            // The partner's agent is busy (a slow or stalled digest): nothing was done.
+            // The frames are cancelled, the partners stay candidates and the visitor's
+            // pages go back to being candidates: they meet again on a later visit.
+            rep.partners_busy += news.len() as u64;
+            for &(pr, f) in news {
+                self.cancel_new_frame(di, f, pr, &mut plan.cancelled);
+            }
+            return;
+        }
         for (k, &(pr, f)) in news.iter().enumerate() {
             match res.as_ref().map(|_| out[k]) {
                 Err(_) => self.orphan_frame(di, f, pr),
@@ -430,6 +440,11 @@ impl Engine {
         g.watch.clear();
         g.first_pass_done = false;
         g.in_pass = false;
+        g.pos = 0;
+        g.parked = false;
+        // A digest still outstanding describes the guest before this: it is not used.
+        let id = g.id;
+        self.inflight.remove(&id);
         self.free_frames(di, to_free, host);
         Ok(())
     }
