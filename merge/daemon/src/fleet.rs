@@ -11,6 +11,7 @@ use tinyvmm_sys::process::ProcessWatch;
 
 pub use crate::pool::{Pool, POOL_LEN};
 
+use crate::direct::Sources;
 use crate::lanes::Lane;
 use crate::worker::{self, Done, Failure};
 use tinyvmm_merge::host::{
@@ -64,6 +65,10 @@ pub struct Fleet {
     pub(crate) done_rx: Receiver<Done>,
     /// Finished digests not yet taken by the engine.
     pub(crate) ready: VecDeque<DigestDone>,
+    /// Where each guest's pages to populate are read from (`direct.rs`).
+    pub(crate) sources: Sources,
+    /// The last page copies' buffer, reused.
+    page_buf: Vec<u8>,
 }
 
 /// What the VM processes of one user may register at once: bounds the daemon's memory
@@ -107,6 +112,8 @@ impl Fleet {
             done_tx,
             done_rx,
             ready: VecDeque::new(),
+            sources: Sources::new(),
+            page_buf: Vec::new(),
         }
     }
 
@@ -259,16 +266,19 @@ impl Fleet {
                 j += 1;
             }
             let batch = &runs[i..j];
-            let request = Request::ReadPages(
-                batch
-                    .iter()
-                    .map(|&(_, gfn, _, len)| PageRun { gfn, len })
-                    .collect(),
-            );
-            let bytes = match self.call(guest, request)? {
-                Reply::Pages(PageBytes(b)) if b.len() as u64 == pages * PAGE_SIZE as u64 => b,
-                _ => return Err(self.mismatch(guest, "page copies do not match the request")),
-            };
+            let want: Vec<PageRun> = batch
+                .iter()
+                .map(|&(_, gfn, _, len)| PageRun { gfn, len })
+                .collect();
+            // Straight from the VM process where the daemon may (`direct.rs`), else copies
+            // from the agent.
+            let mut bytes = std::mem::take(&mut self.page_buf);
+            if !self.read_direct(guest, &want, &mut bytes) {
+                bytes = match self.call(guest, Request::ReadPages(want))? {
+                    Reply::Pages(PageBytes(b)) if b.len() as u64 == pages * PAGE_SIZE as u64 => b,
+                    _ => return Err(self.mismatch(guest, "page copies do not match the request")),
+                };
+            }
             let pool = &self.pools[&domain];
             let mut off = 0usize;
             for &(index, _, frame, len) in batch {
@@ -283,6 +293,7 @@ impl Fleet {
                 }
                 off += data.len();
             }
+            self.page_buf = bytes;
             i = j;
         }
         Ok(())
@@ -303,6 +314,7 @@ impl Fleet {
         let conn = self.conns.remove(&guest)?;
         let _ = conn.stream.shutdown(std::net::Shutdown::Both);
         self.drop_lane(guest);
+        self.sources.remove(&guest);
         Some(conn)
     }
 }

@@ -13,7 +13,6 @@
 //! worker still drops the guest at the request deadline, as before.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::RecvTimeoutError;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
@@ -27,8 +26,9 @@ use crate::worker::{self, Done, Failure};
 
 /// Longest wait of a round for the next digest while others are outstanding.
 pub const DIGEST_PATIENCE: Duration = Duration::from_millis(200);
-/// Longest wait of a partner's populate for the partner's lane to be idle.
-pub const PARTNER_PATIENCE: Duration = Duration::from_millis(50);
+/// Longest wait of a partner's populate for the partner's lane to be idle (its digest is
+/// usually a few ms from done; waiting is cheaper than putting the merge off).
+pub const PARTNER_PATIENCE: Duration = Duration::from_secs(1);
 /// Longest wait of `GET /guests` for the agents' statistics.
 pub const STATS_PATIENCE: Duration = Duration::from_millis(250);
 
@@ -105,15 +105,10 @@ impl Fleet {
     fn pump(&mut self, until: Option<Instant>) -> bool {
         let done = match until {
             None => self.done_rx.try_recv().ok(),
-            Some(t) => {
-                match self
-                    .done_rx
-                    .recv_timeout(t.saturating_duration_since(Instant::now()))
-                {
-                    Ok(d) => Some(d),
-                    Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => None,
-                }
-            }
+            Some(t) => self
+                .done_rx
+                .recv_timeout(t.saturating_duration_since(Instant::now()))
+                .ok(),
         };
         let Some(done) = done else {
             return false;
