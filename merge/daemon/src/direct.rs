@@ -110,6 +110,10 @@ impl Fleet {
                     .all(|&(a, l)| a % PAGE_SIZE as u64 == 0 && l % PAGE_SIZE as u64 == 0)
                     && r.iter().map(|&(_, l)| l / PAGE_SIZE as u64).sum::<u64>() == pages =>
             {
+                tracing::debug!(
+                    guest = guest.0,
+                    "pages to populate are read from the VM process"
+                );
                 Source::Direct(r)
             }
             _ => {
@@ -154,7 +158,63 @@ fn pieces(ranges: &[(u64, u64)], gfn: u64, len: u64) -> Option<Vec<(u64, u64)>> 
 
 #[cfg(test)]
 mod tests {
-    use super::pieces;
+    use super::*;
+    use crate::fleet::Conn;
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+    use tinyvmm_merge_protocol::wire::Hello;
+    use tinyvmm_sys::process::ProcessWatch;
+
+    /// A fleet whose one guest is this very process, its "RAM" at `ranges`.
+    fn fleet_of_self(ranges: Vec<(u64, u64)>) -> (Fleet, GuestId, UnixStream) {
+        let (daemon_end, agent_end) = UnixStream::pair().unwrap();
+        let mut fleet = Fleet::new(Duration::from_secs(5));
+        let guest = GuestId(1);
+        let pages = ranges.iter().map(|&(_, l)| l / PAGE_SIZE as u64).sum();
+        fleet.conns.insert(
+            guest,
+            Conn {
+                stream: daemon_end,
+                uid: 0,
+                hello: Hello {
+                    version: tinyvmm_merge_protocol::PROTOCOL_VERSION,
+                    pid: std::process::id(),
+                    name: "self".into(),
+                    pages,
+                    share_group: "default".into(),
+                    vma_budget: 100,
+                    dirty_source: false,
+                },
+                process: ProcessWatch::new(std::process::id()),
+            },
+        );
+        fleet.sources.insert(guest, Source::Direct(ranges));
+        (fleet, guest, agent_end)
+    }
+
+    #[test]
+    fn pages_are_read_straight_from_the_process() {
+        let ram: Vec<u8> = (0..3 * PAGE_SIZE)
+            .map(|i| (i / PAGE_SIZE + 1) as u8)
+            .collect();
+        let base = ram.as_ptr() as u64;
+        let (mut fleet, guest, _agent) = fleet_of_self(vec![(base, 3 * PAGE_SIZE as u64)]);
+        let mut buf = Vec::new();
+        let runs = [PageRun { gfn: 1, len: 2 }];
+        assert!(fleet.read_direct(guest, &runs, &mut buf));
+        assert_eq!(buf, ram[PAGE_SIZE..]);
+    }
+
+    #[test]
+    fn a_layout_that_points_nowhere_falls_back_to_the_agent() {
+        let (mut fleet, guest, _agent) = fleet_of_self(vec![(0x1000, 4 * PAGE_SIZE as u64)]);
+        let mut buf = Vec::new();
+        assert!(!fleet.read_direct(guest, &[PageRun { gfn: 0, len: 1 }], &mut buf));
+        assert!(matches!(fleet.sources.get(&guest), Some(Source::Agent)));
+        // Pages outside the reported RAM are never read.
+        let (mut fleet, guest, _agent) = fleet_of_self(vec![(0x1000, PAGE_SIZE as u64)]);
+        assert!(!fleet.read_direct(guest, &[PageRun { gfn: 1, len: 1 }], &mut buf));
+    }
 
     #[test]
     fn pages_map_onto_the_reported_ranges() {

@@ -271,3 +271,71 @@ impl ConcurrentHost for Fleet {
         self.ready.pop_front()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::Conn;
+    use std::os::unix::net::UnixStream;
+    use tinyvmm_merge::host::PageRun;
+    use tinyvmm_merge_protocol::wire::{self, AgentMsg, DaemonMsg, Hello};
+    use tinyvmm_sys::process::ProcessWatch;
+
+    fn add(fleet: &mut Fleet, id: u32) -> UnixStream {
+        let (daemon_end, agent_end) = UnixStream::pair().unwrap();
+        fleet.conns.insert(
+            GuestId(id),
+            Conn {
+                stream: daemon_end,
+                uid: 0,
+                hello: Hello {
+                    version: tinyvmm_merge_protocol::PROTOCOL_VERSION,
+                    pid: std::process::id(),
+                    name: format!("g{id}"),
+                    pages: 8,
+                    share_group: "default".into(),
+                    vma_budget: 100,
+                    dirty_source: false,
+                },
+                process: ProcessWatch::new(std::process::id()),
+            },
+        );
+        agent_end
+    }
+
+    #[test]
+    fn a_silent_agent_keeps_nobody_waiting_twice() {
+        let mut fleet = Fleet::new(Duration::from_secs(600));
+        let _silent = add(&mut fleet, 1);
+        let mut good = add(&mut fleet, 2);
+        let agent = std::thread::spawn(move || {
+            let Ok((DaemonMsg::Request { id, .. }, _)) = wire::recv::<DaemonMsg>(&mut good) else {
+                return;
+            };
+            let reply = Reply::Digests(vec![Default::default(); 2]);
+            wire::send(&mut good, &AgentMsg::Reply { id, reply }, None).unwrap();
+        });
+        let runs = vec![PageRun { gfn: 0, len: 2 }];
+        fleet
+            .start_digest(GuestId(1), 1, DigestRequest::Range(runs.clone()))
+            .unwrap();
+        fleet
+            .start_digest(GuestId(2), 2, DigestRequest::Range(runs))
+            .unwrap();
+        // The good agent's digest comes; the silent one's does not, within the patience.
+        let (g, t, res) = fleet.next_digest(true).expect("the good agent answers");
+        assert_eq!((g, t), (GuestId(2), 2));
+        assert!(matches!(res, Ok(DigestReply::Range(d)) if d.len() == 2));
+        assert!(fleet.next_digest(true).is_none());
+        // Stuck now: a populate on it is put off at once, without waiting again.
+        let t0 = Instant::now();
+        assert!(matches!(
+            fleet.partner_ready(GuestId(1)),
+            Err(HostError::Busy { .. })
+        ));
+        assert!(t0.elapsed() < PARTNER_PATIENCE);
+        assert!(fleet.partner_ready(GuestId(2)).is_ok());
+        assert!(fleet.dead.is_empty(), "nobody dropped before the deadline");
+        agent.join().unwrap();
+    }
+}
