@@ -293,6 +293,7 @@ fn a_stalled_agent_delays_only_its_own_guest() {
             "5",
             "--request-timeout-ms",
             "600000",
+            "--concurrent-scan",
         ],
     );
     // The silent one: its first request (a digest) is never answered.

@@ -69,6 +69,11 @@ struct MergedArgs {
     /// answer is dropped from merging (its frames stay until its process exits).
     #[arg(long, default_value_t = 20_000)]
     request_timeout_ms: u64,
+    /// Digest on every agent at once (concurrent scan rounds: a stalled agent delays only
+    /// its own guest). Experimental, off by default: a churning guest lost a page under it
+    /// in tests/share.rs (see docs/design.md).
+    #[arg(long)]
+    concurrent_scan: bool,
     /// Guests one user's VM processes may register at once.
     #[arg(long, default_value_t = tinyvmm_merged::UserLimits::default().guests)]
     max_guests_per_uid: usize,
@@ -339,6 +344,7 @@ fn merged(args: MergedArgs) -> ExitCode {
         socket: args.socket.unwrap_or_else(daemon::default_merge_socket),
         knobs,
         request_timeout: std::time::Duration::from_millis(args.request_timeout_ms.max(1)),
+        concurrent_scan: args.concurrent_scan,
         user_limits: tinyvmm_merged::UserLimits {
             guests: args.max_guests_per_uid,
             pages: args.max_pages_per_uid,

@@ -27,6 +27,9 @@ pub struct DaemonConfig {
     pub request_timeout: Duration,
     /// What one user's VM processes may register at once.
     pub user_limits: UserLimits,
+    /// Concurrent scan rounds (`Engine::scan_round_concurrent`) instead of one agent
+    /// request at a time.
+    pub concurrent_scan: bool,
 }
 
 /// A daemon that is set up (lock held, socket bound) but not yet scanning.
@@ -132,7 +135,11 @@ impl Daemon {
             }
             reap(&mut engine, &mut fleet);
             let start = cpu_time();
-            let report = engine.scan_round_concurrent(&mut fleet);
+            let report = if self.cfg.concurrent_scan {
+                engine.scan_round_concurrent(&mut fleet)
+            } else {
+                engine.scan_round(&mut fleet)
+            };
             let cpu = cpu_time().saturating_sub(start);
             engine.advise(cpu, &report);
             rounds += 1;
