@@ -698,3 +698,110 @@ fn a_user_cannot_register_a_vm_for_another_uid() {
     }
     assert_eq!(u(&d.status(), "guests"), 0);
 }
+/// Registers a hostile "agent" of `pages` pages in the default group; returns its socket.
+fn register(d: &Daemon, name: &str, pages: u64) -> UnixStream {
+    let mut s = UnixStream::connect(d.socket()).unwrap();
+    let hello = AgentMsg::Hello(Hello {
+        version: PROTOCOL_VERSION,
+        pid: std::process::id(),
+        name: name.into(),
+        pages,
+        share_group: "default".into(),
+        vma_budget: 1000,
+        dirty_source: false,
+        run_as_uid: None,
+    });
+    wire::send(&mut s, &hello, None).unwrap();
+    let (msg, _) = wire::recv::<DaemonMsg>(&mut s).unwrap();
+    assert!(matches!(msg, DaemonMsg::Welcome { .. }), "{msg:?}");
+    s
+}
+
+/// Agents that answer nothing, or trickle their answer a byte a second, under a daemon
+/// that gives agents ten minutes per request: the real guests are scanned and merged all
+/// along (`full_scans` grows, `pages_sharing` reaches every shared fill page), `GET
+/// /guests` answers, and the stalled agents are still registered — nobody waited for them.
+#[test]
+fn a_stalled_agent_delays_only_its_own_guest() {
+    use std::io::Write;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tinyvmm::fleet::guest::field;
+    require_kvm!();
+    let d = Daemon::start(
+        "isolation-stall",
+        &[
+            "--pages-to-scan",
+            "20000",
+            "--sleep-ms",
+            "5",
+            "--request-timeout-ms",
+            "600000",
+        ],
+    );
+    // The silent one: its first request (a digest) is never answered.
+    let mut silent = register(&d, "silent", 4096);
+    let (first, _) = wire::recv::<DaemonMsg>(&mut silent).unwrap();
+    assert!(matches!(first, DaemonMsg::Request { .. }), "{first:?}");
+    // The trickler: reads each request and answers a byte a second.
+    let mut trickler = register(&d, "trickler", 4096);
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let trickle = std::thread::spawn(move || {
+        let Ok((DaemonMsg::Request { id, .. }, _)) = wire::recv::<DaemonMsg>(&mut trickler) else {
+            return 0;
+        };
+        let reply = AgentMsg::Reply {
+            id,
+            reply: wire::Reply::Stats(Default::default()),
+        };
+        // The reply's bytes as the protocol module frames them.
+        let (mut w, mut r) = UnixStream::pair().unwrap();
+        wire::send(&mut w, &reply, None).unwrap();
+        drop(w);
+        let mut frame = Vec::new();
+        std::io::Read::read_to_end(&mut r, &mut frame).unwrap();
+        let mut sent = 0;
+        for b in frame {
+            if stop2.load(Ordering::Relaxed) || trickler.write_all(&[b]).is_err() {
+                break;
+            }
+            sent += 1;
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        sent
+    });
+
+    let p = Profile {
+        mib: 16,
+        extra: "shared_pct=60 zero_pct=20".into(),
+    };
+    let (a, fill) = guest(&d, 60, &p, &[]);
+    let (b, _) = guest(&d, 61, &p, &[]);
+    let shared: u64 = field(&fill, "shared").unwrap();
+    let s = d.wait_for("the real guests merged", LONG, |s| {
+        u(s, "pages_sharing") >= shared && u(s, "full_scans") >= 3
+    });
+    let scans = u(&s, "full_scans");
+    d.wait_for("scanning goes on", LONG, |s| u(s, "full_scans") > scans + 2);
+    let listed = d.ksm_json(&["guests", "--json"]);
+    let names: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 4, "{listed:#}");
+    assert!(
+        names.contains(&"silent") && names.contains(&"trickler"),
+        "{names:?}"
+    );
+    assert_eq!(u(&d.status(), "guests_failed"), 0, "nobody dropped yet");
+    let mut guests = vec![a, b];
+    verify_all(&mut guests, 16 * 256);
+    stop.store(true, Ordering::Relaxed);
+    drop(silent);
+    let sent = trickle.join().unwrap();
+    assert!(sent > 0, "the trickler was asked something");
+    exit_all(guests);
+}

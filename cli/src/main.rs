@@ -88,6 +88,11 @@ struct MergedArgs {
     /// answer is dropped from merging (its frames stay until its process exits).
     #[arg(long, default_value_t = 20_000)]
     request_timeout_ms: u64,
+    /// Make agent requests one at a time (the scanner before concurrent rounds: a stalled
+    /// agent then delays every guest by up to --request-timeout-ms per request). By default
+    /// digests run on every agent at once and a stalled agent delays only its own guest.
+    #[arg(long)]
+    sequential_scan: bool,
     /// Guests one user's VM processes may register at once.
     #[arg(long, default_value_t = tinyvmm_merged::UserLimits::default().guests)]
     max_guests_per_uid: usize,
@@ -515,6 +520,7 @@ fn merged(args: MergedArgs) -> ExitCode {
         socket: args.socket.unwrap_or_else(daemon::default_merge_socket),
         knobs,
         request_timeout: std::time::Duration::from_millis(args.request_timeout_ms.max(1)),
+        concurrent_scan: !args.sequential_scan,
         user_limits: tinyvmm_merged::UserLimits {
             guests: args.max_guests_per_uid,
             pages: args.max_pages_per_uid,

@@ -6,7 +6,6 @@ use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::time::Duration;
 
-use tinyvmm_merge::host::GuestId;
 use tinyvmm_merge::{Counters, Engine, GuestCounters, Knobs, KnobsUpdate};
 use tinyvmm_merge_protocol::wire::Hello;
 
@@ -94,15 +93,13 @@ impl Control {
     }
 }
 
-/// The state for the API; `with_guests` also asks every agent for its statistics (one
-/// round trip each), which `GET /ksm` does not need. Agents found gone on the way are
+/// The state for the API; `with_guests` also asks every agent for its statistics (all at
+/// once, for a bounded time: a stalled agent keeps its last ones), which `GET /ksm` does
+/// not need. Agents found gone on the way are
 /// removed by the next round.
 pub(crate) fn snapshot(engine: &Engine, fleet: &mut Fleet, with_guests: bool) -> Snapshot {
     let guests = if with_guests {
-        let ids: Vec<GuestId> = fleet.conns.keys().copied().collect();
-        for id in ids {
-            fleet.refresh_stats(id);
-        }
+        fleet.refresh_all_stats();
         engine
             .guests()
             .into_iter()

@@ -1,29 +1,31 @@
 //! The daemon's side of `MergeHost`: each call is a request/reply round trip to one
-//! guest's agent over its Unix socket; pool operations act on the domain's memfd.
+//! guest's agent over its Unix socket; pool operations act on the domain's memfd. Digests
+//! run concurrently on every agent's lane (`lanes.rs`, [`tinyvmm_merge::ConcurrentHost`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::Duration;
 
 use tinyvmm_sys::process::ProcessWatch;
 
 use crate::policy::{GroupKey, SharePolicy};
 pub use crate::pool::{Pool, POOL_LEN};
 
+use crate::direct::Sources;
+use crate::lanes::Lane;
+use crate::worker::{self, Done, Failure};
 use tinyvmm_merge::host::{
-    DomainId, FrameId, Gfn, GuestId, HostError, MergeHost, MergeOp, MergeResult, OpKind,
-    PageDigest, PageRun, UnmergeOutcome, ZeroOutcome, PAGE_SIZE,
+    DigestDone, DomainId, FrameId, Gfn, GuestId, HostError, MergeHost, MergeOp, MergeResult,
+    OpKind, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome, PAGE_SIZE,
 };
 use tinyvmm_merge::GuestCounters;
 use tinyvmm_merge_protocol::page_hash;
 use tinyvmm_merge_protocol::wire::{
-    self, AgentError, AgentErrorKind, AgentMsg, AgentStats, DaemonMsg, Hello, PageBytes, Reply,
-    Request, MAX_READ_PAGES,
+    AgentErrorKind, AgentStats, Hello, PageBytes, Reply, Request, MAX_READ_PAGES,
 };
 
-/// How often a request an agent failed with [`AgentErrorKind::Transient`] is sent again
-/// before the guest is dropped; the waits before the tries grow 1, 4, 16 ms.
-pub const TRANSIENT_RETRIES: u32 = 3;
+pub use crate::worker::TRANSIENT_RETRIES;
 
 /// One registered guest's connection.
 #[derive(Debug)]
@@ -67,6 +69,17 @@ pub struct Fleet {
     pub request_timeout: Duration,
     /// What one user may register.
     pub limits: UserLimits,
+    /// Each connection's worker and its outstanding requests (`lanes.rs`).
+    pub(crate) lanes: HashMap<GuestId, Lane>,
+    /// Where workers report finished exchanges.
+    pub(crate) done_tx: Sender<Done>,
+    pub(crate) done_rx: Receiver<Done>,
+    /// Finished digests not yet taken by the engine.
+    pub(crate) ready: VecDeque<DigestDone>,
+    /// Where each guest's pages to populate are read from (`direct.rs`).
+    pub(crate) sources: Sources,
+    /// The last page copies' buffer, reused.
+    page_buf: Vec<u8>,
 }
 
 /// What the VM processes of one user may register at once: bounds the daemon's memory
@@ -94,6 +107,7 @@ impl Default for UserLimits {
 impl Fleet {
     /// No guests yet; agents get `request_timeout` to answer each request.
     pub fn new(request_timeout: Duration) -> Self {
+        let (done_tx, done_rx) = mpsc::channel();
         Self {
             conns: HashMap::new(),
             pools: HashMap::new(),
@@ -106,6 +120,12 @@ impl Fleet {
             request_timeout,
             limits: UserLimits::default(),
             policy: SharePolicy::none(),
+            lanes: HashMap::new(),
+            done_tx,
+            done_rx,
+            ready: VecDeque::new(),
+            sources: Sources::new(),
+            page_buf: Vec::new(),
         }
     }
 
@@ -153,109 +173,70 @@ impl Fleet {
         Ok(id)
     }
 
-    /// Sends `request` to `guest` and returns its reply. An agent's error is acted on by
-    /// its kind: a [`AgentErrorKind::Transient`] failure changed nothing, so the request is
-    /// sent again (up to [`TRANSIENT_RETRIES`] times, after a short wait); a
-    /// [`AgentErrorKind::BadRequest`] means the daemon's view of the guest is wrong and a
-    /// [`AgentErrorKind::Fatal`] one that the agent's mappings are no longer what the
-    /// engine planned — either way, and once retries are spent, the guest is dropped (its
-    /// frames stay until its process exits; its agent registers again as a new guest).
-    pub fn call(&mut self, guest: GuestId, mut request: Request) -> Result<Reply, HostError> {
-        let mut tries = 0;
-        loop {
-            let (reply, req) = self.round_trip(guest, request)?;
-            let e = match reply {
-                Reply::Error(e) => e,
-                r => return Ok(r),
-            };
-            match e.kind {
-                AgentErrorKind::Transient if tries < TRANSIENT_RETRIES => {
-                    tries += 1;
-                    tracing::debug!(guest = guest.0, tries, "agent busy, asking again: {e}");
-                    std::thread::sleep(Duration::from_millis(1 << (2 * (tries - 1))));
-                    request = req;
-                }
-                AgentErrorKind::Transient => {
-                    tracing::warn!(
-                        guest = guest.0,
-                        "agent still failing after {TRANSIENT_RETRIES} retries: {}; dropping the guest",
-                        e.detail
-                    );
-                    return Err(self.drop_for(guest, e));
-                }
-                AgentErrorKind::BadRequest => {
-                    tracing::warn!(
-                        guest = guest.0,
-                        "agent refused a request as out of range: {}; our view of the guest \
-                         is wrong, dropping it",
-                        e.detail
-                    );
-                    return Err(self.drop_for(guest, e));
-                }
-                AgentErrorKind::Fatal => {
-                    tracing::warn!(
-                        guest = guest.0,
-                        "agent could not do the work: {}; dropping the guest",
-                        e.detail
-                    );
-                    return Err(self.drop_for(guest, e));
-                }
-            }
+    /// Sends `request` to `guest` and returns its reply, once its lane (`lanes.rs`) has
+    /// nothing outstanding: the scanner makes the exchange itself. An agent's transient
+    /// failure is asked again a few times (`worker::exchange`); any other failure drops the
+    /// guest ([`Fleet::failed`]).
+    pub fn call(&mut self, guest: GuestId, request: Request) -> Result<Reply, HostError> {
+        if !self.wait_idle(guest, None) {
+            return Err(self.failed(guest, Failure::Gone("its worker does not answer".into())));
         }
-    }
-
-    /// Marks `guest` for removal after the round because its agent failed with `e`.
-    fn drop_for(&mut self, guest: GuestId, e: AgentError) -> HostError {
-        self.dead.push(guest);
-        HostError::Protocol {
-            guest,
-            reason: e.to_string(),
-        }
-    }
-
-    /// One request/reply exchange; gives the request back (for a retry) with the reply.
-    /// A broken connection or an answer out of turn drops the guest.
-    fn round_trip(
-        &mut self,
-        guest: GuestId,
-        request: Request,
-    ) -> Result<(Reply, Request), HostError> {
-        let id = self.next_request;
-        self.next_request += 1;
+        let mut id = self.next_request;
         let conn = self
             .conns
             .get_mut(&guest)
             .ok_or(HostError::GuestGone { guest })?;
-        let gone = |dead: &mut Vec<GuestId>, e: &dyn std::fmt::Display| {
-            tracing::warn!(guest = guest.0, "agent connection failed: {e}");
-            dead.push(guest);
-            HostError::GuestGone { guest }
-        };
-        let msg = DaemonMsg::Request { id, request };
-        if let Err(e) = wire::send(&mut conn.stream, &msg, None) {
-            return Err(gone(&mut self.dead, &e));
-        }
-        let DaemonMsg::Request { request, .. } = msg else {
-            unreachable!("built as a request just above")
-        };
-        // The whole reply within the request timeout: an agent that trickles bytes is cut
-        // off then, not after a timeout per read.
-        let deadline = Some(Instant::now() + self.request_timeout);
-        match wire::recv_bounded::<AgentMsg>(&mut conn.stream, wire::MAX_FRAME, deadline) {
-            Ok((AgentMsg::Reply { id: rid, reply }, None)) if rid == id => Ok((reply, request)),
-            Ok((other, _)) => {
-                tracing::warn!(
-                    guest = guest.0,
-                    "agent answered out of turn: {}",
-                    other.summary()
-                );
-                self.dead.push(guest);
-                Err(HostError::Protocol {
+        let res = worker::exchange(
+            &mut conn.stream,
+            guest,
+            &mut id,
+            request,
+            self.request_timeout,
+        );
+        self.next_request = id;
+        res.map_err(|f| self.failed(guest, f))
+    }
+
+    /// Marks `guest` for removal after the round because an exchange with its agent failed
+    /// (its frames stay until its process exits; its agent registers again as a new guest).
+    pub(crate) fn failed(&mut self, guest: GuestId, f: Failure) -> HostError {
+        self.dead.push(guest);
+        match f {
+            Failure::Gone(e) => {
+                tracing::warn!(guest = guest.0, "agent connection failed: {e}");
+                HostError::GuestGone { guest }
+            }
+            Failure::OutOfTurn(what) => {
+                tracing::warn!(guest = guest.0, "agent answered out of turn: {what}");
+                HostError::Protocol {
                     guest,
                     reason: "unexpected message".into(),
-                })
+                }
             }
-            Err(e) => Err(gone(&mut self.dead, &e)),
+            Failure::Agent(e) => {
+                match e.kind {
+                    AgentErrorKind::Transient => tracing::warn!(
+                        guest = guest.0,
+                        "agent still failing after {TRANSIENT_RETRIES} retries: {}; dropping the guest",
+                        e.detail
+                    ),
+                    AgentErrorKind::BadRequest => tracing::warn!(
+                        guest = guest.0,
+                        "agent refused a request as out of range: {}; our view of the guest \
+                         is wrong, dropping it",
+                        e.detail
+                    ),
+                    AgentErrorKind::Fatal => tracing::warn!(
+                        guest = guest.0,
+                        "agent could not do the work: {}; dropping the guest",
+                        e.detail
+                    ),
+                }
+                HostError::Protocol {
+                    guest,
+                    reason: e.to_string(),
+                }
+            }
         }
     }
 
@@ -298,16 +279,19 @@ impl Fleet {
                 j += 1;
             }
             let batch = &runs[i..j];
-            let request = Request::ReadPages(
-                batch
-                    .iter()
-                    .map(|&(_, gfn, _, len)| PageRun { gfn, len })
-                    .collect(),
-            );
-            let bytes = match self.call(guest, request)? {
-                Reply::Pages(PageBytes(b)) if b.len() as u64 == pages * PAGE_SIZE as u64 => b,
-                _ => return Err(self.mismatch(guest, "page copies do not match the request")),
-            };
+            let want: Vec<PageRun> = batch
+                .iter()
+                .map(|&(_, gfn, _, len)| PageRun { gfn, len })
+                .collect();
+            // Straight from the VM process where the daemon may (`direct.rs`), else copies
+            // from the agent.
+            let mut bytes = std::mem::take(&mut self.page_buf);
+            if !self.read_direct(guest, &want, &mut bytes) {
+                bytes = match self.call(guest, Request::ReadPages(want))? {
+                    Reply::Pages(PageBytes(b)) if b.len() as u64 == pages * PAGE_SIZE as u64 => b,
+                    _ => return Err(self.mismatch(guest, "page copies do not match the request")),
+                };
+            }
             let pool = &self.pools[&domain];
             let mut off = 0usize;
             for &(index, _, frame, len) in batch {
@@ -322,12 +306,13 @@ impl Fleet {
                 }
                 off += data.len();
             }
+            self.page_buf = bytes;
             i = j;
         }
         Ok(())
     }
 
-    fn mismatch(&mut self, guest: GuestId, what: &str) -> HostError {
+    pub(crate) fn mismatch(&mut self, guest: GuestId, what: &str) -> HostError {
         tracing::warn!(guest = guest.0, "agent protocol error: {what}");
         self.dead.push(guest);
         HostError::Protocol {
@@ -336,11 +321,14 @@ impl Fleet {
         }
     }
 
-    /// Asks an agent for its statistics.
-    pub fn refresh_stats(&mut self, guest: GuestId) {
-        if let Ok(Reply::Stats(s)) = self.call(guest, Request::Stats) {
-            self.agent_stats.insert(guest, s);
-        }
+    /// Forgets `guest`'s connection: shuts the socket down (its worker, if it is waiting
+    /// for the agent, stops now) and drops its lane.
+    pub fn disconnect(&mut self, guest: GuestId) -> Option<Conn> {
+        let conn = self.conns.remove(&guest)?;
+        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        self.drop_lane(guest);
+        self.sources.remove(&guest);
+        Some(conn)
     }
 }
 
@@ -390,6 +378,10 @@ impl MergeHost for Fleet {
         out: &mut Vec<MergeResult>,
     ) -> Result<(), HostError> {
         out.clear();
+        if ops.iter().any(|o| o.kind == OpKind::Populate) {
+            // A partner: one busy with a slow digest does not hold the others up.
+            self.partner_ready(guest)?;
+        }
         let want: u64 = ops.iter().map(|o| u64::from(o.len)).sum();
         let mut hashes = vec![None; want as usize];
         self.populate_frames(guest, ops, &mut hashes)?;
@@ -461,6 +453,7 @@ impl MergeHost for Fleet {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tinyvmm_merge_protocol::wire::{self, AgentError, AgentMsg, DaemonMsg};
 
     /// A fleet with one guest whose "agent" answers request after request from `script`
     /// (an error of that kind, or `None` for a good answer); returns the fleet, the guest

@@ -6,6 +6,12 @@
 //!   `sleep_millisecs` for one round (backing off while rounds find nothing to do), and
 //!   between rounds applies commands from its channel: new registrations, and typed
 //!   requests from the control API. Nothing else touches engine state.
+//! - one **worker per agent connection** (`worker.rs`, driven from `lanes.rs`) runs the
+//!   digests the engine starts on every guest at once (and the API's statistics requests)
+//!   and reports each as it finishes; the scanner makes every other request itself once
+//!   that connection is idle, and waits a bounded time for any one agent, so a slow or
+//!   stalled agent delays only its own guest. New frames' pages are read straight from the
+//!   VM process where the daemon may (`direct.rs`).
 //! - the **acceptor** (`acceptor.rs`) reads each new connection's `Hello` with a deadline,
 //!   validates it, and hands the connection to the scanner, which welcomes it.
 //! - the **control API** (REST over a Unix socket, served by `tinyvmm-api`) runs on its
@@ -18,17 +24,20 @@
 //! at once) leave exactly one daemon — and binds the agents' socket (0600);
 //! [`Daemon::run`] starts the acceptor and scans until told to stop. A guest leaves when
 //! its agent's connection fails or its agent reports a failure that retries cannot fix
-//! (`Fleet::call` in `fleet.rs`); its frames are released only once its VM process has
+//! (`Fleet::failed` in `fleet.rs`); its frames are released only once its VM process has
 //! exited.
 
 mod acceptor;
 mod control;
+mod direct;
 mod error;
 mod fleet;
+mod lanes;
 mod policy;
 mod pool;
 mod rundir;
 mod scanner;
+mod worker;
 
 pub use control::{Control, GuestSnapshot, Snapshot};
 pub use error::{DaemonError, SnapshotError, UpdateError};

@@ -40,6 +40,9 @@ pub struct DaemonConfig {
     /// Who may connect to the agents' socket (by default its owner only, 0600); with
     /// access for others, the run directory is made 0711 so that they can reach it.
     pub socket_access: SocketAccess,
+    /// Concurrent scan rounds (`Engine::scan_round_concurrent`) instead of one agent
+    /// request at a time.
+    pub concurrent_scan: bool,
 }
 
 /// A daemon that is set up (lock held, socket bound) but not yet scanning.
@@ -171,7 +174,11 @@ impl Daemon {
             }
             reap(&mut engine, &mut fleet);
             let start = cpu_time();
-            let report = engine.scan_round(&mut fleet);
+            let report = if self.cfg.concurrent_scan {
+                engine.scan_round_concurrent(&mut fleet)
+            } else {
+                engine.scan_round(&mut fleet)
+            };
             let cpu = cpu_time().saturating_sub(start);
             engine.advise(cpu, &report);
             rounds += 1;
@@ -232,6 +239,9 @@ fn cpu_time() -> Duration {
 /// hung-up) socket between requests means the VM process is gone.
 fn reap(engine: &mut Engine, fleet: &mut Fleet) {
     for (id, conn) in &fleet.conns {
+        if fleet.busy(*id) {
+            continue; // its worker is in an exchange: the socket is not idle
+        }
         let mut pfd = libc::pollfd {
             fd: conn.stream.as_raw_fd(),
             events: libc::POLLIN,
@@ -253,7 +263,7 @@ pub(crate) fn remove_dead(engine: &mut Engine, fleet: &mut Fleet) {
     let mut removed = false;
     for id in dead {
         fleet.agent_stats.remove(&id);
-        let Some(conn) = fleet.conns.remove(&id) else {
+        let Some(conn) = fleet.disconnect(id) else {
             continue;
         };
         let holds_frames = engine

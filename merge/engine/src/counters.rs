@@ -99,6 +99,8 @@ pub struct RoundReport {
     pub skipped_vma_budget: u64,
     /// Host round trips.
     pub host_calls: u64,
+    /// Concurrent rounds: merges put off because the partner's agent was busy.
+    pub partners_busy: u64,
     /// Full scans completed in this round.
     pub full_scans: u64,
     /// Guests whose host failed in this round.

@@ -30,6 +30,14 @@ pub enum HostError {
         /// What was wrong.
         reason: String,
     },
+    /// The guest's agent is still busy with an earlier request (a digest started with
+    /// [`ConcurrentHost::start_digest`]) and did not get free in time: nothing was done,
+    /// the engine may ask again later. Only a partner's populate gets this answer.
+    #[error("{guest}: its agent is busy")]
+    Busy {
+        /// The guest.
+        guest: GuestId,
+    },
     /// An operation on a domain's pool (punching a hole) failed.
     #[error("pool of domain {}: {reason}", domain.0)]
     Pool {
@@ -94,6 +102,48 @@ pub trait MergeHost {
     /// Releases frames of `domain`'s pool (`fallocate(PUNCH_HOLE)`); no page maps them.
     /// Their indices may be reused by later `Populate` ops.
     fn free_frames(&mut self, domain: DomainId, frames: &[FrameId]) -> Result<(), HostError>;
+}
+
+/// A digest the engine starts ahead of processing it (see [`ConcurrentHost`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DigestRequest {
+    /// [`MergeHost::digest`] of these runs.
+    Range(Vec<PageRun>),
+    /// [`MergeHost::digest_dirty`] of at most this many pages.
+    Dirty(u32),
+}
+
+/// The answer to a [`DigestRequest`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DigestReply {
+    /// One digest per page of the runs, in order.
+    Range(Vec<PageDigest>),
+    /// Dirty pages' digests, and whether more dirty pages remain.
+    Dirty(Vec<(Gfn, PageDigest)>, bool),
+}
+
+/// A completed digest: guest, ticket, reply.
+pub type DigestDone = (GuestId, u64, Result<DigestReply, HostError>);
+
+/// A host whose guests digest concurrently: digests are started on several guests at
+/// once (each guest's agent hashes in its own process) and their replies collected as they
+/// come, so one slow guest delays only itself. At most one digest per guest is
+/// outstanding; every other call of [`MergeHost`] waits for that guest's outstanding digest
+/// first (except a partner's populate, which may answer [`HostError::Busy`]).
+pub trait ConcurrentHost: MergeHost {
+    /// Starts a digest of `guest`, named `ticket` (the engine's, unique). An error means
+    /// the guest's agent is gone.
+    fn start_digest(
+        &mut self,
+        guest: GuestId,
+        ticket: u64,
+        req: DigestRequest,
+    ) -> Result<(), HostError>;
+
+    /// A digest that completed (in completion order): its guest, its ticket and its reply;
+    /// `wait`: block until one completes, for at most the host's patience. `None`: none
+    /// completed (in time). A reply's size has not been checked against its request yet.
+    fn next_digest(&mut self, wait: bool) -> Option<DigestDone>;
 }
 
 /// `Ok` if the host gave `want` results for `what`, else a protocol error of `guest`.

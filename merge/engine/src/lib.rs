@@ -10,7 +10,9 @@
 //! # The algorithm
 //!
 //! A guest registers its RAM (like `madvise(MADV_MERGEABLE)`). Scan rounds visit
-//! `pages_to_scan` pages per wake-up, guests in turn from a cursor (ksmd's mm slots). Each
+//! `pages_to_scan` pages per wake-up, guests in turn from a cursor (ksmd's mm slots); with a
+//! [`ConcurrentHost`], digests run on every guest at once and each guest keeps its own place
+//! within the full scan ([`Engine::scan_round_concurrent`]). Each
 //! visited page is *digested* by the host: a 64-bit content hash (xxh3), whether it is
 //! zero, whether it was split, and (with a dirty-page source) whether it was written.
 //!
@@ -121,8 +123,9 @@ pub mod sim;
 pub use counters::{Counters, GuestCounters, RoundReport};
 pub use engine::{AuditError, Engine, EngineError, GuestSpec, PageInfo, PageState};
 pub use host::{
-    DomainId, FrameId, Gfn, GuestId, HostError, MergeHost, MergeOp, MergeOutcome, MergeResult,
-    OpKind, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome, PAGE_SIZE,
+    ConcurrentHost, DigestDone, DigestReply, DigestRequest, DomainId, FrameId, Gfn, GuestId,
+    HostError, MergeHost, MergeOp, MergeOutcome, MergeResult, OpKind, PageDigest, PageRun,
+    UnmergeOutcome, ZeroOutcome, PAGE_SIZE,
 };
 pub use keyed::HashKey;
 pub use knobs::{Advisor, KnobError, Knobs, KnobsUpdate, RunMode, MAX_PAGES_TO_SCAN};

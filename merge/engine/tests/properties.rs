@@ -10,7 +10,7 @@ mod common;
 
 use common::Fleet;
 use proptest::prelude::*;
-use tinyvmm_merge::sim::{xxh3, Race, RaceWhen};
+use tinyvmm_merge::sim::{xxh3, HashFn, Race, RaceWhen, SimConcurrency};
 use tinyvmm_merge::{GuestId, Knobs, KnobsUpdate, RunMode};
 
 const PAGES: u64 = 24;
@@ -210,6 +210,48 @@ impl World {
     }
 }
 
+/// Runs `steps` on three guests, then `run=2`: every guest not failed is whole again.
+fn run_steps(f: Fleet, image: Vec<u64>, dirty0: bool, steps: &[Step]) -> Result<(), TestCaseError> {
+    let mut w = World {
+        f,
+        image,
+        live: vec![],
+        running: vec![],
+        next_id: 0,
+    };
+    for (i, d) in [(0, dirty0), (1, !dirty0), (2, dirty0)] {
+        let g = w.boot(i, 0, 1000, d);
+        w.live.push(g);
+        w.running.push(g);
+    }
+    w.next_id = 3;
+    for s in steps {
+        w.apply(s);
+    }
+    // Finally: run=2 restores every layout and frees every frame not held by a
+    // failed guest.
+    w.f.set(KnobsUpdate {
+        run: Some(RunMode::Unmerge),
+        ..Default::default()
+    });
+    for g in w.live.clone() {
+        let gc = w.f.engine.guest_counters(g).unwrap();
+        if !gc.failed {
+            prop_assert_eq!(gc.merging_pages, 0);
+            prop_assert_eq!(w.f.sim.vma_count(g), 1);
+        }
+    }
+    Ok(())
+}
+
+fn hash_of(collisions: bool) -> HashFn {
+    if collisions {
+        collide
+    } else {
+        xxh3
+    }
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
 
@@ -221,26 +263,23 @@ proptest! {
         steps in prop::collection::vec(step(), 1..100),
     ) {
         let knobs = Knobs { pages_to_scan: 32, ..Knobs::default() };
-        let f = if collisions { Fleet::with_hash(knobs, collide) } else { Fleet::new(knobs) };
-        let mut w = World { f, image, live: vec![], running: vec![], next_id: 0 };
-        for (i, d) in [(0, dirty0), (1, !dirty0), (2, dirty0)] {
-            let g = w.boot(i, 0, 1000, d);
-            w.live.push(g);
-            w.running.push(g);
-        }
-        w.next_id = 3;
-        for s in &steps {
-            w.apply(s);
-        }
-        // Finally: run=2 restores every layout and frees every frame not held by a
-        // failed guest.
-        w.f.set(KnobsUpdate { run: Some(RunMode::Unmerge), ..Default::default() });
-        for g in w.live.clone() {
-            let gc = w.f.engine.guest_counters(g).unwrap();
-            if !gc.failed {
-                prop_assert_eq!(gc.merging_pages, 0);
-                prop_assert_eq!(w.f.sim.vma_count(g), 1);
-            }
-        }
+        run_steps(Fleet::with_hash(knobs, hash_of(collisions)), image, dirty0, &steps)?;
+    }
+
+    /// The same with concurrent rounds: digests answered out of order, some late, and
+    /// partners' populates refused as busy.
+    #[test]
+    fn concurrent_rounds_never_lose_data_or_break_an_invariant(
+        collisions in any::<bool>(),
+        dirty0 in any::<bool>(),
+        seed in any::<u64>(),
+        late_pct in 0..60u64,
+        busy_pct in 0..60u64,
+        image in prop::collection::vec(0..8u64, PAGES as usize),
+        steps in prop::collection::vec(step(), 1..100),
+    ) {
+        let knobs = Knobs { pages_to_scan: 32, ..Knobs::default() };
+        let c = SimConcurrency::new(seed, late_pct, busy_pct);
+        run_steps(Fleet::concurrent(knobs, hash_of(collisions), c), image, dirty0, &steps)?;
     }
 }

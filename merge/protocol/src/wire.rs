@@ -20,7 +20,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 use crate::page::{Gfn, MergeOp, MergeResult, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome};
 
 /// Bumped on any incompatible change (2: [`Reply::Error`] carries a typed [`AgentError`]).
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest frame either side accepts (a digest batch of 64 Ki pages is ~1.5 MiB).
 pub const MAX_FRAME: usize = 16 << 20;
 
@@ -67,6 +67,10 @@ pub enum Request {
     ReadPages(Vec<PageRun>),
     /// Report the agent's statistics.
     Stats,
+    /// Report where guest RAM is in the VM process ([`Reply::RamLayout`]), so that the
+    /// daemon can read pages to populate straight from the process (`process_vm_readv`)
+    /// instead of asking for copies. Only ever a hint: see the daemon's `direct.rs`.
+    RamLayout,
 }
 
 /// Most pages one [`Request::ReadPages`] may ask for: 256 KiB of bytes, small enough that
@@ -140,6 +144,9 @@ pub enum Reply {
     /// The request could not be carried out; guest memory content is intact. What else
     /// holds, and what the daemon should do, depends on the error's kind.
     Error(AgentError),
+    /// For `RamLayout`: guest RAM's ranges in the VM process, in page order, as (host
+    /// virtual address, length in bytes).
+    RamLayout(Vec<(u64, u64)>),
 }
 
 /// Why an agent could not carry out a request: a kind the daemon acts on, and a detail
@@ -220,6 +227,7 @@ impl Reply {
             Reply::Pages(b) => format!("{} bytes of pages", b.0.len()),
             Reply::Stats(_) => "stats".into(),
             Reply::Error(e) => format!("error ({e})"),
+            Reply::RamLayout(r) => format!("RAM layout of {} ranges", r.len()),
         }
     }
 }

@@ -239,6 +239,7 @@ impl Agent {
                 Reply::Pages(PageBytes(out))
             }
             Request::Stats => Reply::Stats(self.stats()),
+            Request::RamLayout => Reply::RamLayout(self.ram.layout()),
         })
     }
 

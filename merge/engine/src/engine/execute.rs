@@ -75,8 +75,9 @@ impl Engine {
         if zero.is_empty() {
             return;
         }
+        let id = self.guests.live(slot).id;
+        self.note_page_work(id, zero.iter().copied());
         let g = self.guests.live_mut(slot);
-        let id = g.id;
         let gfns = host_gfns(zero);
         let mut out = Vec::new();
         rep.host_calls += 1;
@@ -112,6 +113,8 @@ impl Engine {
         if remap.is_empty() {
             return;
         }
+        let id = self.guests.live(slot).id;
+        self.note_page_work(id, remap.iter().copied());
         let g = self.guests.live_mut(slot);
         let id = g.id;
         let gfns = host_gfns(remap);
@@ -189,9 +192,20 @@ impl Engine {
         let ops = runs_of(&pairs, OpKind::Populate);
         let mut out = Vec::new();
         rep.host_calls += 1;
+        self.note_page_work(pid, pairs.iter().map(|&(gfn, _)| gfn));
         let res = host
             .merge(pid, &ops, &mut out)
             .and_then(|()| expect_results(pid, "populate", out.len(), pairs.len()));
+        if let Err(HostError::Busy { .. }) = res {
+            // The partner's agent is busy (a slow or stalled digest): nothing was done.
+            // The frames are cancelled, the partners stay candidates and the visitor's
+            // pages go back to being candidates: they meet again on a later visit.
+            rep.partners_busy += news.len() as u64;
+            for &(pr, f) in news {
+                self.cancel_new_frame(di, f, pr, &mut plan.cancelled);
+            }
+            return;
+        }
         for (k, &(pr, f)) in news.iter().enumerate() {
             match res.as_ref().map(|_| out[k]) {
                 Err(_) => self.orphan_frame(di, f, pr),
@@ -297,6 +311,7 @@ impl Engine {
         let ops = runs_of(joins, OpKind::Join);
         let mut out = Vec::new();
         rep.host_calls += 1;
+        self.note_page_work(id, joins.iter().map(|&(gfn, _)| gfn));
         let res = host
             .merge(id, &ops, &mut out)
             .and_then(|()| expect_results(id, "join", out.len(), joins.len()));
@@ -430,6 +445,11 @@ impl Engine {
         g.watch.clear();
         g.first_pass_done = false;
         g.in_pass = false;
+        g.pos = 0;
+        g.parked = false;
+        // A digest still outstanding describes the guest before this: it is not used.
+        let id = g.id;
+        self.inflight.remove(&id);
         self.free_frames(di, to_free, host);
         Ok(())
     }

@@ -18,6 +18,7 @@
 
 mod audit;
 mod classify;
+mod concurrent;
 mod execute;
 mod frames;
 mod pages;
@@ -187,6 +188,12 @@ pub struct Engine {
     ns_per_page: f64,
     digests: Vec<PageDigest>,
     dirty: Vec<(Gfn, PageDigest)>,
+    /// Concurrent rounds: the digests started and not yet processed, by guest.
+    inflight: HashMap<GuestId, concurrent::Visit>,
+    /// Concurrent rounds run so far.
+    rounds: u64,
+    /// Digests started so far (each one's ticket).
+    tickets: u64,
 }
 
 impl Engine {
@@ -214,6 +221,9 @@ impl Engine {
             ns_per_page: 0.0,
             digests: Vec::new(),
             dirty: Vec::new(),
+            inflight: HashMap::new(),
+            rounds: 0,
+            tickets: 0,
         })
     }
 
@@ -262,6 +272,8 @@ impl Engine {
             pass: 0,
             counts,
             refused_in_pass: false,
+            pos: 0,
+            parked: false,
             defer_backoff: 0,
             defer_hold: 0,
         });
@@ -292,6 +304,7 @@ impl Engine {
         let to_free = self.drop_guest_refs(slot);
         self.guests[slot] = None;
         self.ids.remove(&id);
+        self.inflight.remove(&id);
         if self.cursor_slot == slot {
             self.cursor_gfn = 0;
         }

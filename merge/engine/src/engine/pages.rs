@@ -125,6 +125,12 @@ pub(super) struct Guest {
     /// VMA-budget back-off (the scanner must not spin on pages it cannot map): set when a
     /// merge of this guest is refused for lack of VMA budget during a pass.
     pub(super) refused_in_pass: bool,
+    /// Concurrent rounds: where the guest's next range visit starts (each guest keeps its
+    /// own place, as several are visited at once).
+    pub(super) pos: usize,
+    /// Concurrent rounds: its pass of the current full scan is done; it waits for the
+    /// others before the next.
+    pub(super) parked: bool,
     /// Consecutive refusing passes, at most [`MAX_DEFER_BACKOFF`].
     pub(super) defer_backoff: u8,
     /// Passes its deferred pages still sit out (2^backoff - 1 after a refusing pass).

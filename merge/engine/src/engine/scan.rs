@@ -11,9 +11,29 @@ use crate::counters::RoundReport;
 use crate::host::{expect_results, HostError, MergeHost, PageDigest, PageRun};
 
 /// Pages per host round trip when digesting a range.
-const BATCH: usize = 1024;
+pub(super) const BATCH: usize = 1024;
 /// Most pages a range batch may span (smart-scan skips included).
 const SPAN: usize = 8 * BATCH;
+
+/// The pages a range visit digests.
+pub(super) struct RangePick {
+    /// The pages, as runs.
+    pub(super) runs: Vec<PageRun>,
+    /// Pages in `runs`.
+    pub(super) taken: usize,
+    /// Pages skipped (smart scan, VMA-budget back-off).
+    pub(super) skipped: u64,
+    /// Where the next visit of the guest starts.
+    pub(super) end: usize,
+}
+
+/// The pages of `runs` with their digests, in order.
+pub(super) fn seen_of(runs: &[PageRun], digests: &[PageDigest]) -> Vec<Seen> {
+    let gfns = runs
+        .iter()
+        .flat_map(|r| (0..r.len).map(|k| r.gfn as u32 + k));
+    gfns.zip(digests).map(|(gfn, &d)| Seen { gfn, d }).collect()
+}
 
 impl Engine {
     /// One wake-up of the scanner: visits up to `pages_to_scan` pages, guests in turn from
@@ -76,7 +96,7 @@ impl Engine {
 
     /// Smart scan (KSM's `should_skip_rmap_item`): a volatile or candidate page that kept
     /// failing to merge is visited only every 2nd, 4th or 8th full scan.
-    fn smart_skip(&self, p: &PageMeta, gfn: usize) -> bool {
+    pub(super) fn smart_skip(&self, p: &PageMeta, gfn: usize) -> bool {
         if !self.knobs.smart_scan || p.fails < 2 {
             return false;
         }
@@ -107,30 +127,13 @@ impl Engine {
         rep: &mut RoundReport,
         want: usize,
     ) -> (u64, bool) {
+        let pick = self.range_pick(slot, self.cursor_gfn, want);
+        rep.pages_skipped += pick.skipped;
+        let RangePick {
+            runs, taken, end, ..
+        } = pick;
         let g = self.guests.live(slot);
         let n = g.pages.len();
-        let start = self.cursor_gfn.min(n);
-        let mut runs: Vec<PageRun> = Vec::new();
-        let mut taken = 0usize;
-        let mut gfn = start;
-        let hold = g.holds_deferred();
-        while gfn < n && taken < want && gfn < start + SPAN {
-            let p = &g.pages[gfn];
-            if (hold && p.state == PageSt::Deferred) || self.smart_skip(p, gfn) {
-                rep.pages_skipped += 1;
-            } else {
-                match runs.last_mut() {
-                    Some(r) if r.gfn + u64::from(r.len) == gfn as u64 => r.len += 1,
-                    _ => runs.push(PageRun {
-                        gfn: gfn as u64,
-                        len: 1,
-                    }),
-                }
-                taken += 1;
-            }
-            gfn += 1;
-        }
-        let end = gfn;
         let id = g.id;
         if taken > 0 {
             let mut digests = std::mem::take(&mut self.digests);
@@ -144,13 +147,7 @@ impl Engine {
                 return (taken as u64, true);
             }
             rep.pages_visited += taken as u64;
-            let gfns = runs
-                .iter()
-                .flat_map(|r| (0..r.len).map(|k| r.gfn as u32 + k));
-            let seen = gfns
-                .zip(&digests)
-                .map(|(gfn, &d)| Seen { gfn, d })
-                .collect();
+            let seen = seen_of(&runs, &digests);
             self.digests = digests;
             self.process(slot, seen, host, rep);
         }
@@ -163,6 +160,41 @@ impl Engine {
             }
         }
         (taken as u64, done)
+    }
+
+    /// The pages of a range visit of guest `slot` from `start`: at most `want` pages to
+    /// digest within [`SPAN`] pages, smart-scan skips and held deferred pages left out.
+    pub(super) fn range_pick(&self, slot: usize, start: usize, want: usize) -> RangePick {
+        let g = self.guests.live(slot);
+        let n = g.pages.len();
+        let start = start.min(n);
+        let mut runs: Vec<PageRun> = Vec::new();
+        let mut taken = 0usize;
+        let mut skipped = 0u64;
+        let mut gfn = start;
+        let hold = g.holds_deferred();
+        while gfn < n && taken < want && gfn < start + SPAN {
+            let p = &g.pages[gfn];
+            if (hold && p.state == PageSt::Deferred) || self.smart_skip(p, gfn) {
+                skipped += 1;
+            } else {
+                match runs.last_mut() {
+                    Some(r) if r.gfn + u64::from(r.len) == gfn as u64 => r.len += 1,
+                    _ => runs.push(PageRun {
+                        gfn: gfn as u64,
+                        len: 1,
+                    }),
+                }
+                taken += 1;
+            }
+            gfn += 1;
+        }
+        RangePick {
+            runs,
+            taken,
+            skipped,
+            end: gfn,
+        }
     }
 
     /// Visits up to `max` pages a dirty-source guest wrote since their last digest (one
@@ -222,7 +254,12 @@ impl Engine {
     /// End of a dirty pass (volatile or deferred -> candidate without a rehash): every page
     /// not reported dirty is unchanged since its last digest, so the watched pages not
     /// digested in this pass are classified again with their recorded hash, as unwritten.
-    fn promote_unwritten(&mut self, slot: usize, host: &mut impl MergeHost, rep: &mut RoundReport) {
+    pub(super) fn promote_unwritten(
+        &mut self,
+        slot: usize,
+        host: &mut impl MergeHost,
+        rep: &mut RoundReport,
+    ) {
         let Some(g) = self.guests[slot].as_mut().filter(|g| !g.failed) else {
             return;
         };
@@ -265,7 +302,10 @@ impl Engine {
     /// the unstable set (candidate -> volatile).
     pub(super) fn fail_guest(&mut self, slot: usize, e: &HostError, rep: Option<&mut RoundReport>) {
         let Engine {
-            guests, domains, ..
+            guests,
+            domains,
+            inflight,
+            ..
         } = self;
         let Some(g) = guests[slot].as_mut() else {
             return;
@@ -273,6 +313,8 @@ impl Engine {
         if g.failed {
             return;
         }
+        // A digest it still has outstanding is not waited for.
+        inflight.remove(&g.id);
         warn!(guest = g.id.0, error = %e, "guest's host failed; it is no longer scanned");
         g.failed = true;
         let dom = &mut domains[g.dom];
@@ -290,7 +332,7 @@ impl Engine {
 
     /// One batch of digests of guest `slot`: classify each page, keep the planned merges
     /// within the VMA budgets, then carry the plan out through the host.
-    fn process(
+    pub(super) fn process(
         &mut self,
         slot: usize,
         mut seen: Vec<Seen>,

@@ -112,6 +112,9 @@ impl MergeHost for SimFleet {
         out: &mut Vec<MergeResult>,
     ) -> Result<(), HostError> {
         out.clear();
+        if ops.iter().any(|o| o.kind == OpKind::Populate) && self.concurrency.refuses(guest) {
+            return Err(HostError::Busy { guest });
+        }
         self.stats.calls += 1;
         let domain = self.guest_ok(guest)?.domain;
         let n = self.guests[&guest].map.len();

@@ -20,14 +20,18 @@
 //!
 //! Files: `guest.rs` (a guest's pages, mappings, VMA count, dirty bits), `pool.rs` (a
 //! domain's frames), `content.rs` (page patterns), `race.rs` (injected guest writes),
-//! `host.rs` (the [`MergeHost`] implementation), `check.rs` ([`SimFleet::check`]).
+//! `host.rs` (the [`MergeHost`] implementation), `concurrent.rs` (digests answered out of
+//! order, late, and busy partners), `check.rs` ([`SimFleet::check`]).
 
 mod check;
+mod concurrent;
 mod content;
 mod guest;
 mod host;
 mod pool;
 mod race;
+
+pub use concurrent::SimConcurrency;
 
 use std::collections::BTreeMap;
 
@@ -97,6 +101,8 @@ pub struct SimFleet {
     violations: Vec<String>,
     /// Work counters.
     pub stats: SimStats,
+    /// How digests started concurrently are answered.
+    pub concurrency: SimConcurrency,
 }
 
 impl SimFleet {
@@ -112,6 +118,7 @@ impl SimFleet {
             races: Vec::new(),
             violations: Vec::new(),
             stats: SimStats::default(),
+            concurrency: SimConcurrency::default(),
         }
     }
 

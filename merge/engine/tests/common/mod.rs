@@ -2,7 +2,7 @@
 
 #![allow(dead_code)]
 
-use tinyvmm_merge::sim::{xxh3, HashFn, SimFleet, SimGuestSpec};
+use tinyvmm_merge::sim::{xxh3, HashFn, SimConcurrency, SimFleet, SimGuestSpec};
 use tinyvmm_merge::{
     Counters, DomainId, Engine, GuestId, GuestSpec, HashKey, Knobs, KnobsUpdate, PageState,
     RoundReport,
@@ -13,6 +13,8 @@ pub struct Fleet {
     pub sim: SimFleet,
     /// A guest's host failed at some point (outcomes the engine could not know).
     pub failures_seen: bool,
+    /// Rounds are concurrent ([`Engine::scan_round_concurrent`]).
+    pub concurrent: bool,
 }
 
 impl Fleet {
@@ -26,7 +28,16 @@ impl Fleet {
             engine: Engine::with_hash_key(knobs, HashKey::fixed(0x7e57)).expect("valid knobs"),
             sim: SimFleet::new(hash, true),
             failures_seen: false,
+            concurrent: false,
         }
+    }
+
+    /// Concurrent rounds, digests answered as `c` says.
+    pub fn concurrent(knobs: Knobs, hash: HashFn, c: SimConcurrency) -> Self {
+        let mut f = Self::with_hash(knobs, hash);
+        f.sim.concurrency = c;
+        f.concurrent = true;
+        f
     }
 
     /// Adds a guest to the sim only (its content can be written before it registers).
@@ -63,7 +74,11 @@ impl Fleet {
     }
 
     pub fn round(&mut self) -> RoundReport {
-        let r = self.engine.scan_round(&mut self.sim);
+        let r = if self.concurrent {
+            self.engine.scan_round_concurrent(&mut self.sim)
+        } else {
+            self.engine.scan_round(&mut self.sim)
+        };
         self.failures_seen |= !r.guests_failed.is_empty();
         self.check();
         r

@@ -149,6 +149,11 @@ impl SharedRam {
         })
     }
 
+    /// Guest RAM's ranges, in page order: (host virtual address, bytes).
+    pub fn layout(&self) -> Vec<(u64, u64)> {
+        self.ranges.iter().map(|r| (r.hva, r.len)).collect()
+    }
+
     /// Number of guest pages.
     pub fn pages(&self) -> u64 {
         self.pages
