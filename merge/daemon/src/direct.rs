@@ -162,8 +162,6 @@ mod tests {
     use crate::fleet::Conn;
     use std::os::unix::net::UnixStream;
     use std::time::Duration;
-    use tinyvmm_merge_protocol::wire::Hello;
-    use tinyvmm_sys::process::ProcessWatch;
 
     /// A fleet whose one guest is this very process, its "RAM" at `ranges`.
     fn fleet_of_self(ranges: Vec<(u64, u64)>) -> (Fleet, GuestId, UnixStream) {
@@ -171,29 +169,9 @@ mod tests {
         let mut fleet = Fleet::new(Duration::from_secs(5));
         let guest = GuestId(1);
         let pages = ranges.iter().map(|&(_, l)| l / PAGE_SIZE as u64).sum();
-        fleet.conns.insert(
-            guest,
-            Conn {
-                stream: daemon_end,
-                uid: 0,
-                group: crate::policy::GroupKey::Private {
-                    uid: 0,
-                    name: "default".into(),
-                },
-                domain: tinyvmm_merge::host::DomainId(0),
-                hello: Hello {
-                    version: tinyvmm_merge_protocol::PROTOCOL_VERSION,
-                    pid: std::process::id(),
-                    name: "self".into(),
-                    pages,
-                    share_group: "default".into(),
-                    vma_budget: 100,
-                    dirty_source: false,
-                    run_as_uid: None,
-                },
-                process: ProcessWatch::new(std::process::id()),
-            },
-        );
+        fleet
+            .conns
+            .insert(guest, Conn::of_this_process(daemon_end, "self", pages));
         fleet.sources.insert(guest, Source::Direct(ranges));
         (fleet, guest, agent_end)
     }

@@ -43,6 +43,34 @@ pub struct Conn {
     pub process: ProcessWatch,
 }
 
+#[cfg(test)]
+impl Conn {
+    /// This very process as a guest of `pages` pages named `name`: uid 0, the default
+    /// group, domain 0 — for the daemon's unit tests.
+    pub(crate) fn of_this_process(stream: UnixStream, name: &str, pages: u64) -> Self {
+        Conn {
+            stream,
+            uid: 0,
+            group: GroupKey::Private {
+                uid: 0,
+                name: "default".into(),
+            },
+            domain: DomainId(0),
+            hello: Hello {
+                version: tinyvmm_merge_protocol::PROTOCOL_VERSION,
+                pid: std::process::id(),
+                name: name.into(),
+                pages,
+                share_group: "default".into(),
+                vma_budget: 100,
+                dirty_source: false,
+                run_as_uid: None,
+            },
+            process: ProcessWatch::new(std::process::id()),
+        }
+    }
+}
+
 /// All guests and pools: the engine's host.
 #[derive(Debug)]
 pub struct Fleet {
@@ -479,29 +507,9 @@ mod tests {
         });
         let mut fleet = Fleet::new(Duration::from_secs(5));
         let guest = GuestId(1);
-        fleet.conns.insert(
-            guest,
-            Conn {
-                stream: daemon_end,
-                uid: 0,
-                group: GroupKey::Private {
-                    uid: 0,
-                    name: "default".into(),
-                },
-                domain: DomainId(0),
-                hello: Hello {
-                    version: tinyvmm_merge_protocol::PROTOCOL_VERSION,
-                    pid: std::process::id(),
-                    name: "test".into(),
-                    pages: 8,
-                    share_group: "default".into(),
-                    vma_budget: 100,
-                    dirty_source: false,
-                    run_as_uid: None,
-                },
-                process: ProcessWatch::new(std::process::id()),
-            },
-        );
+        fleet
+            .conns
+            .insert(guest, Conn::of_this_process(daemon_end, "test", 8));
         (fleet, guest, agent)
     }
 

@@ -278,33 +278,13 @@ mod tests {
     use crate::fleet::Conn;
     use std::os::unix::net::UnixStream;
     use tinyvmm_merge::host::PageRun;
-    use tinyvmm_merge_protocol::wire::{self, AgentMsg, DaemonMsg, Hello};
-    use tinyvmm_sys::process::ProcessWatch;
+    use tinyvmm_merge_protocol::wire::{self, AgentMsg, DaemonMsg};
 
     fn add(fleet: &mut Fleet, id: u32) -> UnixStream {
         let (daemon_end, agent_end) = UnixStream::pair().unwrap();
         fleet.conns.insert(
             GuestId(id),
-            Conn {
-                stream: daemon_end,
-                uid: 0,
-                group: crate::policy::GroupKey::Private {
-                    uid: 0,
-                    name: "default".into(),
-                },
-                domain: tinyvmm_merge::host::DomainId(0),
-                hello: Hello {
-                    version: tinyvmm_merge_protocol::PROTOCOL_VERSION,
-                    pid: std::process::id(),
-                    name: format!("g{id}"),
-                    pages: 8,
-                    share_group: "default".into(),
-                    vma_budget: 100,
-                    dirty_source: false,
-                    run_as_uid: None,
-                },
-                process: ProcessWatch::new(std::process::id()),
-            },
+            Conn::of_this_process(daemon_end, &format!("g{id}"), 8),
         );
         agent_end
     }
