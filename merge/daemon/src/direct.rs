@@ -20,24 +20,11 @@
 //! a read comes back short) the daemon asks the agent for copies (`ReadPages`) from then
 //! on, as before.
 
-use std::collections::HashMap;
-
 use tinyvmm_merge::host::{GuestId, PageRun, PAGE_SIZE};
 use tinyvmm_merge_protocol::wire::{Reply, Request};
 
 use crate::fleet::Fleet;
-
-/// How the daemon gets a guest's pages to populate.
-#[derive(Debug)]
-pub(crate) enum Source {
-    /// Straight from the VM process: guest RAM's ranges (address, bytes) in page order.
-    Direct(Vec<(u64, u64)>),
-    /// From the agent (`ReadPages`).
-    Agent,
-}
-
-/// Per guest, once asked.
-pub(crate) type Sources = HashMap<GuestId, Source>;
+use crate::page_source::Source;
 
 impl Fleet {
     /// Reads the pages of `runs` of `guest` straight from its VM process into `buf` (4 KiB a

@@ -12,8 +12,8 @@ use tinyvmm_sys::process::ProcessWatch;
 use crate::policy::{GroupKey, SharePolicy};
 pub use crate::pool::{Pool, POOL_LEN};
 
-use crate::direct::Sources;
-use crate::lanes::Lane;
+use crate::page_source::Sources;
+use crate::worker::Lane;
 use crate::worker::{self, Done, Failure};
 use tinyvmm_merge::host::{
     DigestDone, DomainId, FrameId, Gfn, GuestId, HostError, MergeHost, MergeOp, MergeResult,

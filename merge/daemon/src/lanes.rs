@@ -13,7 +13,6 @@
 //! worker still drops the guest at the request deadline, as before.
 
 use std::collections::VecDeque;
-use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use tinyvmm_merge::host::{
@@ -22,7 +21,7 @@ use tinyvmm_merge::host::{
 use tinyvmm_merge_protocol::wire::{Reply, Request};
 
 use crate::fleet::Fleet;
-use crate::worker::{self, Done, Failure};
+use crate::worker::{self, Done, Failure, Lane, Pending};
 
 /// Longest wait of a round for the next digest while others are outstanding.
 pub const DIGEST_PATIENCE: Duration = Duration::from_millis(200);
@@ -35,24 +34,6 @@ pub const STATS_PATIENCE: Duration = Duration::from_millis(250);
 /// Request ids of lanes start here (the scanner's own requests count from 0; one request
 /// at a time is on a connection either way).
 const LANE_IDS: u64 = 1 << 62;
-
-/// One agent connection's worker and what it has been asked, in order.
-#[derive(Debug)]
-pub(crate) struct Lane {
-    jobs: Sender<Request>,
-    pending: VecDeque<Pending>,
-    /// Someone gave up waiting for it; nobody waits for it again until it is idle.
-    stuck: bool,
-}
-
-/// A request a lane runs.
-#[derive(Debug, Clone, Copy)]
-enum Pending {
-    /// The engine's digest `ticket` of `want` pages (at most, for dirty ones).
-    Digest { ticket: u64, want: u64, dirty: bool },
-    /// Statistics for the API.
-    Stats,
-}
 
 impl Fleet {
     /// Whether `guest`'s lane has requests outstanding.

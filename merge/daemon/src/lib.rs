@@ -33,6 +33,7 @@ mod direct;
 mod error;
 mod fleet;
 mod lanes;
+mod page_source;
 mod policy;
 mod pool;
 mod rundir;

@@ -1,8 +1,10 @@
 //! Agent round trips: one request/reply exchange with an agent (the whole reply within a
 //! deadline, transient failures asked again), and the worker thread of each agent
 //! connection that runs the exchanges started ahead of time (digests, statistics) so that
-//! several agents work at once while the scanner goes on with the others.
+//! several agents work at once while the scanner goes on with the others; a [`Lane`] is
+//! the scanner's handle on one such worker.
 
+use std::collections::VecDeque;
 use std::os::unix::net::UnixStream;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, Instant};
@@ -119,4 +121,22 @@ fn work(
             return;
         }
     }
+}
+
+/// One agent connection's worker and what it has been asked, in order.
+#[derive(Debug)]
+pub(crate) struct Lane {
+    pub(crate) jobs: Sender<Request>,
+    pub(crate) pending: VecDeque<Pending>,
+    /// Someone gave up waiting for it; nobody waits for it again until it is idle.
+    pub(crate) stuck: bool,
+}
+
+/// A request a lane runs.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Pending {
+    /// The engine's digest `ticket` of `want` pages (at most, for dirty ones).
+    Digest { ticket: u64, want: u64, dirty: bool },
+    /// Statistics for the API.
+    Stats,
 }
