@@ -168,7 +168,7 @@ fn daemon_fds(pid: u32) -> usize {
 }
 
 /// A VM process that floods the daemon: a hello declaring 2^30 pages, thousands of
-/// register/close loops under new group names, a thousand idle connections, a client that
+/// register/close loops under new group names, two thousand idle connections, a client that
 /// trickles its hello. The daemon's memory and descriptors stay bounded, its CPU idles
 /// again, and the real guests keep merging and verifying.
 #[test]
@@ -193,14 +193,15 @@ fn a_flooding_vm_process_cannot_exhaust_the_daemon() {
         "{msg:?}"
     );
 
-    // Register and hang up, 3 000 times, each under a new group name.
-    for i in 0..3000 {
+    // Register and hang up, 10 000 times, each under a new group name.
+    for i in 0..10_000 {
         let mut s = UnixStream::connect(d.socket()).unwrap();
         wire::send(&mut s, &hello(256, &format!("g{i}")), None).unwrap();
         let _ = wire::recv::<DaemonMsg>(&mut s);
     }
 
-    // A thousand connections that never say hello, and one that trickles its hello.
+    // Two thousand connections that never say hello (more than the daemon's descriptor
+    // limit may allow: it backs off), and one that trickles its hello.
     // SAFETY: raising this process's own descriptor limit to its hard limit.
     unsafe {
         let mut l: libc::rlimit = std::mem::zeroed();
@@ -208,7 +209,7 @@ fn a_flooding_vm_process_cannot_exhaust_the_daemon() {
         l.rlim_cur = l.rlim_max;
         libc::setrlimit(libc::RLIMIT_NOFILE, &l);
     }
-    let idle: Vec<UnixStream> = (0..1000)
+    let idle: Vec<UnixStream> = (0..2000)
         .filter_map(|_| UnixStream::connect(d.socket()).ok())
         .collect();
     let mut trickle = UnixStream::connect(d.socket()).unwrap();
@@ -234,11 +235,11 @@ fn a_flooding_vm_process_cannot_exhaust_the_daemon() {
         u(s, "guests") == 2
     });
     let scans = u(&s, "full_scans");
-    // 3 000 group names came and went: the engine keeps no state for any of them.
+    // 10 000 group names came and went: the engine keeps no state for any of them.
     let meta1 = u(&s, "engine_metadata_bytes");
     assert!(
         meta1 <= meta0 + (64 << 10),
-        "engine metadata {meta0} -> {meta1} bytes after 3 000 short-lived groups"
+        "engine metadata {meta0} -> {meta1} bytes after 10 000 short-lived groups"
     );
     std::thread::sleep(Duration::from_secs(2));
     let rss1 = procfs::rss_bytes(pid).unwrap();
