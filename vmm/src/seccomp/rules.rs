@@ -160,6 +160,9 @@ pub(super) fn rules(kind: ThreadKind, kick: libc::c_int) -> RuleMap {
             // KVM_RUN and what an exit's device emulation does (console output, eventfd
             // writes for interrupts and exit requests, the CMOS clock) is all COMMON.
             allow_args(&mut map, libc::SYS_ioctl, 1, ioctls::VCPU);
+            // Debug builds of the standard library check that a descriptor is open
+            // (`fcntl(F_GETFD)`) when a thread closes one, as a vCPU thread does at exit.
+            allow_args(&mut map, libc::SYS_fcntl, 1, &[libc::F_GETFD as u64]);
         }
         ThreadKind::Agent => {
             allow(&mut map, AGENT);
