@@ -9,7 +9,7 @@ use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
 
 use common::merge::{exit_all, guest, u, Daemon, Profile, LONG};
-use tinyvmm::fleet::procfs;
+use tinyvmm::fleet::procfs::{self, MapCountGuard};
 use tinyvmm_sys::vm_limits;
 
 /// Host-wide settings: one test at a time changes them.
@@ -17,23 +17,6 @@ static HOST_WIDE: Mutex<()> = Mutex::new(());
 
 fn host_wide() -> MutexGuard<'static, ()> {
     HOST_WIDE.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `vm.max_map_count` as found, written back on drop (also when the test fails).
-struct RestoreMapCount(u64);
-
-impl RestoreMapCount {
-    fn save() -> Self {
-        Self(vm_limits::max_map_count().unwrap())
-    }
-}
-
-impl Drop for RestoreMapCount {
-    fn drop(&mut self) {
-        if vm_limits::max_map_count().ok() != Some(self.0) {
-            vm_limits::set_max_map_count(self.0).unwrap();
-        }
-    }
 }
 
 fn is_root() -> bool {
@@ -53,7 +36,7 @@ fn ksm_knobs() -> Option<(u64, u64, u64)> {
 fn density_bench_runs_all_modes_verifies_guests_and_restores_ksm() {
     require_kvm!();
     let _one = host_wide();
-    let restore = RestoreMapCount::save();
+    let restore = MapCountGuard::save().unwrap();
     let out_dir = common::scratch_dir("bench");
     let before = ksm_knobs();
     let out = Command::new(env!("CARGO_BIN_EXE_tinyvmm"))
@@ -83,7 +66,7 @@ fn density_bench_runs_all_modes_verifies_guests_and_restores_ksm() {
     assert_eq!(ksm_knobs(), before, "kernel KSM knobs restored");
     assert_eq!(
         vm_limits::max_map_count().unwrap(),
-        restore.0,
+        restore.saved(),
         "vm.max_map_count restored"
     );
 
@@ -147,7 +130,7 @@ fn density_bench_runs_all_modes_verifies_guests_and_restores_ksm() {
 fn density_bench_merges_shuffled_and_clustered_layouts() {
     require_kvm!();
     let _one = host_wide();
-    let _restore = RestoreMapCount::save();
+    let _restore = MapCountGuard::save().unwrap();
     let out_dir = common::scratch_dir("bench-layouts");
     let out = Command::new(env!("CARGO_BIN_EXE_tinyvmm"))
         .args([
@@ -211,8 +194,8 @@ fn daemon_raises_max_map_count_and_new_guests_get_the_budget() {
         return;
     }
     let _one = host_wide();
-    let restore = RestoreMapCount::save();
-    let want = restore.0 + 100_000;
+    let restore = MapCountGuard::save().unwrap();
+    let want = restore.saved() + 100_000;
     let d = Daemon::start(
         "max-map-count",
         &[
@@ -231,7 +214,7 @@ fn daemon_raises_max_map_count_and_new_guests_get_the_budget() {
     let gs = d.ksm_json(&["guests", "--json"]);
     let budget = gs[0]["vma_budget"].as_u64().unwrap();
     assert!(
-        budget > restore.0 && budget <= want,
+        budget > restore.saved() && budget <= want,
         "the guest's budget follows the raised limit: {gs:#}"
     );
     exit_all(vec![g]);

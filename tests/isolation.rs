@@ -387,17 +387,12 @@ fn a_jailed_vmm_runs_its_guest_fully_with_no_privileges_and_seccomp_on_every_thr
 fn a_vcpu_system_call_outside_the_filter_ends_the_vmm_naming_it() {
     require_kvm!();
     let cmdline = "console=ttyS0 reboot=k panic=-1 workload=fill mib=8";
-    let o = common::run_vm(
-        &[
-            "--mem",
-            "24M",
-            "--cmdline",
-            cmdline,
-            "--seccomp-test-violation",
-            "vcpu",
-        ],
-        LONG,
-    );
+    let run = |extra: &[&str]| {
+        let mut args = vec!["--mem", "24M", "--cmdline", cmdline];
+        args.extend_from_slice(extra);
+        common::run_vm(&args, LONG)
+    };
+    let o = run(&["--seccomp-test-violation", "vcpu"]);
     assert_eq!(o.code(), Some(148), "stderr: {}", o.stderr);
     assert!(
         o.stderr
@@ -411,37 +406,14 @@ fn a_vcpu_system_call_outside_the_filter_ends_the_vmm_naming_it() {
     let dir = common::scratch_dir("isolation-seccomp");
     let sock = dir.join("vm.sock").display().to_string();
     for (kind, name) in [("api", "vm-api"), ("main", "main (event loop)")] {
-        let o = common::run_vm(
-            &[
-                "--mem",
-                "24M",
-                "--cmdline",
-                cmdline,
-                "--api-sock",
-                &sock,
-                "--seccomp-test-violation",
-                kind,
-            ],
-            LONG,
-        );
+        let o = run(&["--api-sock", &sock, "--seccomp-test-violation", kind]);
         assert_eq!(o.code(), Some(148), "{kind}: {}", o.stderr);
         let want = format!("bad system call 110 (getppid) on a {name} thread");
         assert!(o.stderr.contains(&want), "{kind}: {}", o.stderr);
         let _ = std::fs::remove_file(&sock);
     }
 
-    let o = common::run_vm(
-        &[
-            "--mem",
-            "24M",
-            "--cmdline",
-            cmdline,
-            "--seccomp-test-violation",
-            "vcpu",
-            "--no-seccomp",
-        ],
-        LONG,
-    );
+    let o = run(&["--seccomp-test-violation", "vcpu", "--no-seccomp"]);
     o.assert_ok();
     assert!(o.line("DONE").is_some(), "{}", o.stdout);
 }

@@ -62,6 +62,8 @@ pub struct ModeResult {
     pub merger_overhead_bytes: u64,
     /// tinyvmm: mappings (VMAs) merging added to the guests' processes.
     pub merge_mappings: Option<u64>,
+    /// tinyvmm: the kernel memory those mappings hold, bytes (in `merger_overhead_bytes`).
+    pub merge_mappings_bytes: Option<u64>,
     /// tinyvmm: the host's `vm.max_map_count` during the run.
     pub max_map_count: Option<u64>,
     /// tinyvmm: what `vm.max_map_count` was before its daemon raised it for the run.
@@ -113,6 +115,7 @@ pub(super) fn run_mode(
         protect_p99_ns: None,
         merger_overhead_bytes: 0,
         merge_mappings: None,
+        merge_mappings_bytes: None,
         max_map_count: None,
         max_map_count_raised_from: None,
         physical_limit_bytes: 0,
@@ -172,10 +175,10 @@ pub(super) fn run_mode(
     }
     let mut last_change = Instant::now();
     let mut last_saved = 0;
-    let mut scans_at_change = merger.full_scans();
+    let mut scans_at_change = merger.progress().1;
     loop {
         sleep_unless_terminating(Duration::from_millis(250))?;
-        let saved = merger.pages_saved();
+        let (saved, scans) = merger.progress();
         let s = Sample {
             t: t0.elapsed().as_secs_f64(),
             guests_pss: pss_sum(&guests),
@@ -184,7 +187,6 @@ pub(super) fn run_mode(
             merger_cpu_s: merger.cpu_since_enable(&guests),
         };
         result.samples.push(s);
-        let scans = merger.full_scans();
         if saved != last_saved {
             last_saved = saved;
             last_change = Instant::now();
@@ -240,8 +242,11 @@ pub(super) fn run_mode(
     sleep_unless_terminating(Duration::from_secs(a.idle_s))?;
     let idle = merger.cpu_since_enable(&guests) - c0;
     result.idle_cpu_pct = 100.0 * idle / w0.elapsed().as_secs_f64();
-    result.merger_overhead_bytes = merger.overhead(&guests);
     result.merge_mappings = merger.merge_mappings(&guests);
+    result.merge_mappings_bytes = result
+        .merge_mappings
+        .map(|m| m * procfs::vma_kernel_bytes());
+    result.merger_overhead_bytes = merger.overhead() + result.merge_mappings_bytes.unwrap_or(0);
     if let Some(l) = merger.map_limit() {
         result.max_map_count = Some(l.now);
         result.max_map_count_raised_from = l.raised_from;

@@ -228,27 +228,27 @@ impl Merger {
         self.cpu(guests).saturating_sub(base).as_secs_f64()
     }
 
-    pub(super) fn pages_saved(&self) -> u64 {
+    /// Pages the merger reports saved (kernel: pages_sharing; tinyvmm: pages_sharing +
+    /// zero_pages) and its completed passes over all guests (`full_scans`, `None` without
+    /// a merger), from one reading of its counters.
+    pub(super) fn progress(&self) -> (u64, Option<u64>) {
         match self {
-            Merger::None => 0,
-            Merger::Kernel { .. } => procfs::ksm_read("pages_sharing").unwrap_or(0),
+            Merger::None => (0, None),
+            Merger::Kernel { .. } => (
+                procfs::ksm_read("pages_sharing").unwrap_or(0),
+                procfs::ksm_read("full_scans"),
+            ),
             // A sample the daemon cannot answer counts as nothing saved (and says so).
             Merger::Tinyvmm { api, .. } => match api.ksm() {
-                Ok(s) => s.counters.pages_sharing + s.counters.zero_pages,
+                Ok(s) => (
+                    s.counters.pages_sharing + s.counters.zero_pages,
+                    Some(s.counters.full_scans),
+                ),
                 Err(e) => {
                     eprintln!("  tinyvmm: no sample: {e}");
-                    0
+                    (0, None)
                 }
             },
-        }
-    }
-
-    /// The merger's completed passes over all guests (`full_scans`), when it has them.
-    pub(super) fn full_scans(&self) -> Option<u64> {
-        match self {
-            Merger::None => None,
-            Merger::Kernel { .. } => procfs::ksm_read("full_scans"),
-            Merger::Tinyvmm { api, .. } => api.ksm().ok().map(|s| s.counters.full_scans),
         }
     }
 
@@ -272,17 +272,14 @@ impl Merger {
         Some((crate::bench::median(&mut p50) as u64, p99))
     }
 
-    /// Memory the merger itself costs, bytes: for tinyvmm the daemon's Pss (engine
-    /// metadata included) plus the kernel memory of the mappings merging added to the
-    /// guests' processes; for the kernel, KSM's own metadata (its rmap items).
-    pub(super) fn overhead(&self, guests: &[GuestProc]) -> u64 {
+    /// Memory the merger itself holds, bytes: for tinyvmm the daemon's Pss (engine
+    /// metadata included; the caller adds the kernel memory of the mappings merging made,
+    /// see [`Merger::merge_mappings`]), for the kernel KSM's own metadata (its rmap items).
+    pub(super) fn overhead(&self) -> u64 {
         match self {
             Merger::None => 0,
             Merger::Kernel { .. } => procfs::ksm_metadata_bytes().unwrap_or(0),
-            Merger::Tinyvmm { daemon, .. } => {
-                procfs::pss_bytes(daemon.id()).unwrap_or(0)
-                    + self.merge_mappings(guests).unwrap_or(0) * procfs::vma_kernel_bytes()
-            }
+            Merger::Tinyvmm { daemon, .. } => procfs::pss_bytes(daemon.id()).unwrap_or(0),
         }
     }
 

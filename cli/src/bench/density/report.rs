@@ -85,14 +85,16 @@ pub(super) fn report(results: &[ModeResult], a: &DensityArgs, limits: Option<&Li
         }
     }
     for r in results {
-        if let (Some(maps), Some(limit)) = (r.merge_mappings, r.max_map_count) {
+        if let (Some(maps), Some(bytes), Some(limit)) =
+            (r.merge_mappings, r.merge_mappings_bytes, r.max_map_count)
+        {
             let raised = r.max_map_count_raised_from.map_or(String::new(), |old| {
                 format!(", raised from {old} for this run")
             });
             println!(
                 "{}: merging made {maps} mappings (VMAs) in the guests' processes, {:.1} MiB of kernel memory (counted in merger MiB); vm.max_map_count {limit}{raised}",
                 r.mode.name(),
-                mib(maps * crate::fleet::procfs::vma_kernel_bytes()),
+                mib(bytes),
             );
         }
     }
