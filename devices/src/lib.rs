@@ -18,6 +18,7 @@ pub mod debug_exit;
 pub mod exit;
 pub mod i8042;
 pub mod serial;
+pub mod virtio;
 
 pub use bus::{BusDevice, PioBus};
 pub use exit::{ExitReason, ExitSignal};

@@ -1,0 +1,13 @@
+//! virtio devices: what a device model provides ([`device::VirtioDevice`]) and what the
+//! transport hands it when the driver starts it ([`device::ActivateContext`]).
+//!
+//! The transport (virtio-mmio) owns the register file, feature negotiation and the queues'
+//! configuration; a device owns its configuration space and, once activated, its queues:
+//! it serves them on its own worker thread (never on a vCPU thread), woken by the queues'
+//! kick eventfds (ioeventfds) and signalling the driver through [`device::VirtioInterrupt`]
+//! (an irqfd). Descriptor chains are walked with `virtio-queue`; guest memory is reached
+//! only through `vm-memory`.
+
+pub mod device;
+
+pub use device::{ActivateContext, ActivateError, GuestWrites, VirtioDevice, VirtioInterrupt};
