@@ -1,5 +1,6 @@
 //! Booting a real Linux kernel (Debian's cloud kernel, fetched by
-//! `resources/linux/fetch.sh`) with an initramfs whose init prints a marker and reboots.
+//! `resources/linux/fetch.sh`) with an initramfs whose init loads the package's virtio
+//! modules, lists the virtio devices it found, prints a marker and reboots.
 //!
 //! On a host with hardware virtualization the whole boot runs and the init marker is
 //! checked. On hosts whose KVM emulates guest kernel code (kvm_pvm, see docs/design.md), Linux
@@ -46,7 +47,7 @@ fn linux_files() -> LinuxFiles {
 
 // earlyprintk: the serial console driver proper starts long after what this host reaches.
 const CMDLINE: &str =
-    "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 pci=off nomodules tinyvmm_marker=4242";
+    "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 pci=off tinyvmm_marker=4242";
 
 fn boot(kernel: &Path, initrd: &Path, vcpus: u8, timeout: Duration) -> Outcome {
     let vcpus = vcpus.to_string();
@@ -97,6 +98,13 @@ fn check_boot_contract(out: &Outcome) {
     if out.stdout.contains("TINYVMM INIT OK") {
         // Full boot (hardware virtualization): init saw our command line and rebooted.
         assert!(out.stdout.contains("tinyvmm_marker=4242"));
+        // init loaded the kernel package's virtio modules and listed the devices found.
+        assert!(out.stdout.contains("TINYVMM VIRTIO:"), "{}", out.stdout);
+        assert!(
+            !out.stdout.contains("TINYVMM MODULE FAILED"),
+            "{}",
+            out.stdout
+        );
         assert_eq!(out.code(), Some(0), "reboot=k must end the VMM cleanly");
     } else {
         // This host: emulated guest kernel code stops with a KVM internal error.

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Fetches Debian's cloud kernel and busybox-static, and builds an initramfs whose init
-# prints a marker and reboots. Output: resources/linux/build/{bzImage,initramfs.cpio.gz},
+# loads the kernel package's own virtio modules (virtio-mmio, -blk, -vsock, -balloon), reports
+# the virtio devices the kernel found (and the first disk's size and checksum), prints a
+# marker and reboots. Output: resources/linux/build/{bzImage,initramfs.cpio.gz},
 # and vmlinux: the same kernel as an ELF, taken out of the bzImage (hosts that emulate guest
 # kernel code spend minutes in the bzImage's decompressor; the ELF starts at once).
 # Needs apt-get (Debian), cpio and the bzImage's decompressor (lz4 for Debian's kernels);
@@ -34,7 +36,10 @@ extract_vmlinux() {
   mv "$dst.tmp" "$dst"
 }
 
-if [ -s "$out/bzImage" ] && [ -s "$out/initramfs.cpio.gz" ]; then
+# Bump when the initramfs changes: an older one is rebuilt.
+initramfs_version=2
+if [ -s "$out/bzImage" ] && [ -s "$out/initramfs.cpio.gz" ] &&
+   [ "$(cat "$out/initramfs.version" 2>/dev/null)" = "$initramfs_version" ]; then
   [ -s "$out/vmlinux" ] || extract_vmlinux "$out/bzImage" "$out/vmlinux"
   echo "already fetched: $out"
   exit 0
@@ -52,15 +57,52 @@ dpkg-deb -x "$kpkg"_*.deb kernel
 dpkg-deb -x busybox-static_*.deb bb
 cp kernel/boot/vmlinuz-* "$out/bzImage"
 extract_vmlinux "$out/bzImage" "$out/vmlinux"
-mkdir -p root/bin root/proc root/sys root/dev
+mkdir -p root/bin root/proc root/sys root/dev root/lib/modules
 cp bb/bin/busybox root/bin/busybox
+# The virtio drivers are modules in Debian's cloud kernel: copy them and what they depend on
+# (the `depends=` of each module's .modinfo), in load order, into /lib/modules/order.
+kmods=$(find kernel/lib/modules -maxdepth 1 -mindepth 1 -type d | head -1)/kernel
+module_path() { find "$kmods" -name "$1.ko*" | head -1; }
+module_deps() { tr '\0' '\n' < "$1" | grep -a '^depends=' | cut -d= -f2 | tr ',' ' '; }
+add_module() {
+  local name=$1 path dep
+  grep -qx "$name" root/lib/modules/order 2>/dev/null && return 0
+  path=$(module_path "$name")
+  [ -n "$path" ] || { echo "module $name not in $kpkg" >&2; return 1; }
+  case "$path" in
+    *.ko.xz) xz -dc "$path" > "root/lib/modules/$name.ko" ;;
+    *.ko.zst) zstd -dcq "$path" > "root/lib/modules/$name.ko" ;;
+    *) cp "$path" "root/lib/modules/$name.ko" ;;
+  esac
+  for dep in $(module_deps "root/lib/modules/$name.ko"); do add_module "$dep"; done
+  echo "$name" >> root/lib/modules/order
+}
+: > root/lib/modules/order
+for m in virtio_mmio virtio_blk vmw_vsock_virtio_transport virtio_balloon; do add_module "$m"; done
 cat > root/init <<'INIT'
 #!/bin/busybox sh
-/bin/busybox mount -t proc proc /proc
-/bin/busybox echo "TINYVMM INIT OK: $(/bin/busybox uname -r) cmdline: $(/bin/busybox cat /proc/cmdline)"
-/bin/busybox reboot -f
+bb=/bin/busybox
+$bb mount -t proc proc /proc
+$bb mount -t sysfs sysfs /sys
+$bb mount -t devtmpfs devtmpfs /dev 2>/dev/null
+for m in $($bb cat /lib/modules/order); do
+  $bb insmod /lib/modules/$m.ko 2>/dev/null || $bb echo "TINYVMM MODULE FAILED: $m"
+done
+$bb sleep 1
+ids=""
+for d in /sys/bus/virtio/devices/*; do
+  [ -e "$d/device" ] && ids="$ids $($bb cat "$d/device")"
+done
+$bb echo "TINYVMM VIRTIO:${ids:- none}"
+if [ -b /dev/vda ]; then
+  $bb echo "TINYVMM DISK: vda sectors=$($bb cat /sys/block/vda/size) md5=$($bb head -c 1048576 /dev/vda | $bb md5sum | $bb cut -d' ' -f1)"
+fi
+$bb echo "TINYVMM INIT OK: $($bb uname -r) cmdline: $($bb cat /proc/cmdline)"
+$bb reboot -f
 INIT
 chmod +x root/init
 (cd root && find . | cpio -o -H newc --quiet | gzip -9) > "$out/initramfs.cpio.gz"
+echo "$initramfs_version" > "$out/initramfs.version"
 echo "kernel package: $kpkg"
+echo "modules in the initramfs: $(tr '\n' ' ' < root/lib/modules/order)"
 ls -la "$out"
