@@ -12,6 +12,8 @@ pub mod request;
 pub mod worker;
 
 #[cfg(test)]
+mod device_tests;
+#[cfg(test)]
 mod fuzz_tests;
 #[cfg(test)]
 mod request_tests;
