@@ -80,6 +80,9 @@ fn guest_reads_writes_and_flushes_a_disk_and_a_read_only_disk_refuses_writes() {
     assert_eq!(o.field("DISK dev=1", "ro").as_deref(), Some("1"));
     assert_eq!(o.field("DISK dev=1", "mmio").as_deref(), Some("0xd0001000"));
     assert_eq!(o.field("DISK dev=0", "sectors").as_deref(), Some("16384"));
+    // Completions also arrive as interrupts: irqfd -> IOAPIC pins 5 and 6, as the DSDT says.
+    assert!(o.line("DISK irq dev=0 gsi=5 ok").is_some(), "{}", o.stdout);
+    assert!(o.line("DISK irq dev=1 gsi=6 ok").is_some(), "{}", o.stdout);
     // What the guest wrote reached the image; the read-only image is unchanged.
     assert!(holds_pattern(&std::fs::read(&rw).unwrap(), 9, 0));
     assert_eq!(std::fs::read(&ro).unwrap(), ro_before);

@@ -157,9 +157,9 @@ static inline u64 page_word(u64 key, u32 j) { return mix64(key + (u64)(j + 1) * 
 /* acpi.c: the `acpi` workload; prints ACPI OK/FAIL, returns 0 if the tables are valid. */
 int acpi_check(u64 boot_params);
 
-/* acpi.c: the guest-physical bases of the DSDT's virtio-mmio devices (LNRO0005), in
- * DSDT order; returns how many (at most max). */
-u32 acpi_virtio_mmio(u64 boot_params, u64 *bases, u32 max);
+/* acpi.c: the guest-physical bases and GSIs (~0 if none) of the DSDT's virtio-mmio
+ * devices (LNRO0005), in DSDT order; returns how many (at most max). */
+u32 acpi_virtio_mmio(u64 boot_params, u64 *bases, u32 *gsis, u32 max);
 
 /* virtio.c: the `disk` workload (README.md). */
 #define DISK_CHUNK (1ULL << 20)          /* bytes per request */
@@ -177,5 +177,8 @@ void disk_prepare(u64 area);
 
 /* user.c */
 void umain(void) __attribute__((noreturn));
+/* Sleeps up to ns (one LAPIC timer shot and hlt); 1 if an interrupt on VEC_SERIAL woke
+ * it, 0 otherwise, -1 if the LAPIC timer is unusable. */
+int sleep_ns_or_wake(u64 ns);
 
 #endif
