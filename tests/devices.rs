@@ -167,20 +167,7 @@ fn disk_reads_into_merged_pages_split_them_and_the_guest_sees_the_disk() {
     let cmdline = format!(
         "console=ttyS0 reboot=k panic=-1 workload=fill,diskprep,serve mib=16 seed=1 guest_seed=7 disk_seed=3 disk0_sum={sum:#x}"
     );
-    let args: Vec<String> = vec![
-        "--mem".into(),
-        "40M".into(),
-        "--cmdline".into(),
-        cmdline,
-        "--disk".into(),
-        arg(&img),
-        "--share-memory".into(),
-        "--merge-socket".into(),
-        arg(&d.socket()),
-        "--no-daemon-autostart".into(),
-    ];
-    let log = d.dir.join("guest.log");
-    let mut g = GuestProc::spawn(Path::new(BIN), &args, Some(&log)).unwrap();
+    let mut g = share_guest(&d, cmdline, &img);
     let fill = g.wait_line("FILL done", LONG).unwrap();
     let pages = tinyvmm::fleet::guest::field(&fill, "pages").unwrap();
     g.wait_line("DISKPREP", LONG).unwrap();
@@ -189,14 +176,7 @@ fn disk_reads_into_merged_pages_split_them_and_the_guest_sees_the_disk() {
     let merged = d.wait_for("the disk buffer merged", LONG, |s| {
         u(s, "pages_sharing") >= 255
     });
-    g.send("disk").unwrap();
-    let done = g.wait_line("DISK ", LONG).unwrap();
-    let mut lines = vec![done];
-    while !lines.last().unwrap().starts_with("DISK OK") {
-        let l = g.wait_line("DISK", LONG).unwrap();
-        assert!(!l.starts_with("DISK FAIL"), "{l}");
-        lines.push(l);
-    }
+    let lines = run_disk(&mut g);
     // The buffer now holds distinct disk data: the merged pages were split and the agent
     // saw it.
     let split = d.wait_for("the disk buffer split", LONG, |s| {
@@ -212,4 +192,67 @@ fn disk_reads_into_merged_pages_split_them_and_the_guest_sees_the_disk() {
     let st = g.exit(Duration::from_secs(30)).unwrap();
     assert!(st.success(), "guest exit status {st}");
     assert!(holds_pattern(&std::fs::read(&img).unwrap(), 3, 0));
+}
+
+/// Pages a disk read fills count as changed for merging: 256 buffer pages, all different
+/// and digested as such, receive a read-only disk's 256 identical pages; KVM's dirty log
+/// never sees that write, yet the daemon merges them (the device reported the pages).
+#[test]
+fn pages_a_disk_read_fills_are_redigested_and_merge() {
+    require_kvm!();
+    let d = Daemon::fast("devices-share-redigest");
+    let page: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 256) as u8 + 1).collect();
+    let img = d.dir.join("same.img");
+    std::fs::write(&img, page.repeat(256)).unwrap();
+    let cmdline =
+        "console=ttyS0 reboot=k panic=-1 workload=diskprep,serve diskprep_unique=1".to_string();
+    let ro = format!("{},ro", arg(&img));
+    let mut g = share_guest(&d, cmdline, Path::new(&ro));
+    g.wait_line("DISKPREP", LONG).unwrap();
+    g.wait_line("SERVE ready", LONG).unwrap();
+    // Every page digested at least twice, and the buffer's distinct pages not merged.
+    let s = d.wait_for("two full scans", LONG, |s| u(s, "full_scans") >= 3);
+    let before = u(&s, "pages_sharing");
+    assert!(before < 64, "pages_sharing {before} before the disk read");
+    let lines = run_disk(&mut g);
+    let after = d.wait_for("the disk's pages merged", LONG, |s| {
+        u(s, "pages_sharing") >= before + 255
+    });
+    eprintln!(
+        "pages_sharing {before} -> {} after the disk read; {}",
+        u(&after, "pages_sharing"),
+        lines.join(" | ")
+    );
+    let st = g.exit(Duration::from_secs(30)).unwrap();
+    assert!(st.success(), "guest exit status {st}");
+}
+
+/// A `--share-memory` guest with one disk (`disk` may end in `,ro`), enrolled with `d`.
+fn share_guest(d: &Daemon, cmdline: String, disk: &Path) -> GuestProc {
+    let args: Vec<String> = vec![
+        "--mem".into(),
+        "40M".into(),
+        "--cmdline".into(),
+        cmdline,
+        "--disk".into(),
+        arg(disk),
+        "--share-memory".into(),
+        "--merge-socket".into(),
+        arg(&d.socket()),
+        "--no-daemon-autostart".into(),
+    ];
+    let log = d.dir.join("guest.log");
+    GuestProc::spawn(Path::new(BIN), &args, Some(&log)).unwrap()
+}
+
+/// Runs the `disk` command in a `serve` guest; returns its DISK lines.
+fn run_disk(g: &mut GuestProc) -> Vec<String> {
+    g.send("disk").unwrap();
+    let mut lines = vec![g.wait_line("DISK ", LONG).unwrap()];
+    while !lines.last().unwrap().starts_with("DISK OK") {
+        let l = g.wait_line("DISK", LONG).unwrap();
+        assert!(!l.starts_with("DISK FAIL"), "{l}");
+        lines.push(l);
+    }
+    lines
 }

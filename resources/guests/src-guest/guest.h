@@ -172,8 +172,8 @@ struct disk_params {
 	u64 sums[2]; /* the host's read checksums of disks 0 and 1 (0: not checked) */
 };
 int disk_workload(u64 boot_params, const struct disk_params *p);
-/* Fills the data buffer with 256 identical pages (for merging tests). */
-void disk_prepare(u64 area);
+/* Fills the data buffer with 256 identical pages, or 256 different ones (merging tests). */
+void disk_prepare(u64 area, int unique);
 
 /* user.c */
 void umain(void) __attribute__((noreturn));

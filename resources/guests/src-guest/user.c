@@ -36,7 +36,7 @@ static struct params {
 	u64 mem_mib; /* 0: no check */
 	enum layout_kind layout;
 	u64 run;
-	u64 disk_seed, disk0_sum, disk1_sum;
+	u64 disk_seed, disk0_sum, disk1_sum, diskprep_unique;
 } P;
 /* RAM set aside for the disk workload (its rings and data buffer), 0 if none. */
 static u64 disk_area;
@@ -262,6 +262,7 @@ static void parse_cmdline(const char *s, usize len)
 			{ "disk_seed", &P.disk_seed },
 			{ "disk0_sum", &P.disk0_sum },
 			{ "disk1_sum", &P.disk1_sum },
+			{ "diskprep_unique", &P.diskprep_unique },
 		};
 		if (streq_n(k, kn, "workload")) {
 			parse_workloads(v, vn);
@@ -919,7 +920,7 @@ void umain(void)
 			do_disk();
 			break;
 		case W_DISKPREP:
-			disk_prepare(disk_area);
+			disk_prepare(disk_area, P.diskprep_unique != 0);
 			break;
 		case W_WAIT: {
 			u64 t0 = rdtsc();

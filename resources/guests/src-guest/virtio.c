@@ -410,13 +410,14 @@ static int out_of_spec(struct blk *d, u32 dev, u64 rings, u64 buf)
 	return bad;
 }
 
-void disk_prepare(u64 area)
+void disk_prepare(u64 area, int unique)
 {
-	/* Identical pages: the merge daemon can merge them before the disk reads into them. */
+	/* Identical pages (the merge daemon can merge them before the disk reads into them),
+	 * or pages all different from each other. */
 	volatile u64 *w = (volatile u64 *)(area + DISK_RINGS_BYTES);
 	for (u64 i = 0; i < DISK_CHUNK / 8; i++)
-		w[i] = mix64(0xd15c + i % WORDS_PER_PAGE);
-	kprintf("DISKPREP pages=%llu\n", DISK_CHUNK / PAGE_SIZE);
+		w[i] = mix64(0xd15c + (unique ? i : i % WORDS_PER_PAGE));
+	kprintf("DISKPREP pages=%llu unique=%d\n", DISK_CHUNK / PAGE_SIZE, unique);
 }
 
 int disk_workload(u64 bp, const struct disk_params *p)
