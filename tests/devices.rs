@@ -201,7 +201,7 @@ fn disk_reads_into_merged_pages_split_them_and_the_guest_sees_the_disk() {
 fn pages_a_disk_read_fills_are_redigested_and_merge() {
     require_kvm!();
     let d = Daemon::fast("devices-share-redigest");
-    let page: Vec<u8> = (0..4096u32).map(|i| (i * 13 % 256) as u8 + 1).collect();
+    let page: Vec<u8> = (0..4096u32).map(|i| ((i * 13 + 1) % 256) as u8).collect();
     let img = d.dir.join("same.img");
     std::fs::write(&img, page.repeat(256)).unwrap();
     let cmdline =
