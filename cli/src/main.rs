@@ -147,6 +147,10 @@ struct RunArgs {
     /// Guest RAM: 512M, 2G, ... (a bare number is MiB).
     #[arg(long, default_value = "256M", value_parser = size::parse_size)]
     mem: u64,
+    /// A disk for the guest, as a virtio-blk device: an image file (or block device),
+    /// `,ro` to refuse guest writes. Repeat for more disks (at most 11 virtio devices).
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<tinyvmm_vmm::virtio::DiskConfig>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=i64::from(tinyvmm_vmm::MAX_VCPUS)))]
     vcpus: u8,
@@ -203,6 +207,7 @@ enum TestViolation {
     Agent,
     Api,
     Main,
+    VirtioBlk,
 }
 
 impl From<TestViolation> for ThreadKind {
@@ -212,6 +217,7 @@ impl From<TestViolation> for ThreadKind {
             TestViolation::Agent => ThreadKind::Agent,
             TestViolation::Api => ThreadKind::Api,
             TestViolation::Main => ThreadKind::Main,
+            TestViolation::VirtioBlk => ThreadKind::VirtioBlock,
         }
     }
 }
@@ -347,6 +353,20 @@ fn prepare_agent(
     Ok(AgentParts { cfg, ram, first })
 }
 
+/// The virtio devices `args` ask for, in slot order; an image that cannot be opened is
+/// an error before anything starts.
+fn virtio_devices(args: &RunArgs) -> Result<Vec<tinyvmm_vmm::virtio::BoxedDevice>, ExitCode> {
+    let mut devices: Vec<tinyvmm_vmm::virtio::BoxedDevice> = Vec::new();
+    for disk in &args.disks {
+        let block = tinyvmm_vmm::virtio::Block::new(disk).map_err(|e| {
+            eprintln!("tinyvmm: error: {e}");
+            ExitCode::from(1)
+        })?;
+        devices.push(Box::new(block));
+    }
+    Ok(devices)
+}
+
 fn run(args: RunArgs) -> ExitCode {
     match run_vm(args) {
         Ok(code) | Err(code) => code,
@@ -374,6 +394,7 @@ fn run_vm(args: RunArgs) -> Result<ExitCode, ExitCode> {
         },
     };
     let seccomp = seccomp_filters(&args)?;
+    let virtio_devices = virtio_devices(&args)?;
     let cfg = VmConfig {
         boot: BootSpec {
             kernel: kernel_source(&args.kernel),
@@ -386,6 +407,7 @@ fn run_vm(args: RunArgs) -> Result<ExitCode, ExitCode> {
         dirty_log: share,
         serial_out: Box::new(tinyvmm_vmm::SerialStdout),
         serial_in: Some(libc::STDIN_FILENO),
+        virtio_devices,
         seccomp: seccomp.clone(),
     };
     let vmm = Vmm::new(cfg).map_err(|e| {

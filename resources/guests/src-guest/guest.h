@@ -157,7 +157,28 @@ static inline u64 page_word(u64 key, u32 j) { return mix64(key + (u64)(j + 1) * 
 /* acpi.c: the `acpi` workload; prints ACPI OK/FAIL, returns 0 if the tables are valid. */
 int acpi_check(u64 boot_params);
 
+/* acpi.c: the guest-physical bases and GSIs (~0 if none) of the DSDT's virtio-mmio
+ * devices (LNRO0005), in DSDT order; returns how many (at most max). */
+u32 acpi_virtio_mmio(u64 boot_params, u64 *bases, u32 *gsis, u32 max);
+
+/* virtio.c: the `disk` workload (README.md). */
+#define DISK_CHUNK (1ULL << 20)          /* bytes per request */
+#define DISK_RINGS_BYTES (12 * PAGE_SIZE) /* queue rings of up to 4 disks */
+#define DISK_AREA_BYTES (DISK_RINGS_BYTES + DISK_CHUNK)
+struct disk_params {
+	u64 area;    /* DISK_AREA_BYTES of RAM reserved for the workload, page aligned */
+	u64 tsc_khz;
+	u64 seed;    /* disk i gets word w = mix64(seed + i + w) written */
+	u64 sums[2]; /* the host's read checksums of disks 0 and 1 (0: not checked) */
+};
+int disk_workload(u64 boot_params, const struct disk_params *p);
+/* Fills the data buffer with 256 identical pages, or 256 different ones (merging tests). */
+void disk_prepare(u64 area, int unique);
+
 /* user.c */
 void umain(void) __attribute__((noreturn));
+/* Sleeps up to ns (one LAPIC timer shot and hlt); 1 if an interrupt on VEC_SERIAL woke
+ * it, 0 otherwise, -1 if the LAPIC timer is unusable. */
+int sleep_ns_or_wake(u64 ns);
 
 #endif

@@ -18,9 +18,10 @@
 #define MAX_RANGES 64
 #define MAX_FAIL_LINES 8
 
-enum workload { W_HELLO, W_FILL, W_WAIT, W_VERIFY, W_CHURN, W_SERVE, W_CRASH, W_PAGEFAULT, W_CORRUPT, W_ACPI };
+enum workload { W_HELLO, W_FILL, W_WAIT, W_VERIFY, W_CHURN, W_SERVE, W_CRASH, W_PAGEFAULT, W_CORRUPT, W_ACPI,
+		W_DISK, W_DISKPREP };
 static const char *const workload_names[] = { "hello", "fill",	"wait",	     "verify",	"churn", "serve",
-					      "crash", "pagefault", "corrupt", "acpi" };
+					      "crash", "pagefault", "corrupt", "acpi", "disk", "diskprep" };
 #define N_WORKLOAD_NAMES (sizeof(workload_names) / sizeof(workload_names[0]))
 
 static struct params {
@@ -35,7 +36,10 @@ static struct params {
 	u64 mem_mib; /* 0: no check */
 	enum layout_kind layout;
 	u64 run;
+	u64 disk_seed, disk0_sum, disk1_sum, diskprep_unique;
 } P;
+/* RAM set aside for the disk workload (its rings and data buffer), 0 if none. */
+static u64 disk_area;
 static struct layout L;
 
 static u64 tsc_khz;
@@ -96,6 +100,8 @@ static void sleep_until_or_input(u64 deadline, int stop_on_input)
 		cpu_relax();
 	}
 }
+
+int sleep_ns_or_wake(u64 ns) { return (int)(i64)syscall1(SYS_SLEEP_NS, ns); }
 
 static void sleep_until(u64 deadline) { sleep_until_or_input(deadline, 0); }
 
@@ -253,6 +259,10 @@ static void parse_cmdline(const char *s, usize len)
 			{ "serve_poll_ms", &P.serve_poll_ms },
 			{ "corrupt_page", &P.corrupt_page },
 			{ "run", &P.run },
+			{ "disk_seed", &P.disk_seed },
+			{ "disk0_sum", &P.disk0_sum },
+			{ "disk1_sum", &P.disk1_sum },
+			{ "diskprep_unique", &P.diskprep_unique },
 		};
 		if (streq_n(k, kn, "workload")) {
 			parse_workloads(v, vn);
@@ -462,6 +472,24 @@ static void layout(void)
 	range_subtract(bp & pd, (bp & pd) + PAGE_SIZE);
 	if (cmdline_addr)
 		range_subtract(cmdline_addr & pd, (cmdline_addr + cmdline_len + PAGE_SIZE) & pd);
+
+	/* The disk workload's area: at the end of the first range large enough. */
+	for (u32 k = 0; k < P.nwork && !disk_area; k++) {
+		if (P.work[k] != W_DISK && P.work[k] != W_DISKPREP)
+			continue;
+		for (u32 i = 0; i < nranges; i++) {
+			if (ranges[i].end - ranges[i].start >= DISK_AREA_BYTES) {
+				disk_area = ranges[i].end - DISK_AREA_BYTES;
+				range_subtract(disk_area, ranges[i].end);
+				break;
+			}
+		}
+		if (!disk_area) {
+			kprintf("BOOTCHECK FAIL no room for the disk workload's buffers\n");
+			failed = 1;
+			return;
+		}
+	}
 
 	u64 avail = 0;
 	for (u32 i = 0; i < nranges; i++)
@@ -788,6 +816,23 @@ static const char *next_word(const char *s, const char **w, usize *n)
 	return s;
 }
 
+static void do_disk(void)
+{
+	struct disk_params dp = {
+		.area = disk_area,
+		.tsc_khz = tsc_khz,
+		.seed = P.disk_seed,
+		.sums = { P.disk0_sum, P.disk1_sum },
+	};
+	if (!disk_area) {
+		kprintf("ERROR disk: no disk area (disk is not on the workload list)\n");
+		failed = 1;
+		return;
+	}
+	if (disk_workload(boot_info.boot_params, &dp))
+		failed = 1;
+}
+
 static void do_serve(void)
 {
 	char line[128];
@@ -809,6 +854,8 @@ static void do_serve(void)
 			do_fill(filled);
 		} else if (streq_n(w, wn, "hello")) {
 			kprintf("HELLO from tinyvmm test guest\n");
+		} else if (streq_n(w, wn, "disk")) {
+			do_disk();
 		} else if (streq_n(w, wn, "churn")) {
 			const char *a, *b;
 			usize an, bn;
@@ -868,6 +915,12 @@ void umain(void)
 			break;
 		case W_FILL:
 			do_fill(0);
+			break;
+		case W_DISK:
+			do_disk();
+			break;
+		case W_DISKPREP:
+			disk_prepare(disk_area, P.diskprep_unique != 0);
 			break;
 		case W_WAIT: {
 			u64 t0 = rdtsc();
