@@ -9,5 +9,6 @@
 //! only through `vm-memory`.
 
 pub mod device;
+pub mod vsock;
 
 pub use device::{ActivateContext, ActivateError, GuestWrites, VirtioDevice, VirtioInterrupt};
