@@ -1,18 +1,15 @@
 //! The virtio-vsock device model: its identity, features and configuration space (the
-//! guest's CID), and activation, which hands the queues to the worker thread.
+//! guest's CID), and activation, which hands the queues to the device's thread.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use vm_memory::GuestAddressSpace;
+use vm_memory::GuestMemory;
 
 use super::host::{HostSide, HostSideError};
-use super::queues::VsockQueues;
-use super::worker::{
-    self, ThreadStart, WorkerHandle, WorkerSetup, EVENT_QUEUE, RX_QUEUE, TX_QUEUE,
-};
+use super::worker::{self, ThreadStart, WorkerControl, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
 use crate::virtio::{ActivateContext, ActivateError, VirtioDevice};
 
 /// The size of each of the three queues.
@@ -31,32 +28,36 @@ pub enum VsockError {
     /// The host socket cannot be bound.
     #[error(transparent)]
     HostSide(#[from] HostSideError),
+    /// The device's thread could not be started.
+    #[error("cannot start the vsock device's thread: {0}")]
+    Thread(std::io::Error),
 }
 
 /// A virtio-vsock device (stream sockets) with Firecracker's host-side convention.
-pub struct Vsock {
+pub struct Vsock<M> {
     guest_cid: u64,
     host: Arc<HostSide>,
-    on_start: Option<ThreadStart>,
-    worker: Option<WorkerHandle>,
+    worker: WorkerControl<M>,
 }
 
-impl Vsock {
+impl<M: GuestMemory + Send + 'static> Vsock<M> {
     /// A device for the guest CID `guest_cid`, host programs reaching it through the Unix
-    /// socket at `path` (bound now). `on_start` runs first on the device's thread.
+    /// socket at `path` (bound now). Its thread starts now and runs `on_start` first.
     pub fn new(
         guest_cid: u64,
         path: &Path,
         on_start: Option<ThreadStart>,
     ) -> Result<Self, VsockError> {
-        if guest_cid < MIN_GUEST_CID || guest_cid > u64::from(u32::MAX) {
+        if !(MIN_GUEST_CID..=u64::from(u32::MAX)).contains(&guest_cid) {
             return Err(VsockError::ReservedCid(guest_cid));
         }
+        let host = Arc::new(HostSide::bind(path)?);
+        let worker =
+            worker::spawn(guest_cid, host.clone(), on_start).map_err(VsockError::Thread)?;
         Ok(Vsock {
             guest_cid,
-            host: Arc::new(HostSide::bind(path)?),
-            on_start,
-            worker: None,
+            host,
+            worker,
         })
     }
 
@@ -64,9 +65,14 @@ impl Vsock {
     pub fn guest_cid(&self) -> u64 {
         self.guest_cid
     }
+
+    /// The host side's socket path.
+    pub fn path(&self) -> &Path {
+        self.host.path()
+    }
 }
 
-impl<M: GuestAddressSpace + Send + 'static> VirtioDevice<M> for Vsock {
+impl<M: GuestMemory + Send + 'static> VirtioDevice<M> for Vsock<M> {
     fn name(&self) -> &'static str {
         "virtio-vsock"
     }
@@ -101,44 +107,23 @@ impl<M: GuestAddressSpace + Send + 'static> VirtioDevice<M> for Vsock {
             device: "virtio-vsock",
             why: why.to_string(),
         };
-        let mut rx = None;
-        let mut tx = None;
-        let mut kicks = [None, None, None];
-        for (index, queue, kick) in ctx.queues {
-            match index {
-                RX_QUEUE => rx = Some(queue),
-                TX_QUEUE => tx = Some(queue),
-                EVENT_QUEUE => {}
-                _ => return Err(bad("more than three queues")),
-            }
-            kicks[usize::from(index)] = Some(kick);
+        let indices: Vec<u16> = ctx.queues.iter().map(|(i, _, _)| *i).collect();
+        if indices.iter().any(|&i| i > EVENT_QUEUE) {
+            return Err(bad("more than three queues"));
         }
-        let (Some(rx), Some(tx)) = (rx, tx) else {
+        if !indices.contains(&RX_QUEUE) || !indices.contains(&TX_QUEUE) {
             return Err(bad("the RX and TX queues must both be enabled"));
-        };
-        if let Some(mut old) = self.worker.take() {
-            old.stop();
         }
-        let setup = WorkerSetup {
-            queues: VsockQueues {
-                mem: ctx.mem,
-                rx,
-                tx,
-                writes: ctx.writes,
-            },
-            kicks,
-            interrupt: ctx.interrupt,
-            host: self.host.clone(),
-            guest_cid: self.guest_cid,
-        };
-        self.worker = Some(worker::spawn(setup, self.on_start.clone())?);
-        Ok(())
+        self.worker
+            .activate(ctx)
+            .map_err(|source| ActivateError::Host {
+                device: "virtio-vsock",
+                what: "handing the queues to its thread",
+                source,
+            })
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(mut w) = self.worker.take() {
-            w.stop();
-        }
-        true
+        self.worker.reset()
     }
 }

@@ -26,10 +26,12 @@ pub enum Problem {
     ResetsDropped,
     /// A queue the device could not read or write (bad ring addresses).
     BadQueue,
+    /// The host refused something (an epoll registration, an interrupt).
+    Host,
 }
 
 impl Problem {
-    const ALL: usize = 9;
+    const ALL: usize = 10;
 
     fn bit(self) -> u32 {
         1 << (self as u32)

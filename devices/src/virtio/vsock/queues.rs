@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::{VsockPacket, PKT_HEADER_SIZE};
-use vm_memory::{GuestAddressSpace, VolatileSlice};
+use vm_memory::{GuestMemory, VolatileSlice};
 
 use super::header::Header;
 use super::host::HostSide;
@@ -30,11 +30,10 @@ pub struct VsockQueues<M> {
     pub writes: Arc<dyn GuestWrites>,
 }
 
-impl<M: GuestAddressSpace> VsockQueues<M> {
+impl<M: GuestMemory> VsockQueues<M> {
     /// Handles every chain on the TX queue; `true` if any went to the used ring.
     pub fn process_tx(&mut self, mux: &mut Muxer, host: &HostSide) -> bool {
-        let guard = self.mem.memory();
-        let mem = &*guard;
+        let mem = &self.mem;
         let mut used = false;
         while let Some(mut chain) = self.tx.pop_descriptor_chain(mem) {
             let head = chain.head_index();
@@ -56,8 +55,7 @@ impl<M: GuestAddressSpace> VsockQueues<M> {
     /// Fills RX chains while the table has packets for the guest; `true` if any went to the
     /// used ring.
     pub fn process_rx(&mut self, mux: &mut Muxer) -> bool {
-        let guard = self.mem.memory();
-        let mem = &*guard;
+        let mem = &self.mem;
         let mut used = false;
         while mux.has_rx() {
             let Some(mut chain) = self.rx.pop_descriptor_chain(mem) else {

@@ -115,7 +115,7 @@ pub struct MockGuest {
     /// RX layout.
     pub layout: RxLayout,
     /// The device's queues.
-    pub queues: VsockQueues<&'static GuestMemoryMmap>,
+    pub queues: VsockQueues<GuestMemoryMmap>,
     /// The device's connection table.
     pub mux: Muxer,
     /// The device's host side.
@@ -136,7 +136,7 @@ impl MockGuest {
         let txq = MockSplitQueue::create(mem, GuestAddress(TX_RING), QSIZE);
         let writes = Arc::new(Recorded::default());
         let queues = VsockQueues {
-            mem,
+            mem: mem.clone(),
             rx: queue_of(&rxq),
             tx: queue_of(&txq),
             writes: writes.clone(),

@@ -43,8 +43,8 @@ fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn the_worker_thread_serves_both_directions_and_stops_on_reset() {
-    type Mem = &'static GuestMemoryMmap;
-    let mem: Mem = Box::leak(Box::new(
+    type Mem = GuestMemoryMmap;
+    let mem: &'static Mem = Box::leak(Box::new(
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), RAM as usize)]).unwrap(),
     ));
     let rxq = MockSplitQueue::create(mem, GuestAddress(0), QSIZE);
@@ -56,7 +56,7 @@ fn the_worker_thread_serves_both_directions_and_stops_on_reset() {
     let mut dev = Vsock::new(
         CID,
         &dir.join("v.sock"),
-        Some(Arc::new(move || {
+        Some(Box::new(move || {
             s.fetch_add(1, Ordering::SeqCst);
         })),
     )
@@ -65,7 +65,7 @@ fn the_worker_thread_serves_both_directions_and_stops_on_reset() {
     let rx_kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let tx_kick = EventFd::new(libc::EFD_NONBLOCK).unwrap();
     let ctx = ActivateContext {
-        mem,
+        mem: mem.clone(),
         queues: vec![
             (0, queue_of(&rxq), rx_kick.try_clone().unwrap()),
             (1, queue_of(&txq), tx_kick.try_clone().unwrap()),
@@ -75,7 +75,7 @@ fn the_worker_thread_serves_both_directions_and_stops_on_reset() {
         writes: Arc::new(Recorded::default()),
         acked_features: 1 << 32,
     };
-    <Vsock as VirtioDevice<Mem>>::activate(&mut dev, ctx).unwrap();
+    <Vsock<Mem> as VirtioDevice<Mem>>::activate(&mut dev, ctx).unwrap();
 
     // RX buffers: 8 one-descriptor chains.
     for i in 0..8u16 {
@@ -161,9 +161,52 @@ fn the_worker_thread_serves_both_directions_and_stops_on_reset() {
 
     // Reset: the thread stops and the connection closes; the socket stays for the next
     // activation.
-    assert!(<Vsock as VirtioDevice<Mem>>::reset(&mut dev));
+    assert!(<Vsock<Mem> as VirtioDevice<Mem>>::reset(&mut dev));
     assert_eq!(host.read(&mut buf).unwrap(), 0);
     assert!(dir.join("v.sock").exists());
+    // Activated again, it serves new queues (here: a request already waiting).
+    let rxq2 = MockSplitQueue::create(mem, GuestAddress(0x8000), QSIZE);
+    let txq2 = MockSplitQueue::create(mem, GuestAddress(0xc000), QSIZE);
+    let req2 = Header {
+        op: OP_REQUEST,
+        src_port: 9,
+        dst_port: 7,
+        len: 0,
+        ..resp
+    };
+    write_header(mem, TX_BUFS, &req2);
+    txq2.desc_table()
+        .store(0, raw(TX_BUFS, PKT_LEN, 0, 0))
+        .unwrap();
+    txq2.avail().ring().ref_at(0).unwrap().store(0);
+    txq2.avail().idx().store(1);
+    rxq2.desc_table()
+        .store(
+            0,
+            raw(RX_BUFS, PKT_LEN + RX_DATA, VRING_DESC_F_WRITE as u16, 0),
+        )
+        .unwrap();
+    rxq2.avail().ring().ref_at(0).unwrap().store(0);
+    rxq2.avail().idx().store(1);
+    let ctx = ActivateContext {
+        mem: mem.clone(),
+        queues: vec![
+            (0, queue_of(&rxq2), EventFd::new(0).unwrap()),
+            (1, queue_of(&txq2), EventFd::new(0).unwrap()),
+        ],
+        interrupt: irq.clone(),
+        writes: Arc::new(Recorded::default()),
+        acked_features: 1 << 32,
+    };
+    <Vsock<Mem> as VirtioDevice<Mem>>::activate(&mut dev, ctx).unwrap();
+    wait_for("the reset of the second activation", || {
+        used_idx(mem, &rxq2) == 1
+    });
+    assert_eq!(
+        read_header(mem, RX_BUFS).op,
+        OP_RST,
+        "nobody serves host port 7"
+    );
     drop(dev);
     assert!(!dir.join("v.sock").exists());
     let _ = UnixListener::bind(dir.join("v.sock")).unwrap();
