@@ -9,7 +9,8 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use vm_memory::GuestMemory;
 
 use super::host::{HostSide, HostSideError};
-use super::worker::{self, ThreadStart, WorkerControl, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
+use super::worker::{self, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
+use crate::virtio::worker::{ThreadStart, WorkerControl};
 use crate::virtio::{ActivateContext, ActivateError, VirtioDevice};
 
 /// The size of each of the three queues.
@@ -43,11 +44,7 @@ pub struct Vsock<M> {
 impl<M: GuestMemory + Send + 'static> Vsock<M> {
     /// A device for the guest CID `guest_cid`, host programs reaching it through the Unix
     /// socket at `path` (bound now). Its thread starts now and runs `on_start` first.
-    pub fn new(
-        guest_cid: u64,
-        path: &Path,
-        on_start: Option<ThreadStart>,
-    ) -> Result<Self, VsockError> {
+    pub fn new(guest_cid: u64, path: &Path, on_start: ThreadStart) -> Result<Self, VsockError> {
         if !(MIN_GUEST_CID..=u64::from(u32::MAX)).contains(&guest_cid) {
             return Err(VsockError::ReservedCid(guest_cid));
         }
@@ -69,6 +66,14 @@ impl<M: GuestMemory + Send + 'static> Vsock<M> {
     /// The host side's socket path.
     pub fn path(&self) -> &Path {
         self.host.path()
+    }
+}
+
+impl<M> Drop for Vsock<M> {
+    /// Removes the host side's socket: host programs can no longer reach the guest. (The
+    /// device's thread may outlive the device, idle, until the process ends.)
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.host.path());
     }
 }
 

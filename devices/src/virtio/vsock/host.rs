@@ -23,7 +23,7 @@ pub enum HostSideError {
     },
 }
 
-/// The listening Unix socket at `PATH`, removed again when dropped.
+/// The listening Unix socket at `PATH` (the device removes the file when it goes).
 #[derive(Debug)]
 pub struct HostSide {
     path: PathBuf,
@@ -62,12 +62,6 @@ impl HostSide {
         let stream = UnixStream::connect(PathBuf::from(name))?;
         stream.set_nonblocking(true)?;
         Ok(stream)
-    }
-}
-
-impl Drop for HostSide {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 

@@ -30,4 +30,3 @@ pub mod worker;
 mod tests;
 
 pub use device::{Vsock, VsockError, MIN_GUEST_CID};
-pub use worker::ThreadStart;

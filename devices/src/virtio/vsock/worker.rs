@@ -1,16 +1,12 @@
-//! The device's thread. It is started with the device, before the VM runs: the driver
-//! activates a device from a vCPU thread, whose seccomp filter allows no new threads. The
-//! thread runs its start hook first (the VMM installs the thread's filter there), then
-//! waits for the transport's commands; while activated it serves one epoll set over the
-//! queues' kick eventfds, the command eventfd, the listening socket, the host programs and
-//! the connections' sockets (edge-triggered), and after each batch of events drains TX,
-//! fills RX and interrupts the driver for the queues it used.
+//! The device's thread, on the devices' worker helper ([`crate::virtio::worker`]): started
+//! with the device, its start hook first (the VMM installs the thread's seccomp filter
+//! there), then it waits for the transport's commands; while activated it serves one epoll
+//! set over the queues' kick eventfds, the command eventfd, the listening socket, the host
+//! programs and the connections' sockets (edge-triggered), and after each batch of events
+//! drains TX, fills RX and interrupts the driver for the queues it used.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::mpsc::{self, TryRecvError};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
 
 use vm_memory::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -20,6 +16,7 @@ use super::host::HostSide;
 use super::muxer::{FdChange, Muxer};
 use super::problems::Problem;
 use super::queues::VsockQueues;
+use crate::virtio::worker::{spawn_worker, Command, ThreadStart, WorkerControl, WorkerInbox};
 use crate::virtio::{ActivateContext, VirtioInterrupt};
 
 const TOKEN_COMMAND: u64 = 0;
@@ -37,97 +34,15 @@ pub const TX_QUEUE: u16 = 1;
 /// The event queue's index (the device never sends events).
 pub const EVENT_QUEUE: u16 = 2;
 
-/// How long a reset waits for the thread to let go of its queues.
-const RESET_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Run first on the device's thread (the VMM installs the thread's seccomp filter there).
-pub type ThreadStart = Box<dyn FnOnce() + Send>;
-
-/// What the thread is told.
-enum Command<M> {
-    /// Serve these queues.
-    Activate(ActivateContext<M>),
-    /// Forget the queues and the connections; confirm.
-    Reset,
-}
-
-/// The device's end of its thread: commands, and the thread's handle (stopped and joined
-/// when dropped).
-pub struct WorkerControl<M> {
-    tx: Option<mpsc::Sender<Command<M>>>,
-    wake: EventFd,
-    done: mpsc::Receiver<()>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl<M> WorkerControl<M> {
-    /// Hands the thread its queues.
-    pub fn activate(&self, ctx: ActivateContext<M>) -> std::io::Result<()> {
-        self.send(Command::Activate(ctx))
-    }
-
-    /// Takes the queues away and closes every connection; `false` if the thread did not
-    /// confirm in time.
-    pub fn reset(&self) -> bool {
-        while self.done.try_recv().is_ok() {}
-        self.send(Command::Reset).is_ok() && self.done.recv_timeout(RESET_TIMEOUT).is_ok()
-    }
-
-    fn send(&self, c: Command<M>) -> std::io::Result<()> {
-        let gone = || std::io::Error::other("the vsock device's thread is gone");
-        self.tx
-            .as_ref()
-            .ok_or_else(gone)?
-            .send(c)
-            .map_err(|_| gone())?;
-        self.wake.write(1)
-    }
-}
-
-impl<M> Drop for WorkerControl<M> {
-    fn drop(&mut self) {
-        self.tx = None;
-        let _ = self.wake.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
 /// Starts the device's thread (`on_start` first) for a guest with `guest_cid`.
 pub fn spawn<M: GuestMemory + Send + 'static>(
     guest_cid: u64,
     host: Arc<HostSide>,
-    on_start: Option<ThreadStart>,
+    on_start: ThreadStart,
 ) -> std::io::Result<WorkerControl<M>> {
-    let (tx, rx) = mpsc::channel();
-    let (done_tx, done) = mpsc::channel();
-    let wake = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
-    let inbox = Inbox {
-        rx,
-        wake: wake.try_clone()?,
-        done: done_tx,
-    };
-    let thread = std::thread::Builder::new()
-        .name("virtio-vsock".into())
-        .spawn(move || {
-            if let Some(f) = on_start {
-                f();
-            }
-            run(&inbox, guest_cid, &host);
-        })?;
-    Ok(WorkerControl {
-        tx: Some(tx),
-        wake,
-        done,
-        thread: Some(thread),
+    spawn_worker("virtio-vsock", on_start, move |inbox| {
+        run(&inbox, guest_cid, &host)
     })
-}
-
-struct Inbox<M> {
-    rx: mpsc::Receiver<Command<M>>,
-    wake: EventFd,
-    done: mpsc::Sender<()>,
 }
 
 /// What the thread does next.
@@ -137,23 +52,19 @@ enum Next<M> {
     Exit,
 }
 
-fn run<M: GuestMemory>(inbox: &Inbox<M>, guest_cid: u64, host: &Arc<HostSide>) {
+fn run<M: GuestMemory>(inbox: &WorkerInbox<M>, guest_cid: u64, host: &Arc<HostSide>) {
     let mut next = Next::Idle;
     loop {
         next = match next {
             Next::Exit => return,
-            Next::Idle => {
-                let c = inbox.rx.recv();
-                let _ = inbox.wake.read();
-                match c {
-                    Ok(Command::Activate(ctx)) => Next::Serve(ctx),
-                    Ok(Command::Reset) => {
-                        let _ = inbox.done.send(());
-                        Next::Idle
-                    }
-                    Err(_) => Next::Exit,
+            Next::Idle => match inbox.recv() {
+                Some(Command::Activate(ctx)) => Next::Serve(ctx),
+                Some(Command::Reset) => {
+                    inbox.reset_done();
+                    Next::Idle
                 }
-            }
+                None => Next::Exit,
+            },
             Next::Serve(ctx) => match Worker::new(ctx, guest_cid, host.clone(), inbox) {
                 Ok(w) => w.serve(inbox),
                 Err(e) => {
@@ -167,7 +78,7 @@ fn run<M: GuestMemory>(inbox: &Inbox<M>, guest_cid: u64, host: &Arc<HostSide>) {
 
 struct Worker<M> {
     queues: VsockQueues<M>,
-    kicks: [Option<vmm_sys_util::eventfd::EventFd>; 3],
+    kicks: [Option<EventFd>; 3],
     interrupt: Arc<dyn VirtioInterrupt>,
     host: Arc<HostSide>,
     mux: Muxer,
@@ -179,7 +90,7 @@ impl<M: GuestMemory> Worker<M> {
         ctx: ActivateContext<M>,
         guest_cid: u64,
         host: Arc<HostSide>,
-        inbox: &Inbox<M>,
+        inbox: &WorkerInbox<M>,
     ) -> std::io::Result<Self> {
         let epoll = Epoll::new()?;
         let add = |fd: RawFd, token: u64| {
@@ -189,7 +100,7 @@ impl<M: GuestMemory> Worker<M> {
                 EpollEvent::new(EventSet::IN, token),
             )
         };
-        add(inbox.wake.as_raw_fd(), TOKEN_COMMAND)?;
+        add(inbox.wake_fd().as_raw_fd(), TOKEN_COMMAND)?;
         add(host.listener().as_raw_fd(), TOKEN_LISTENER)?;
         let mut rx = None;
         let mut tx = None;
@@ -224,7 +135,7 @@ impl<M: GuestMemory> Worker<M> {
     }
 
     /// Serves until the transport says otherwise.
-    fn serve(mut self, inbox: &Inbox<M>) -> Next<M> {
+    fn serve(mut self, inbox: &WorkerInbox<M>) -> Next<M> {
         let mut events = vec![EpollEvent::default(); 64];
         // Buffers and packets may have been queued before activation.
         self.pump();
@@ -239,16 +150,14 @@ impl<M: GuestMemory> Worker<M> {
             };
             for ev in &events[..n] {
                 if ev.data() == TOKEN_COMMAND {
-                    let _ = inbox.wake.read();
-                    match inbox.rx.try_recv() {
-                        Ok(Command::Activate(ctx)) => return Next::Serve(ctx),
-                        Ok(Command::Reset) => {
+                    match inbox.try_recv() {
+                        Some(Command::Activate(ctx)) => return Next::Serve(ctx),
+                        Some(Command::Reset) => {
                             drop(self);
-                            let _ = inbox.done.send(());
+                            inbox.reset_done();
                             return Next::Idle;
                         }
-                        Err(TryRecvError::Empty) => {}
-                        Err(TryRecvError::Disconnected) => return Next::Exit,
+                        None => {}
                     }
                 } else {
                     self.on_event(ev.data(), ev.event_set());

@@ -56,9 +56,9 @@ fn the_worker_thread_serves_both_directions_and_stops_on_reset() {
     let mut dev = Vsock::new(
         CID,
         &dir.join("v.sock"),
-        Some(Box::new(move || {
+        Box::new(move || {
             s.fetch_add(1, Ordering::SeqCst);
-        })),
+        }),
     )
     .unwrap();
     let irq = Arc::new(CountingInterrupt::default());
