@@ -157,6 +157,22 @@ static inline u64 page_word(u64 key, u32 j) { return mix64(key + (u64)(j + 1) * 
 /* acpi.c: the `acpi` workload; prints ACPI OK/FAIL, returns 0 if the tables are valid. */
 int acpi_check(u64 boot_params);
 
+/* acpi.c: the guest-physical bases of the DSDT's virtio-mmio devices (LNRO0005), in
+ * DSDT order; returns how many (at most max). */
+u32 acpi_virtio_mmio(u64 boot_params, u64 *bases, u32 max);
+
+/* vsock.c: the `vsock` workload (README.md). */
+struct vsock_params {
+	u64 tsc_khz;
+	u64 cid;        /* the CID the device must report (0: not checked) */
+	u64 port;       /* host port to connect to and ping-pong with (0: skip) */
+	u64 msgs, size; /* messages and bytes per message of the ping-pong */
+	u64 listen;     /* guest port to echo on (0: skip) */
+	u64 accepts;    /* connections to serve on it before finishing */
+	u64 timeout_ms; /* how long to wait for them */
+};
+int vsock_workload(u64 boot_params, const struct vsock_params *p);
+
 /* user.c */
 void umain(void) __attribute__((noreturn));
 

@@ -18,9 +18,10 @@
 #define MAX_RANGES 64
 #define MAX_FAIL_LINES 8
 
-enum workload { W_HELLO, W_FILL, W_WAIT, W_VERIFY, W_CHURN, W_SERVE, W_CRASH, W_PAGEFAULT, W_CORRUPT, W_ACPI };
+enum workload { W_HELLO, W_FILL, W_WAIT, W_VERIFY, W_CHURN, W_SERVE, W_CRASH, W_PAGEFAULT, W_CORRUPT, W_ACPI,
+		W_VSOCK };
 static const char *const workload_names[] = { "hello", "fill",	"wait",	     "verify",	"churn", "serve",
-					      "crash", "pagefault", "corrupt", "acpi" };
+					      "crash", "pagefault", "corrupt", "acpi", "vsock" };
 #define N_WORKLOAD_NAMES (sizeof(workload_names) / sizeof(workload_names[0]))
 
 static struct params {
@@ -35,6 +36,7 @@ static struct params {
 	u64 mem_mib; /* 0: no check */
 	enum layout_kind layout;
 	u64 run;
+	u64 vsock_cid, vsock_port, vsock_msgs, vsock_size, vsock_listen, vsock_accepts, vsock_wait_ms;
 } P;
 static struct layout L;
 
@@ -219,6 +221,10 @@ static void parse_cmdline(const char *s, usize len)
 	P.serve_poll_ms = 100;
 	P.layout = LAYOUT_SAME;
 	P.run = 16;
+	P.vsock_msgs = 10000;
+	P.vsock_size = 64;
+	P.vsock_accepts = 1;
+	P.vsock_wait_ms = 60000;
 
 	usize i = 0;
 	while (i < len) {
@@ -253,6 +259,13 @@ static void parse_cmdline(const char *s, usize len)
 			{ "serve_poll_ms", &P.serve_poll_ms },
 			{ "corrupt_page", &P.corrupt_page },
 			{ "run", &P.run },
+			{ "vsock_cid", &P.vsock_cid },
+			{ "vsock_port", &P.vsock_port },
+			{ "vsock_msgs", &P.vsock_msgs },
+			{ "vsock_size", &P.vsock_size },
+			{ "vsock_listen", &P.vsock_listen },
+			{ "vsock_accepts", &P.vsock_accepts },
+			{ "vsock_wait_ms", &P.vsock_wait_ms },
 		};
 		if (streq_n(k, kn, "workload")) {
 			parse_workloads(v, vn);
@@ -866,6 +879,21 @@ void umain(void)
 			if (acpi_check(boot_info.boot_params))
 				failed = 1;
 			break;
+		case W_VSOCK: {
+			struct vsock_params vp = {
+				.tsc_khz = tsc_khz,
+				.cid = P.vsock_cid,
+				.port = P.vsock_port,
+				.msgs = P.vsock_msgs,
+				.size = P.vsock_size,
+				.listen = P.vsock_listen,
+				.accepts = P.vsock_accepts,
+				.timeout_ms = P.vsock_wait_ms,
+			};
+			if (vsock_workload(boot_info.boot_params, &vp))
+				failed = 1;
+			break;
+		}
 		case W_FILL:
 			do_fill(0);
 			break;

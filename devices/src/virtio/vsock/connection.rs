@@ -47,6 +47,9 @@ pub enum Verdict {
     /// The packet was out of protocol or the host socket failed: reset it towards the guest
     /// and forget it.
     Reset(&'static str),
+    /// Both sides are done (the guest shut both directions, its data is delivered): reset
+    /// it towards the guest, as the protocol ends a connection, and forget it.
+    Finished,
 }
 
 /// Control packets owed to the guest.
@@ -249,7 +252,7 @@ impl Connection {
             self.host_write_shut = true;
         }
         if self.peer_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND {
-            return Verdict::Reset("closed by the guest");
+            return Verdict::Finished;
         }
         Verdict::Keep
     }

@@ -128,6 +128,7 @@ impl Muxer {
                 self.problems.note_reset(why, hdr);
                 self.reset(key)
             }
+            Verdict::Finished => self.reset(key),
         }
     }
 
@@ -254,10 +255,13 @@ impl Muxer {
             conn.on_readable();
         }
         if writable {
-            if let Verdict::Reset(why) = conn.on_writable() {
-                self.problems.note_reset(why, &Header::default());
-                self.reset(key);
-                return;
+            match conn.on_writable() {
+                Verdict::Keep => {}
+                Verdict::Reset(why) => {
+                    self.problems.note_reset(why, &Header::default());
+                    return self.reset(key);
+                }
+                Verdict::Finished | Verdict::Forget => return self.reset(key),
             }
         }
         self.mark_ready(key);

@@ -1,0 +1,466 @@
+// SPDX-License-Identifier: Apache-2.0
+/*
+ * tinyvmm test guest: a polling virtio-vsock driver and the `vsock` workload (CPL3; the
+ * MMIO gap is mapped uncached and user-accessible).
+ *
+ * The device is found in the DSDT like the other virtio-mmio devices (acpi.c). Its three
+ * queues (RX, TX, event) live in this file's .bss; RX is kept full of 4 KiB buffers (header
+ * and payload in one descriptor, as Linux 6.2+ does), TX sends one packet at a time. No
+ * interrupts: the used rings are polled.
+ *
+ * The workload, in order:
+ *   1. guest -> host: connects to host port `vsock_port`, sends `vsock_msgs` messages of
+ *      `vsock_size` bytes, each waiting for its echo and checking it byte for byte;
+ *      prints `VSOCK CONNECT ... msgs_per_s=N`, then shuts the connection down;
+ *   2. host -> guest: prints `VSOCK LISTEN port=L` and echoes whatever arrives on
+ *      connections to port `vsock_listen` (requests for any other port are reset) until
+ *      `vsock_accepts` connections have been closed by the host;
+ *   3. prints `VSOCK OK ...` (or `VSOCK FAIL <why>`).
+ */
+#include "guest.h"
+
+/* The packet header (virtio 1.2, 5.10.6), little endian. */
+struct vsock_hdr {
+	u64 src_cid;
+	u64 dst_cid;
+	u32 src_port;
+	u32 dst_port;
+	u32 len;
+	u16 type;
+	u16 op;
+	u32 flags;
+	u32 buf_alloc;
+	u32 fwd_cnt;
+} __attribute__((packed));
+
+#define HDR_LEN 44
+#define HOST_CID 2
+#define TYPE_STREAM 1
+#define OP_REQUEST 1
+#define OP_RESPONSE 2
+#define OP_RST 3
+#define OP_SHUTDOWN 4
+#define OP_RW 5
+#define OP_CREDIT_UPDATE 6
+#define OP_CREDIT_REQUEST 7
+#define SHUTDOWN_BOTH 3
+
+#define VIRTIO_ID_VSOCK 19
+#define QN 16            /* entries per queue */
+#define RX_DATA 4096     /* payload bytes per RX buffer */
+#define RX_SLOT 8192     /* RX buffer stride */
+#define BUF_ALLOC 65536  /* what the guest announces per connection */
+#define TIMEOUT_MS 30000
+#define MAX_DEVICES 8
+#define GUEST_PORT 2000  /* the guest's port for its own connection */
+
+/* Queue memory: three pages per queue (descriptors, avail ring, used ring). */
+static u8 rings[3][3 * PAGE_SIZE] __attribute__((aligned(4096)));
+static u8 rx_bufs[QN][RX_SLOT] __attribute__((aligned(4096)));
+static u8 tx_buf[HDR_LEN + RX_DATA + 64] __attribute__((aligned(64)));
+static u8 msg[RX_DATA];
+
+struct vq_desc {
+	u64 addr;
+	u32 len;
+	u16 flags;
+	u16 next;
+};
+
+struct vq {
+	volatile struct vq_desc *desc;
+	volatile u16 *avail; /* flags, idx, ring[QN] */
+	volatile u16 *used;  /* flags, idx, then (id u32, len u32)[QN] */
+	u16 avail_idx, used_seen;
+};
+
+/* A stream connection's credit state. */
+struct conn {
+	int open;
+	u32 local_port, peer_port;
+	u32 peer_buf_alloc, peer_fwd_cnt; /* the device's receive window */
+	u32 tx_cnt;                       /* bytes sent */
+	u32 fwd_cnt;                      /* bytes consumed */
+	int closed;                       /* the peer reset or shut it */
+};
+
+static struct {
+	u64 mmio;
+	u64 cid;
+	u64 tsc_khz;
+	struct vq rx, tx;
+	/* Phase 1: our connection and the echo it collects. */
+	struct conn out;
+	u32 echo_got;
+	int out_answered; /* a response or reset arrived for our request */
+	/* Phase 2: the listener. */
+	u32 listen_port;
+	struct conn in;
+	u64 served_msgs, refused, accepts_done;
+	int bad;
+} V;
+
+/* ------------------------------------------------------- virtio-mmio transport */
+
+#define MMIO_MAGIC 0x000
+#define MMIO_VERSION 0x004
+#define MMIO_DEVICE_ID 0x008
+#define MMIO_DEVICE_FEATURES 0x010
+#define MMIO_DEVICE_FEATURES_SEL 0x014
+#define MMIO_DRIVER_FEATURES 0x020
+#define MMIO_DRIVER_FEATURES_SEL 0x024
+#define MMIO_QUEUE_SEL 0x030
+#define MMIO_QUEUE_NUM_MAX 0x034
+#define MMIO_QUEUE_NUM 0x038
+#define MMIO_QUEUE_READY 0x044
+#define MMIO_QUEUE_NOTIFY 0x050
+#define MMIO_STATUS 0x070
+#define MMIO_QUEUE_DESC 0x080
+#define MMIO_QUEUE_AVAIL 0x090
+#define MMIO_QUEUE_USED 0x0a0
+#define MMIO_CONFIG_GENERATION 0x0fc
+#define MMIO_CONFIG 0x100
+#define S_ACK 1
+#define S_DRIVER 2
+#define S_DRIVER_OK 4
+#define S_FEATURES_OK 8
+#define S_NEEDS_RESET 64
+#define DESC_F_WRITE 2
+
+static u32 mr(u32 off) { return *(volatile u32 *)(V.mmio + off); }
+static void mw(u32 off, u32 v) { *(volatile u32 *)(V.mmio + off) = v; }
+static void mw64(u32 off, u64 v)
+{
+	mw(off, (u32)v);
+	mw(off + 4, (u32)(v >> 32));
+}
+
+static int fail(const char *why)
+{
+	kprintf("VSOCK FAIL %s\n", why);
+	V.bad = 1;
+	return 1;
+}
+
+/* Queue `i` at rings[i], QN entries. */
+static int queue_setup(u32 i, struct vq *q)
+{
+	u64 base = (u64)rings[i];
+	memset(rings[i], 0, sizeof(rings[i]));
+	mw(MMIO_QUEUE_SEL, i);
+	if (mr(MMIO_QUEUE_NUM_MAX) < QN)
+		return fail("queue too small");
+	if (q) {
+		q->desc = (volatile struct vq_desc *)base;
+		q->avail = (volatile u16 *)(base + PAGE_SIZE);
+		q->used = (volatile u16 *)(base + 2 * PAGE_SIZE);
+		q->avail_idx = q->used_seen = 0;
+	}
+	mw(MMIO_QUEUE_NUM, QN);
+	mw64(MMIO_QUEUE_DESC, base);
+	mw64(MMIO_QUEUE_AVAIL, base + PAGE_SIZE);
+	mw64(MMIO_QUEUE_USED, base + 2 * PAGE_SIZE);
+	mw(MMIO_QUEUE_READY, 1);
+	return 0;
+}
+
+/* Reset, VERSION_1 only, three queues, DRIVER_OK. 0: ready, -1: not a vsock device. */
+static int device_init(u64 mmio)
+{
+	V.mmio = mmio;
+	if (mr(MMIO_MAGIC) != 0x74726976 || mr(MMIO_VERSION) != 2)
+		return fail("no virtio-mmio v2 device");
+	if (mr(MMIO_DEVICE_ID) != VIRTIO_ID_VSOCK)
+		return -1;
+	mw(MMIO_STATUS, 0);
+	mw(MMIO_STATUS, S_ACK);
+	mw(MMIO_STATUS, S_ACK | S_DRIVER);
+	mw(MMIO_DEVICE_FEATURES_SEL, 1);
+	if (!(mr(MMIO_DEVICE_FEATURES) & 1))
+		return fail("no VERSION_1");
+	mw(MMIO_DRIVER_FEATURES_SEL, 0);
+	mw(MMIO_DRIVER_FEATURES, 0);
+	mw(MMIO_DRIVER_FEATURES_SEL, 1);
+	mw(MMIO_DRIVER_FEATURES, 1);
+	mw(MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+	if (!(mr(MMIO_STATUS) & S_FEATURES_OK))
+		return fail("features refused");
+	if (queue_setup(0, &V.rx) || queue_setup(1, &V.tx) || queue_setup(2, NULL))
+		return 1;
+	/* Every RX buffer on the ring before the device starts. */
+	for (u16 i = 0; i < QN; i++) {
+		V.rx.desc[i].addr = (u64)rx_bufs[i];
+		V.rx.desc[i].len = HDR_LEN + RX_DATA;
+		V.rx.desc[i].flags = DESC_F_WRITE;
+		V.rx.avail[2 + i] = i;
+	}
+	V.rx.avail_idx = QN;
+	V.rx.avail[1] = QN;
+	mw(MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+	u32 st = mr(MMIO_STATUS);
+	if (!(st & S_DRIVER_OK) || (st & S_NEEDS_RESET))
+		return fail("device did not go live");
+	u32 gen, lo, hi;
+	do {
+		gen = mr(MMIO_CONFIG_GENERATION);
+		lo = mr(MMIO_CONFIG);
+		hi = mr(MMIO_CONFIG + 4);
+	} while (gen != mr(MMIO_CONFIG_GENERATION));
+	V.cid = (u64)hi << 32 | lo;
+	mw(MMIO_QUEUE_NOTIFY, 0);
+	return 0;
+}
+
+/* ------------------------------------------------------------------ packets */
+
+static u64 now_ms(void) { return rdtsc() / V.tsc_khz; }
+
+/* Sends one packet on `c` (NULL: a reset for ports given in `h`), waiting for TX. */
+static int send(struct conn *c, u16 op, u32 flags, const u8 *data, u32 len, u32 src, u32 dst)
+{
+	volatile struct vsock_hdr *h = (volatile struct vsock_hdr *)tx_buf;
+	h->src_cid = V.cid;
+	h->dst_cid = HOST_CID;
+	h->src_port = c ? c->local_port : src;
+	h->dst_port = c ? c->peer_port : dst;
+	h->len = len;
+	h->type = TYPE_STREAM;
+	h->op = op;
+	h->flags = flags;
+	h->buf_alloc = BUF_ALLOC;
+	h->fwd_cnt = c ? c->fwd_cnt : 0;
+	for (u32 i = 0; i < len; i++)
+		tx_buf[HDR_LEN + i] = data[i];
+	if (c)
+		c->tx_cnt += len;
+	struct vq *q = &V.tx;
+	q->desc[0].addr = (u64)tx_buf;
+	q->desc[0].len = HDR_LEN + len;
+	q->desc[0].flags = 0;
+	q->avail[2 + q->avail_idx % QN] = 0;
+	barrier();
+	q->avail_idx++;
+	q->avail[1] = q->avail_idx;
+	barrier();
+	mw(MMIO_QUEUE_NOTIFY, 1);
+	u64 deadline = now_ms() + TIMEOUT_MS;
+	while (q->used[1] != q->avail_idx) {
+		if (now_ms() > deadline)
+			return fail("TX not completed");
+		cpu_relax();
+	}
+	return 0;
+}
+
+/* Bytes the device can still take on `c`. */
+static u32 credit(const struct conn *c) { return c->peer_buf_alloc - (c->tx_cnt - c->peer_fwd_cnt); }
+
+/* One received packet. */
+static void handle(const struct vsock_hdr *h, const u8 *data)
+{
+	if (h->dst_cid != V.cid || h->src_cid != HOST_CID || h->type != TYPE_STREAM) {
+		fail("packet with a bad address");
+		return;
+	}
+	struct conn *c = NULL;
+	if (V.out.open && h->dst_port == V.out.local_port && h->src_port == V.out.peer_port)
+		c = &V.out;
+	else if (V.in.open && h->dst_port == V.in.local_port && h->src_port == V.in.peer_port)
+		c = &V.in;
+	if (!c) {
+		if (h->op == OP_REQUEST && h->dst_port == V.listen_port && !V.in.open) {
+			V.in = (struct conn){ .open = 1, .local_port = h->dst_port, .peer_port = h->src_port };
+			V.in.peer_buf_alloc = h->buf_alloc;
+			V.in.peer_fwd_cnt = h->fwd_cnt;
+			send(&V.in, OP_RESPONSE, 0, NULL, 0, 0, 0);
+		} else if (h->op != OP_RST) {
+			if (h->op == OP_REQUEST)
+				V.refused++;
+			send(NULL, OP_RST, 0, NULL, 0, h->dst_port, h->src_port);
+		}
+		return;
+	}
+	c->peer_buf_alloc = h->buf_alloc;
+	c->peer_fwd_cnt = h->fwd_cnt;
+	switch (h->op) {
+	case OP_RESPONSE:
+		V.out_answered = 1;
+		break;
+	case OP_RW:
+		c->fwd_cnt += h->len;
+		if (c == &V.in) {
+			/* Echo (a host that keeps reading never runs out the device's credit). */
+			if (credit(c) < h->len) {
+				fail("no credit for the echo");
+				return;
+			}
+			send(c, OP_RW, 0, data, h->len, 0, 0);
+			V.served_msgs++;
+		} else {
+			for (u32 i = 0; i < h->len; i++) {
+				if (V.echo_got + i >= RX_DATA || data[i] != msg[V.echo_got + i]) {
+					fail("echo differs from what was sent");
+					break;
+				}
+			}
+			V.echo_got += h->len;
+		}
+		break;
+	case OP_CREDIT_REQUEST:
+		send(c, OP_CREDIT_UPDATE, 0, NULL, 0, 0, 0);
+		break;
+	case OP_CREDIT_UPDATE:
+		break;
+	case OP_SHUTDOWN:
+		/* The host side closed: finish with a reset. */
+		send(c, OP_RST, 0, NULL, 0, 0, 0);
+		c->open = 0;
+		c->closed = 1;
+		if (c == &V.in)
+			V.accepts_done++;
+		break;
+	case OP_RST:
+		V.out_answered = 1;
+		c->open = 0;
+		c->closed = 1;
+		if (c == &V.in)
+			V.accepts_done++;
+		break;
+	default:
+		fail("unknown op from the device");
+	}
+}
+
+/* Handles every packet on the RX used ring and gives the buffers back. */
+static void poll_rx(void)
+{
+	struct vq *q = &V.rx;
+	int any = 0;
+	while (q->used[1] != q->used_seen) {
+		barrier();
+		volatile u32 *elem = (volatile u32 *)(q->used + 2) + 2 * (q->used_seen % QN);
+		u32 id = elem[0], len = elem[1];
+		q->used_seen++;
+		if (id >= QN || len < HDR_LEN) {
+			fail("bad RX used element");
+			continue;
+		}
+		const struct vsock_hdr *h = (const struct vsock_hdr *)rx_bufs[id];
+		if (len != HDR_LEN + h->len || h->len > RX_DATA)
+			fail("RX length differs from the header");
+		else
+			handle(h, rx_bufs[id] + HDR_LEN);
+		q->avail[2 + q->avail_idx % QN] = (u16)id;
+		barrier();
+		q->avail_idx++;
+		q->avail[1] = q->avail_idx;
+		any = 1;
+	}
+	if (any)
+		mw(MMIO_QUEUE_NOTIFY, 0);
+}
+
+/* Polls until `*flag` is set (or the timeout). */
+static int wait_for(volatile int *flag, const char *what)
+{
+	u64 deadline = now_ms() + TIMEOUT_MS;
+	while (!*flag && !V.bad) {
+		if (now_ms() > deadline)
+			return fail(what);
+		poll_rx();
+		cpu_relax();
+	}
+	return V.bad;
+}
+
+/* ------------------------------------------------------------------ workload */
+
+/* Phase 1: connect to the host's `port`, ping-pong `n` messages of `size` bytes. */
+static int connect_and_echo(u32 port, u64 n, u32 size)
+{
+	V.out = (struct conn){ .open = 1, .local_port = GUEST_PORT, .peer_port = port };
+	V.out_answered = 0;
+	if (send(&V.out, OP_REQUEST, 0, NULL, 0, 0, 0) || wait_for(&V.out_answered, "no response to the request"))
+		return 1;
+	if (!V.out.open)
+		return fail("the host refused the connection");
+	u64 t0 = rdtsc();
+	for (u64 m = 0; m < n; m++) {
+		for (u32 i = 0; i < size; i++)
+			msg[i] = (u8)mix64(m * size + i);
+		u64 deadline = now_ms() + TIMEOUT_MS;
+		while (credit(&V.out) < size) {
+			if (now_ms() > deadline)
+				return fail("no credit from the device");
+			poll_rx();
+		}
+		V.echo_got = 0;
+		if (send(&V.out, OP_RW, 0, msg, size, 0, 0))
+			return 1;
+		while (V.echo_got < size && !V.bad) {
+			if (now_ms() > deadline || !V.out.open)
+				return fail("no echo");
+			poll_rx();
+		}
+		if (V.bad)
+			return 1;
+	}
+	u64 cycles = rdtsc() - t0;
+	u64 per_s = cycles ? n * V.tsc_khz * 1000 / cycles : 0;
+	kprintf("VSOCK CONNECT port=%u msgs=%llu size=%u msgs_per_s=%llu\n", port, n, size, per_s);
+	/* Close: the device resets once the host side took everything. */
+	V.out_answered = 0;
+	if (send(&V.out, OP_SHUTDOWN, SHUTDOWN_BOTH, NULL, 0, 0, 0))
+		return 1;
+	if (wait_for(&V.out.closed, "no reset after the shutdown"))
+		return 1;
+	return 0;
+}
+
+/* Phase 2: echo on `port` until `accepts` connections were closed by the host. */
+static int listen_and_echo(u32 port, u64 accepts, u64 timeout_ms)
+{
+	V.listen_port = port;
+	kprintf("VSOCK LISTEN port=%u\n", port);
+	u64 deadline = now_ms() + timeout_ms;
+	while (V.accepts_done < accepts && !V.bad) {
+		if (now_ms() > deadline)
+			return fail("the host did not connect in time");
+		poll_rx();
+		cpu_relax();
+	}
+	kprintf("VSOCK SERVED conns=%llu msgs=%llu refused=%llu\n", V.accepts_done, V.served_msgs,
+		V.refused);
+	return V.bad;
+}
+
+int vsock_workload(u64 bp, const struct vsock_params *p)
+{
+	V.tsc_khz = p->tsc_khz;
+	u64 bases[MAX_DEVICES];
+	u32 n = acpi_virtio_mmio(bp, bases, MAX_DEVICES);
+	int found = 0;
+	for (u32 i = 0; i < n && !found; i++) {
+		int r = device_init(bases[i]);
+		if (r > 0)
+			return 1;
+		found = r == 0;
+	}
+	if (!found)
+		return fail("no virtio-vsock device in the DSDT");
+	kprintf("VSOCK dev mmio=0x%llx cid=%llu\n", V.mmio, V.cid);
+	if (p->cid && p->cid != V.cid)
+		return fail("the device's CID is not vsock_cid");
+	if (p->size == 0 || p->size > RX_DATA)
+		return fail("vsock_size must be 1 to 4096");
+	u64 t0 = rdtsc();
+	if (p->port && connect_and_echo((u32)p->port, p->msgs, (u32)p->size))
+		return 1;
+	u64 guest_cycles = rdtsc() - t0;
+	if (p->listen && listen_and_echo((u32)p->listen, p->accepts, p->timeout_ms))
+		return 1;
+	mw(MMIO_STATUS, 0);
+	kprintf("VSOCK OK cid=%llu guest_to_host_msgs=%llu guest_ms=%llu host_to_guest_msgs=%llu\n",
+		V.cid, p->port ? p->msgs : 0, guest_cycles / V.tsc_khz, V.served_msgs);
+	return 0;
+}
