@@ -147,6 +147,10 @@ struct RunArgs {
     /// Guest RAM: 512M, 2G, ... (a bare number is MiB).
     #[arg(long, default_value = "256M", value_parser = size::parse_size)]
     mem: u64,
+    /// A disk for the guest, as a virtio-blk device: an image file (or block device),
+    /// `,ro` to refuse guest writes. Repeat for more disks (at most 11 virtio devices).
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<tinyvmm_vmm::virtio::DiskConfig>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=i64::from(tinyvmm_vmm::MAX_VCPUS)))]
     vcpus: u8,
@@ -209,7 +213,8 @@ enum TestViolation {
     Agent,
     Api,
     Main,
-    Vsock,
+    VirtioBlk,
+    VirtioVsock,
 }
 
 impl From<TestViolation> for ThreadKind {
@@ -219,7 +224,8 @@ impl From<TestViolation> for ThreadKind {
             TestViolation::Agent => ThreadKind::Agent,
             TestViolation::Api => ThreadKind::Api,
             TestViolation::Main => ThreadKind::Main,
-            TestViolation::Vsock => ThreadKind::Vsock,
+            TestViolation::VirtioBlk => ThreadKind::VirtioBlock,
+            TestViolation::VirtioVsock => ThreadKind::VirtioVsock,
         }
     }
 }
@@ -355,6 +361,27 @@ fn prepare_agent(
     Ok(AgentParts { cfg, ram, first })
 }
 
+/// The virtio devices `args` ask for, in slot order; an image that cannot be opened is
+/// an error before anything starts.
+fn virtio_devices(args: &RunArgs) -> Result<Vec<tinyvmm_vmm::virtio::BoxedDevice>, ExitCode> {
+    let mut devices: Vec<tinyvmm_vmm::virtio::BoxedDevice> = Vec::new();
+    for disk in &args.disks {
+        let block = tinyvmm_vmm::virtio::Block::new(disk).map_err(|e| {
+            eprintln!("tinyvmm: error: {e}");
+            ExitCode::from(1)
+        })?;
+        devices.push(Box::new(block));
+    }
+    if let Some(v) = &args.vsock {
+        let vsock = tinyvmm_vmm::vsock::vsock_device(v.cid, &v.path).map_err(|e| {
+            eprintln!("tinyvmm: error: {e}");
+            ExitCode::from(1)
+        })?;
+        devices.push(vsock);
+    }
+    Ok(devices)
+}
+
 fn run(args: RunArgs) -> ExitCode {
     match run_vm(args) {
         Ok(code) | Err(code) => code,
@@ -382,15 +409,7 @@ fn run_vm(args: RunArgs) -> Result<ExitCode, ExitCode> {
         },
     };
     let seccomp = seccomp_filters(&args)?;
-    let mut virtio_devices = Vec::new();
-    if let Some(v) = &args.vsock {
-        let device =
-            tinyvmm_vmm::vsock::vsock_device(v.cid, &v.path, seccomp.clone()).map_err(|e| {
-                eprintln!("tinyvmm: error: {e}");
-                ExitCode::from(1)
-            })?;
-        virtio_devices.push(device);
-    }
+    let virtio_devices = virtio_devices(&args)?;
     let cfg = VmConfig {
         boot: BootSpec {
             kernel: kernel_source(&args.kernel),

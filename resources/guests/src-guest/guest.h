@@ -161,6 +161,51 @@ int acpi_check(u64 boot_params);
  * DSDT order; returns how many (at most max). */
 u32 acpi_virtio_mmio(u64 boot_params, u64 *bases, u32 max);
 
+/* virtio_mmio.c: the virtio-mmio (version 2) transport the drivers share. */
+struct vq_desc {
+	u64 addr;
+	u32 len;
+	u16 flags;
+	u16 next;
+};
+#define VQ_DESC_F_NEXT 1
+#define VQ_DESC_F_WRITE 2
+/* A split queue in three pages: descriptors, avail ring, used ring. */
+#define VIRTQ_BYTES (3 * PAGE_SIZE)
+struct virtq {
+	volatile struct vq_desc *desc;
+	volatile u16 *avail; /* flags, idx, ring[size] */
+	volatile u16 *used;  /* flags, idx, then (id u32, len u32)[size] */
+	u16 size, avail_idx, used_seen;
+};
+/* Resets the device at `base` and negotiates VERSION_1 plus the low feature bits in `want`
+ * it offers (*got). 0: FEATURES_OK; -1: another device type; 1: failed (*why). */
+int vmmio_start(u64 base, u32 device_id, u32 want, u32 *got, const char **why);
+/* Sets up queue `index` with `size` entries in the VIRTQ_BYTES at `rings`. 0 or 1 (*why). */
+int vmmio_queue(u64 base, u32 index, u16 size, u64 rings, struct virtq *q, const char **why);
+/* DRIVER_OK; 0, or 1 (*why) if the device did not accept it. */
+int vmmio_live(u64 base, const char **why);
+void vmmio_reset(u64 base);
+void vmmio_notify(u64 base, u32 queue);
+/* 64 bits of configuration space at `off`, read consistently (generation counter). */
+u64 vmmio_config64(u64 base, u32 off);
+/* Puts chain `head` on the avail ring. */
+void virtq_publish(struct virtq *q, u16 head);
+
+/* virtio.c: the `disk` workload (README.md). */
+#define DISK_CHUNK (1ULL << 20)          /* bytes per request */
+#define DISK_RINGS_BYTES (12 * PAGE_SIZE) /* queue rings of up to 4 disks */
+#define DISK_AREA_BYTES (DISK_RINGS_BYTES + DISK_CHUNK)
+struct disk_params {
+	u64 area;    /* DISK_AREA_BYTES of RAM reserved for the workload, page aligned */
+	u64 tsc_khz;
+	u64 seed;    /* disk i gets word w = mix64(seed + i + w) written */
+	u64 sums[2]; /* the host's read checksums of disks 0 and 1 (0: not checked) */
+};
+int disk_workload(u64 boot_params, const struct disk_params *p);
+/* Fills the data buffer with 256 identical pages (for merging tests). */
+void disk_prepare(u64 area);
+
 /* vsock.c: the `vsock` workload (README.md). */
 struct vsock_params {
 	u64 tsc_khz;

@@ -3,7 +3,8 @@
  * tinyvmm test guest: a polling virtio-vsock driver and the `vsock` workload (CPL3; the
  * MMIO gap is mapped uncached and user-accessible).
  *
- * The device is found in the DSDT like the other virtio-mmio devices (acpi.c). Its three
+ * The device is found in the DSDT like the other virtio-mmio devices (acpi.c) and driven
+ * through the transport the drivers share (virtio_mmio.c). Its three
  * queues (RX, TX, event) live in this file's .bss; RX is kept full of 4 KiB buffers (header
  * and payload in one descriptor, as Linux 6.2+ does), TX sends one packet at a time. No
  * interrupts: the used rings are polled.
@@ -55,24 +56,10 @@ struct vsock_hdr {
 #define GUEST_PORT 2000  /* the guest's port for its own connection */
 
 /* Queue memory: three pages per queue (descriptors, avail ring, used ring). */
-static u8 rings[3][3 * PAGE_SIZE] __attribute__((aligned(4096)));
+static u8 rings[3][VIRTQ_BYTES] __attribute__((aligned(4096)));
 static u8 rx_bufs[QN][RX_SLOT] __attribute__((aligned(4096)));
 static u8 tx_buf[HDR_LEN + RX_DATA + 64] __attribute__((aligned(64)));
 static u8 msg[RX_DATA];
-
-struct vq_desc {
-	u64 addr;
-	u32 len;
-	u16 flags;
-	u16 next;
-};
-
-struct vq {
-	volatile struct vq_desc *desc;
-	volatile u16 *avail; /* flags, idx, ring[QN] */
-	volatile u16 *used;  /* flags, idx, then (id u32, len u32)[QN] */
-	u16 avail_idx, used_seen;
-};
 
 /* A stream connection's credit state. */
 struct conn {
@@ -88,7 +75,7 @@ static struct {
 	u64 mmio;
 	u64 cid;
 	u64 tsc_khz;
-	struct vq rx, tx;
+	struct virtq rx, tx, event;
 	/* Phase 1: our connection and the echo it collects. */
 	struct conn out;
 	u32 echo_got;
@@ -100,40 +87,7 @@ static struct {
 	int bad;
 } V;
 
-/* ------------------------------------------------------- virtio-mmio transport */
-
-#define MMIO_MAGIC 0x000
-#define MMIO_VERSION 0x004
-#define MMIO_DEVICE_ID 0x008
-#define MMIO_DEVICE_FEATURES 0x010
-#define MMIO_DEVICE_FEATURES_SEL 0x014
-#define MMIO_DRIVER_FEATURES 0x020
-#define MMIO_DRIVER_FEATURES_SEL 0x024
-#define MMIO_QUEUE_SEL 0x030
-#define MMIO_QUEUE_NUM_MAX 0x034
-#define MMIO_QUEUE_NUM 0x038
-#define MMIO_QUEUE_READY 0x044
-#define MMIO_QUEUE_NOTIFY 0x050
-#define MMIO_STATUS 0x070
-#define MMIO_QUEUE_DESC 0x080
-#define MMIO_QUEUE_AVAIL 0x090
-#define MMIO_QUEUE_USED 0x0a0
-#define MMIO_CONFIG_GENERATION 0x0fc
-#define MMIO_CONFIG 0x100
-#define S_ACK 1
-#define S_DRIVER 2
-#define S_DRIVER_OK 4
-#define S_FEATURES_OK 8
-#define S_NEEDS_RESET 64
-#define DESC_F_WRITE 2
-
-static u32 mr(u32 off) { return *(volatile u32 *)(V.mmio + off); }
-static void mw(u32 off, u32 v) { *(volatile u32 *)(V.mmio + off) = v; }
-static void mw64(u32 off, u64 v)
-{
-	mw(off, (u32)v);
-	mw(off + 4, (u32)(v >> 32));
-}
+/* ------------------------------------------------------------------ device */
 
 static int fail(const char *why)
 {
@@ -142,72 +96,34 @@ static int fail(const char *why)
 	return 1;
 }
 
-/* Queue `i` at rings[i], QN entries. */
-static int queue_setup(u32 i, struct vq *q)
-{
-	u64 base = (u64)rings[i];
-	memset(rings[i], 0, sizeof(rings[i]));
-	mw(MMIO_QUEUE_SEL, i);
-	if (mr(MMIO_QUEUE_NUM_MAX) < QN)
-		return fail("queue too small");
-	if (q) {
-		q->desc = (volatile struct vq_desc *)base;
-		q->avail = (volatile u16 *)(base + PAGE_SIZE);
-		q->used = (volatile u16 *)(base + 2 * PAGE_SIZE);
-		q->avail_idx = q->used_seen = 0;
-	}
-	mw(MMIO_QUEUE_NUM, QN);
-	mw64(MMIO_QUEUE_DESC, base);
-	mw64(MMIO_QUEUE_AVAIL, base + PAGE_SIZE);
-	mw64(MMIO_QUEUE_USED, base + 2 * PAGE_SIZE);
-	mw(MMIO_QUEUE_READY, 1);
-	return 0;
-}
-
-/* Reset, VERSION_1 only, three queues, DRIVER_OK. 0: ready, -1: not a vsock device. */
+/* VERSION_1 only, three queues, RX full, DRIVER_OK. 0: ready, -1: not a vsock device. */
 static int device_init(u64 mmio)
 {
+	const char *why = NULL;
+	u32 got;
 	V.mmio = mmio;
-	if (mr(MMIO_MAGIC) != 0x74726976 || mr(MMIO_VERSION) != 2)
-		return fail("no virtio-mmio v2 device");
-	if (mr(MMIO_DEVICE_ID) != VIRTIO_ID_VSOCK)
+	int r = vmmio_start(mmio, VIRTIO_ID_VSOCK, 0, &got, &why);
+	if (r < 0)
 		return -1;
-	mw(MMIO_STATUS, 0);
-	mw(MMIO_STATUS, S_ACK);
-	mw(MMIO_STATUS, S_ACK | S_DRIVER);
-	mw(MMIO_DEVICE_FEATURES_SEL, 1);
-	if (!(mr(MMIO_DEVICE_FEATURES) & 1))
-		return fail("no VERSION_1");
-	mw(MMIO_DRIVER_FEATURES_SEL, 0);
-	mw(MMIO_DRIVER_FEATURES, 0);
-	mw(MMIO_DRIVER_FEATURES_SEL, 1);
-	mw(MMIO_DRIVER_FEATURES, 1);
-	mw(MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
-	if (!(mr(MMIO_STATUS) & S_FEATURES_OK))
-		return fail("features refused");
-	if (queue_setup(0, &V.rx) || queue_setup(1, &V.tx) || queue_setup(2, NULL))
-		return 1;
+	if (!r)
+		r = vmmio_queue(mmio, 0, QN, (u64)rings[0], &V.rx, &why);
+	if (!r)
+		r = vmmio_queue(mmio, 1, QN, (u64)rings[1], &V.tx, &why);
+	if (!r)
+		r = vmmio_queue(mmio, 2, QN, (u64)rings[2], &V.event, &why);
+	if (r)
+		return fail(why);
 	/* Every RX buffer on the ring before the device starts. */
 	for (u16 i = 0; i < QN; i++) {
 		V.rx.desc[i].addr = (u64)rx_bufs[i];
 		V.rx.desc[i].len = HDR_LEN + RX_DATA;
-		V.rx.desc[i].flags = DESC_F_WRITE;
-		V.rx.avail[2 + i] = i;
+		V.rx.desc[i].flags = VQ_DESC_F_WRITE;
+		virtq_publish(&V.rx, i);
 	}
-	V.rx.avail_idx = QN;
-	V.rx.avail[1] = QN;
-	mw(MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
-	u32 st = mr(MMIO_STATUS);
-	if (!(st & S_DRIVER_OK) || (st & S_NEEDS_RESET))
-		return fail("device did not go live");
-	u32 gen, lo, hi;
-	do {
-		gen = mr(MMIO_CONFIG_GENERATION);
-		lo = mr(MMIO_CONFIG);
-		hi = mr(MMIO_CONFIG + 4);
-	} while (gen != mr(MMIO_CONFIG_GENERATION));
-	V.cid = (u64)hi << 32 | lo;
-	mw(MMIO_QUEUE_NOTIFY, 0);
+	if (vmmio_live(mmio, &why))
+		return fail(why);
+	V.cid = vmmio_config64(mmio, 0);
+	vmmio_notify(mmio, 0);
 	return 0;
 }
 
@@ -233,16 +149,12 @@ static int send(struct conn *c, u16 op, u32 flags, const u8 *data, u32 len, u32 
 		tx_buf[HDR_LEN + i] = data[i];
 	if (c)
 		c->tx_cnt += len;
-	struct vq *q = &V.tx;
+	struct virtq *q = &V.tx;
 	q->desc[0].addr = (u64)tx_buf;
 	q->desc[0].len = HDR_LEN + len;
 	q->desc[0].flags = 0;
-	q->avail[2 + q->avail_idx % QN] = 0;
-	barrier();
-	q->avail_idx++;
-	q->avail[1] = q->avail_idx;
-	barrier();
-	mw(MMIO_QUEUE_NOTIFY, 1);
+	virtq_publish(q, 0);
+	vmmio_notify(V.mmio, 1);
 	u64 deadline = now_ms() + TIMEOUT_MS;
 	while (q->used[1] != q->avail_idx) {
 		if (now_ms() > deadline)
@@ -334,7 +246,7 @@ static void handle(const struct vsock_hdr *h, const u8 *data)
 /* Handles every packet on the RX used ring and gives the buffers back. */
 static void poll_rx(void)
 {
-	struct vq *q = &V.rx;
+	struct virtq *q = &V.rx;
 	int any = 0;
 	while (q->used[1] != q->used_seen) {
 		barrier();
@@ -350,14 +262,11 @@ static void poll_rx(void)
 			fail("RX length differs from the header");
 		else
 			handle(h, rx_bufs[id] + HDR_LEN);
-		q->avail[2 + q->avail_idx % QN] = (u16)id;
-		barrier();
-		q->avail_idx++;
-		q->avail[1] = q->avail_idx;
+		virtq_publish(q, (u16)id);
 		any = 1;
 	}
 	if (any)
-		mw(MMIO_QUEUE_NOTIFY, 0);
+		vmmio_notify(V.mmio, 0);
 }
 
 /* Polls until `*flag` is set (or the timeout). */
@@ -459,7 +368,7 @@ int vsock_workload(u64 bp, const struct vsock_params *p)
 	u64 guest_cycles = rdtsc() - t0;
 	if (p->listen && listen_and_echo((u32)p->listen, p->accepts, p->timeout_ms))
 		return 1;
-	mw(MMIO_STATUS, 0);
+	vmmio_reset(V.mmio);
 	kprintf("VSOCK OK cid=%llu guest_to_host_msgs=%llu guest_ms=%llu host_to_guest_msgs=%llu\n",
 		V.cid, p->port ? p->msgs : 0, guest_cycles / V.tsc_khz, V.served_msgs);
 	return 0;

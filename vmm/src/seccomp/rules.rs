@@ -118,10 +118,23 @@ const API: &[libc::c_long] = &[
     libc::SYS_sched_getaffinity,
 ];
 
-/// The virtio-vsock device's thread: its epoll set (made at each activation), the queues'
+/// A virtio-blk worker: epoll on its kick and command eventfds, reading and writing the
+/// image at an offset, flushing it.
+const VIRTIO_BLOCK: &[libc::c_long] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_read,
+    libc::SYS_lseek,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+];
+
+/// The virtio-vsock worker: its epoll set (made at each activation), the queues'
 /// kick eventfds, accepting host programs on the listening socket, connecting to the
 /// `PATH_<port>` listeners, reading and writing the connections, shutting their write half.
-const VSOCK: &[libc::c_long] = &[
+const VIRTIO_VSOCK: &[libc::c_long] = &[
     libc::SYS_epoll_create1,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
@@ -180,7 +193,14 @@ pub(super) fn rules(kind: ThreadKind, kick: libc::c_int) -> RuleMap {
             allow_args(&mut map, libc::SYS_ioctl, 1, ioctls::VCPU);
             // Debug builds of the standard library check that a descriptor is open
             // (`fcntl(F_GETFD)`) when a thread closes one, as a vCPU thread does at exit.
-            allow_args(&mut map, libc::SYS_fcntl, 1, &[libc::F_GETFD as u64]);
+            // A virtio device's activation (the driver's DRIVER_OK write) hands the device
+            // a duplicate of each queue's kick eventfd (`fcntl(F_DUPFD_CLOEXEC)`).
+            allow_args(
+                &mut map,
+                libc::SYS_fcntl,
+                1,
+                &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u64],
+            );
         }
         ThreadKind::Agent => {
             allow(&mut map, AGENT);
@@ -197,6 +217,11 @@ pub(super) fn rules(kind: ThreadKind, kick: libc::c_int) -> RuleMap {
             .expect("one condition");
             map.insert(libc::SYS_openat, vec![rule]);
         }
+        ThreadKind::VirtioBlock => {
+            allow(&mut map, VIRTIO_BLOCK);
+            // Debug builds check a descriptor is open when closing it (at thread exit).
+            allow_args(&mut map, libc::SYS_fcntl, 1, &[libc::F_GETFD as u64]);
+        }
         ThreadKind::Api => {
             allow(&mut map, API);
             allow_args(&mut map, libc::SYS_ioctl, 1, ioctls::API);
@@ -212,8 +237,8 @@ pub(super) fn rules(kind: ThreadKind, kick: libc::c_int) -> RuleMap {
             map.insert(libc::SYS_clone, vec![rule]);
             allow_args(&mut map, libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64]);
         }
-        ThreadKind::Vsock => {
-            allow(&mut map, VSOCK);
+        ThreadKind::VirtioVsock => {
+            allow(&mut map, VIRTIO_VSOCK);
             allow_args(&mut map, libc::SYS_socket, 0, &[libc::AF_UNIX as u64]);
             allow_args(&mut map, libc::SYS_ioctl, 1, ioctls::VSOCK);
             // Debug builds check a descriptor is open (`F_GETFD`) when closing it.

@@ -29,32 +29,26 @@ pub enum VsockError {
     /// The host socket cannot be bound.
     #[error(transparent)]
     HostSide(#[from] HostSideError),
-    /// The device's thread could not be started.
-    #[error("cannot start the vsock device's thread: {0}")]
-    Thread(std::io::Error),
 }
 
 /// A virtio-vsock device (stream sockets) with Firecracker's host-side convention.
 pub struct Vsock<M> {
     guest_cid: u64,
     host: Arc<HostSide>,
-    worker: WorkerControl<M>,
+    worker: Option<WorkerControl<M>>,
 }
 
 impl<M: GuestMemory + Send + 'static> Vsock<M> {
     /// A device for the guest CID `guest_cid`, host programs reaching it through the Unix
-    /// socket at `path` (bound now). Its thread starts now and runs `on_start` first.
-    pub fn new(guest_cid: u64, path: &Path, on_start: ThreadStart) -> Result<Self, VsockError> {
+    /// socket at `path` (bound now). Its thread starts with [`VirtioDevice::start_worker`].
+    pub fn new(guest_cid: u64, path: &Path) -> Result<Self, VsockError> {
         if !(MIN_GUEST_CID..=u64::from(u32::MAX)).contains(&guest_cid) {
             return Err(VsockError::ReservedCid(guest_cid));
         }
-        let host = Arc::new(HostSide::bind(path)?);
-        let worker =
-            worker::spawn(guest_cid, host.clone(), on_start).map_err(VsockError::Thread)?;
         Ok(Vsock {
             guest_cid,
-            host,
-            worker,
+            host: Arc::new(HostSide::bind(path)?),
+            worker: None,
         })
     }
 
@@ -107,6 +101,20 @@ impl<M: GuestMemory + Send + 'static> VirtioDevice<M> for Vsock<M> {
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
 
+    fn start_worker(&mut self, start: ThreadStart) -> Result<(), ActivateError> {
+        if self.worker.is_none() {
+            let w = worker::spawn(self.guest_cid, self.host.clone(), start).map_err(|source| {
+                ActivateError::Host {
+                    device: "virtio-vsock",
+                    what: "starting its thread",
+                    source,
+                }
+            })?;
+            self.worker = Some(w);
+        }
+        Ok(())
+    }
+
     fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), ActivateError> {
         let bad = |why: &str| ActivateError::BadQueues {
             device: "virtio-vsock",
@@ -119,16 +127,17 @@ impl<M: GuestMemory + Send + 'static> VirtioDevice<M> for Vsock<M> {
         if !indices.contains(&RX_QUEUE) || !indices.contains(&TX_QUEUE) {
             return Err(bad("the RX and TX queues must both be enabled"));
         }
-        self.worker
-            .activate(ctx)
-            .map_err(|source| ActivateError::Host {
-                device: "virtio-vsock",
-                what: "handing the queues to its thread",
-                source,
-            })
+        let Some(worker) = &self.worker else {
+            return Err(bad("the device's thread was never started"));
+        };
+        worker.activate(ctx).map_err(|source| ActivateError::Host {
+            device: "virtio-vsock",
+            what: "handing the queues to its thread",
+            source,
+        })
     }
 
     fn reset(&mut self) -> bool {
-        self.worker.reset()
+        self.worker.as_ref().is_none_or(WorkerControl::reset)
     }
 }

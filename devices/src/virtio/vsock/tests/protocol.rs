@@ -330,21 +330,19 @@ fn config_space_is_the_guest_cid_and_reserved_cids_are_refused() {
     type Mem = vm_memory::GuestMemoryMmap;
     let dir = socket_dir();
     assert!(matches!(
-        Vsock::<Mem>::new(2, &dir.join("a.sock"), Box::new(|| {})),
+        Vsock::<Mem>::new(2, &dir.join("a.sock")),
         Err(VsockError::ReservedCid(2))
     ));
-    let dev = Vsock::<Mem>::new(0x1_0000_0003, &dir.join("a.sock"), Box::new(|| {}));
+    let dev = Vsock::<Mem>::new(0x1_0000_0003, &dir.join("a.sock"));
     assert!(matches!(dev, Err(VsockError::ReservedCid(_))));
-    let dev = Vsock::<Mem>::new(42, &dir.join("a.sock"), Box::new(|| {})).unwrap();
+    let dev = Vsock::<Mem>::new(42, &dir.join("a.sock")).unwrap();
     let mut cfg = [0xffu8; 12];
     <Vsock<Mem> as VirtioDevice<Mem>>::read_config(&dev, 0, &mut cfg);
     assert_eq!(cfg, [42, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     <Vsock<Mem> as VirtioDevice<Mem>>::read_config(&dev, u64::MAX, &mut cfg[..4]);
     assert_eq!(&cfg[..4], [0; 4]);
     assert_eq!(<Vsock<Mem> as VirtioDevice<Mem>>::device_type(&dev), 19);
-    let err = Vsock::<Mem>::new(42, &dir.join("a.sock"), Box::new(|| {}))
-        .err()
-        .unwrap();
+    let err = Vsock::<Mem>::new(42, &dir.join("a.sock")).err().unwrap();
     assert!(err.to_string().contains("cannot bind"), "{err}");
     drop(dev);
     assert!(

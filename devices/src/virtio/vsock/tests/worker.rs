@@ -53,9 +53,9 @@ fn the_worker_thread_serves_both_directions_and_stops_on_reset() {
     let dir = socket_dir();
     let started = Arc::new(AtomicUsize::new(0));
     let s = started.clone();
-    let mut dev = Vsock::new(
-        CID,
-        &dir.join("v.sock"),
+    let mut dev = Vsock::<Mem>::new(CID, &dir.join("v.sock")).unwrap();
+    <Vsock<Mem> as VirtioDevice<Mem>>::start_worker(
+        &mut dev,
         Box::new(move || {
             s.fetch_add(1, Ordering::SeqCst);
         }),
