@@ -290,3 +290,27 @@ fn bad_vsock_arguments_are_refused_with_a_clear_message() {
     }
     assert!(taken.exists(), "a socket that was there is left alone");
 }
+
+/// The device's thread runs under its own filter: a call outside it (the hidden test hook
+/// makes one right after the filter is installed) ends the VMM naming the thread kind.
+#[test]
+fn the_vsock_thread_runs_under_its_own_seccomp_filter() {
+    require_kvm!();
+    let dir = scratch_dir("vsock-seccomp");
+    let vsock = format!("3,{}", dir.join("v.sock").display());
+    let (code, stderr) = run_args(&[
+        "--mem",
+        "24M",
+        "--vsock",
+        &vsock,
+        "--cmdline",
+        "console=ttyS0 reboot=k panic=-1 workload=hello",
+        "--seccomp-test-violation",
+        "virtio-vsock",
+    ]);
+    assert_eq!(code, Some(148), "{stderr}");
+    assert!(
+        stderr.contains("bad system call 110 (getppid) on a virtio-vsock thread"),
+        "{stderr}"
+    );
+}
