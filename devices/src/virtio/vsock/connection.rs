@@ -199,8 +199,9 @@ impl Connection {
         if self.tx_buf.len() + data.len() > BUF_ALLOC as usize {
             return Verdict::Reset("guest sent past its credit");
         }
+        let was_waiting = !self.tx_buf.is_empty();
         let mut written = 0;
-        if self.tx_buf.is_empty() {
+        if !was_waiting {
             match (&self.stream).write_volatile(data) {
                 Ok(n) => written = n,
                 Err(e) if io_kind(&e) == Some(io::ErrorKind::WouldBlock) => {}
@@ -216,6 +217,10 @@ impl Connection {
             self.tx_buf.extend(rest);
         }
         self.forwarded(written);
+        if was_waiting {
+            // Older bytes wait for the socket: it may have room by now.
+            return self.on_writable();
+        }
         Verdict::Keep
     }
 

@@ -55,14 +55,46 @@ impl HostSide {
         &self.path
     }
 
-    /// Connects (non-blocking) to the host program serving host port `port`: `PATH_<port>`.
+    /// Connects to the host program serving host port `port`: `PATH_<port>`. The
+    /// connection is made non-blocking from the start, so a listener whose backlog is full
+    /// is a refusal (`EAGAIN`), never a wait on the device's thread.
     pub fn connect_port(&self, port: u32) -> io::Result<UnixStream> {
         let mut name = self.path.clone().into_os_string();
         name.push(format!("_{port}"));
-        let stream = UnixStream::connect(PathBuf::from(name))?;
-        stream.set_nonblocking(true)?;
-        Ok(stream)
+        connect_nonblocking(Path::new(&name))
     }
+}
+
+/// A non-blocking Unix stream connected to `path`; a Unix connect completes at once or
+/// fails (`EAGAIN` when the listener's backlog is full).
+fn connect_nonblocking(path: &Path) -> io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid (empty) address.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(io::Error::from_raw_os_error(libc::ENAMETOOLONG));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    let flags = libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    // SAFETY: socket() takes no pointers; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, flags, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a socket we just created and own; the stream closes it.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: addr is a valid sockaddr_un that outlives the call; len is its size.
+    let r = unsafe { libc::connect(fd, std::ptr::addr_of!(addr).cast(), len) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 /// What reading a host connection's first line gave.
@@ -154,6 +186,26 @@ mod tests {
         assert_eq!(parse_connect(b"connect 1"), None);
         assert_eq!(parse_connect(b"CONNECT -1"), None);
         assert_eq!(parse_connect(&[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn a_listener_with_a_full_backlog_refuses_at_once() {
+        let dir = std::env::temp_dir().join(format!("tvsock-backlog-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let host = HostSide::bind(&dir.join("v.sock")).unwrap();
+        let _listener = UnixListener::bind(dir.join("v.sock_9")).unwrap();
+        let mut held = Vec::new();
+        let err = loop {
+            match host.connect_port(9) {
+                Ok(s) => held.push(s),
+                Err(e) => break e,
+            }
+            assert!(held.len() < 10_000, "the backlog never filled");
+        };
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        assert!(host.connect_port(10).is_err(), "nobody listens on port 10");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
