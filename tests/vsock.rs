@@ -64,7 +64,7 @@ fn ping_pong(s: &mut UnixStream, n: usize) -> f64 {
 fn connect(path: &Path, port: u32) -> UnixStream {
     let mut s = UnixStream::connect(path).expect("connect to the vsock socket");
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "CONNECT {port}\n").unwrap();
+    writeln!(s, "CONNECT {port}").unwrap();
     s
 }
 
