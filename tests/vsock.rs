@@ -314,3 +314,34 @@ fn the_vsock_thread_runs_under_its_own_seccomp_filter() {
         "{stderr}"
     );
 }
+
+/// A guest that never drives the device (no vsock driver): a host program that connects
+/// is closed at once, not left waiting (once a driver runs the device, a request the guest
+/// leaves unanswered is reset after 2 s; see the device's unit tests).
+#[test]
+fn a_connect_to_a_guest_without_a_driver_is_closed_at_once() {
+    require_kvm!();
+    let dir = scratch_dir("vsock-nodriver");
+    let path = dir.join("v.sock");
+    let mut child = tinyvmm()
+        .args([
+            "run",
+            "--mem",
+            "24M",
+            "--cmdline",
+            "console=ttyS0 reboot=k panic=-1 workload=wait wait_ms=8000",
+            "--vsock",
+        ])
+        .arg(format!("3,{}", path.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut console = Console::of(&mut child);
+    console.wait("BOOTCHECK OK");
+    let mut s = connect(&path, 52);
+    assert_eq!(answer(&mut s), "", "closed without an OK");
+    console.wait("WAIT done");
+    let _ = child.wait();
+}

@@ -15,6 +15,7 @@ use std::collections::VecDeque;
 use std::io::{self, Write};
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice, WriteVolatile};
@@ -89,6 +90,8 @@ pub struct Connection {
     host_write_shut: bool,
     /// A credit request went to the guest since its last credit news.
     credit_requested: bool,
+    /// When the host program's request was made (until the guest answers).
+    requested_at: Option<Instant>,
 }
 
 impl Connection {
@@ -96,6 +99,7 @@ impl Connection {
     pub fn from_host(stream: UnixStream, local_port: u32, peer_port: u32) -> Self {
         let mut c = Self::new(stream, local_port, peer_port, State::HostRequested);
         c.owed.request = true;
+        c.requested_at = Some(Instant::now());
         c
     }
 
@@ -126,7 +130,13 @@ impl Connection {
             peer_shutdown: 0,
             host_write_shut: false,
             credit_requested: false,
+            requested_at: None,
         }
+    }
+
+    /// Whether the guest left the host program's request unanswered since before `cutoff`.
+    pub fn request_expired(&self, cutoff: Instant) -> bool {
+        self.state == State::HostRequested && self.requested_at.is_some_and(|t| t < cutoff)
     }
 
     /// The connection's state.

@@ -9,6 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::VolatileSlice;
@@ -24,6 +25,9 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub const MAX_PENDING_CONNECTS: usize = 64;
 /// The most resets owed for packets that belonged to no connection.
 pub const MAX_RESETS: usize = 256;
+/// How long the guest has to answer a host program's connection request (Firecracker's
+/// figure); then the request is reset and the host program's socket closed.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// The first port the host side uses for connections host programs open.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
@@ -265,6 +269,33 @@ impl Muxer {
             }
         }
         self.mark_ready(key);
+    }
+
+    /// Whether some host program waits for the guest's answer (the worker then wakes up
+    /// periodically to [`Muxer::expire_requests`]).
+    pub fn requests_pending(&self) -> bool {
+        self.conns
+            .values()
+            .any(|c| c.state() == super::connection::State::HostRequested)
+    }
+
+    /// Resets the host programs' requests the guest left unanswered for
+    /// [`CONNECT_TIMEOUT`] (as of `now`): the guest is told, the socket closed.
+    pub fn expire_requests(&mut self, now: Instant) {
+        let Some(cutoff) = now.checked_sub(CONNECT_TIMEOUT) else {
+            return;
+        };
+        let expired: Vec<Key> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.request_expired(cutoff))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            self.problems
+                .note(Problem::ConnectTimeout, &Header::default());
+            self.reset(key);
+        }
     }
 
     /// Whether some connection may have something for the guest.

@@ -28,10 +28,12 @@ pub enum Problem {
     BadQueue,
     /// The host refused something (an epoll registration, an interrupt).
     Host,
+    /// The guest did not answer a host program's connection request in time: reset.
+    ConnectTimeout,
 }
 
 impl Problem {
-    const ALL: usize = 10;
+    const ALL: usize = 11;
 
     fn bit(self) -> u32 {
         1 << (self as u32)

@@ -7,6 +7,7 @@
 
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Instant;
 
 use vm_memory::GuestMemory;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -53,18 +54,18 @@ enum Next<M> {
 }
 
 fn run<M: GuestMemory>(inbox: &WorkerInbox<M>, guest_cid: u64, host: &Arc<HostSide>) {
+    let idle_set = match idle_epoll(inbox, host) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::error!("virtio-vsock: epoll: {e}; the device stops");
+            return;
+        }
+    };
     let mut next = Next::Idle;
     loop {
         next = match next {
             Next::Exit => return,
-            Next::Idle => match inbox.recv() {
-                Some(Command::Activate(ctx)) => Next::Serve(ctx),
-                Some(Command::Reset) => {
-                    inbox.reset_done();
-                    Next::Idle
-                }
-                None => Next::Exit,
-            },
+            Next::Idle => idle(inbox, host, &idle_set),
             Next::Serve(ctx) => match Worker::new(ctx, guest_cid, host.clone(), inbox) {
                 Ok(w) => w.serve(inbox),
                 Err(e) => {
@@ -72,6 +73,49 @@ fn run<M: GuestMemory>(inbox: &WorkerInbox<M>, guest_cid: u64, host: &Arc<HostSi
                     Next::Idle
                 }
             },
+        }
+    }
+}
+
+/// The epoll set of an idle thread: the command eventfd and the listening socket.
+fn idle_epoll<M>(inbox: &WorkerInbox<M>, host: &HostSide) -> std::io::Result<Epoll> {
+    let epoll = Epoll::new()?;
+    for (fd, token) in [
+        (inbox.wake_fd().as_raw_fd(), TOKEN_COMMAND),
+        (host.listener().as_raw_fd(), TOKEN_LISTENER),
+    ] {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )?;
+    }
+    Ok(epoll)
+}
+
+/// Waits for the transport's next command. Host programs that connect meanwhile are
+/// closed at once: no driver runs the device, so no guest port can answer.
+fn idle<M>(inbox: &WorkerInbox<M>, host: &HostSide, epoll: &Epoll) -> Next<M> {
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        match inbox.try_recv() {
+            Some(Command::Activate(ctx)) => return Next::Serve(ctx),
+            Some(Command::Reset) => {
+                inbox.reset_done();
+                continue;
+            }
+            None => {}
+        }
+        match epoll.wait(-1, &mut events) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                tracing::error!("virtio-vsock: epoll_wait: {e}; the device stops");
+                return Next::Exit;
+            }
+        }
+        while let Ok((refused, _)) = host.listener().accept() {
+            drop(refused);
         }
     }
 }
@@ -140,7 +184,9 @@ impl<M: GuestMemory> Worker<M> {
         // Buffers and packets may have been queued before activation.
         self.pump();
         loop {
-            let n = match self.epoll.wait(-1, &mut events) {
+            // While a host program waits for the guest's answer, wake up to time it out.
+            let timeout_ms = if self.mux.requests_pending() { 500 } else { -1 };
+            let n = match self.epoll.wait(timeout_ms, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -163,6 +209,7 @@ impl<M: GuestMemory> Worker<M> {
                     self.on_event(ev.data(), ev.event_set());
                 }
             }
+            self.mux.expire_requests(Instant::now());
             self.pump();
         }
     }

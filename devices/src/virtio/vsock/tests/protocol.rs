@@ -109,6 +109,29 @@ fn host_connect_to_a_port_the_guest_refuses_is_closed() {
 }
 
 #[test]
+fn a_request_the_guest_leaves_unanswered_is_reset_after_the_timeout() {
+    use crate::virtio::vsock::muxer::CONNECT_TIMEOUT;
+    use std::time::Instant;
+    let mut g = MockGuest::new();
+    let (mut host, req) = host_connecting(&mut g);
+    assert!(g.mux.requests_pending());
+    g.mux.expire_requests(Instant::now());
+    assert_eq!(g.mux.connections(), 1, "not yet");
+    g.mux
+        .expire_requests(Instant::now() + CONNECT_TIMEOUT + Duration::from_millis(1));
+    assert_eq!(g.mux.connections(), 0);
+    assert!(!g.mux.requests_pending());
+    assert_eq!(
+        host.read(&mut [0u8; 8]).unwrap(),
+        0,
+        "the host program sees end of file"
+    );
+    let got = g.exchange();
+    assert_eq!(ops(&got), [OP_RST], "the guest is told");
+    assert_eq!(got[0].0.src_port, req.src_port);
+}
+
+#[test]
 fn a_bad_connect_line_closes_the_host_program() {
     let mut g = MockGuest::new();
     let mut host = UnixStream::connect(g.dir.join("v.sock")).unwrap();
