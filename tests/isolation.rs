@@ -323,11 +323,24 @@ fn a_jailed_vmm_runs_its_guest_fully_with_no_privileges_and_seccomp_on_every_thr
     let p = Profile::plain(32);
     let api = d.dir.join("jailed-vm.sock");
     let api_arg = api.display().to_string();
+    // A disk too: its worker thread starts after the privilege drop, under its own filter.
+    let disk = d.dir.join("jailed.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let disk_arg = disk.display().to_string();
     let jailed = guest(
         &d,
         70,
         &p,
-        &["--uid", "65534", "--gid", "65534", "--api-sock", &api_arg],
+        &[
+            "--uid",
+            "65534",
+            "--gid",
+            "65534",
+            "--api-sock",
+            &api_arg,
+            "--disk",
+            &disk_arg,
+        ],
     )
     .0;
     // Its share groups are those of the uid it drops to (named in its hello, taken from a
@@ -351,7 +364,7 @@ fn a_jailed_vmm_runs_its_guest_fully_with_no_privileges_and_seccomp_on_every_thr
 
     let names = assert_jailed(jailed.pid());
     eprintln!("jailed VMM threads: {names:?}");
-    for kind in ["vcpu0", "merge-agent", "tinyvmm-api"] {
+    for kind in ["vcpu0", "merge-agent", "tinyvmm-api", "virtio-blk"] {
         assert!(names.iter().any(|n| n == kind), "{kind} in {names:?}");
     }
     // Its API answers (and a call starts a blocking-pool thread, under the API's filter).

@@ -1,10 +1,11 @@
-//! The tinyvmm virtual machine monitor: one VM with its vCPUs, guest RAM, legacy devices
-//! and event loop, booted through the Linux 64-bit boot protocol.
+//! The tinyvmm virtual machine monitor: one VM with its vCPUs, guest RAM, devices and
+//! event loop, booted through the Linux 64-bit boot protocol.
 //!
-//! [`Vmm::new`] builds the VM (KVM VM with in-kernel irqchip and PIT, guest RAM, ACPI and MP
-//! tables, kernel, initrd, boot parameters, configured vCPUs, devices on the port bus); [`Vmm::run`] starts
-//! the vCPU threads and runs the event loop (serial input, signals, exit requests) until
-//! the guest resets, a signal or the API asks to stop, or a vCPU hits an exit the VMM
+//! [`Vmm::new`] builds the VM (KVM VM with in-kernel irqchip and PIT, guest RAM, virtio
+//! devices on virtio-mmio ([`virtio`]), ACPI and MP tables, kernel, initrd, boot
+//! parameters, configured vCPUs, legacy devices on the port bus); [`Vmm::run`] starts the
+//! virtio devices' worker threads and the vCPU threads and runs the event loop (serial
+//! input, signals, exit requests) until the guest resets, a signal or the API asks to stop, or a vCPU hits an exit the VMM
 //! cannot handle; it returns the [`ExitReason`], from which the process exit status comes.
 
 #![warn(missing_docs)]

@@ -112,7 +112,6 @@ pub struct MmioTransport<M> {
     driver_features_select: u32,
     driver_features: u64,
     status: u32,
-    config_generation: u32,
     activated: bool,
 }
 
@@ -189,7 +188,6 @@ impl<M: GuestMemory + Clone> MmioTransport<M> {
             driver_features_select: 0,
             driver_features: 0,
             status: 0,
-            config_generation: 0,
             activated: false,
         })
     }
@@ -266,7 +264,8 @@ impl<M: GuestMemory + Clone> MmioTransport<M> {
                 .map_or(0, |q| u32::from(q.queue.ready())),
             VIRTIO_MMIO_INTERRUPT_STATUS => self.interrupt.status(),
             VIRTIO_MMIO_STATUS => self.status,
-            VIRTIO_MMIO_CONFIG_GENERATION => self.config_generation,
+            // No device changes its configuration space once built.
+            VIRTIO_MMIO_CONFIG_GENERATION => 0,
             // Shared memory regions: none (a length of all ones says "no such region").
             VIRTIO_MMIO_SHM_LEN_LOW | VIRTIO_MMIO_SHM_LEN_HIGH => u32::MAX,
             _ => 0,
@@ -483,7 +482,6 @@ impl<M: GuestMemory + Clone + Send> MmioDevice for MmioTransport<M> {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
             self.device
                 .write_config(offset - u64::from(VIRTIO_MMIO_CONFIG), data);
-            self.config_generation = self.config_generation.wrapping_add(1);
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {

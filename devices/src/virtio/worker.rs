@@ -15,7 +15,7 @@
 use std::sync::mpsc;
 use std::time::Duration;
 
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK, EFD_SEMAPHORE};
 
 use super::device::ActivateContext;
 
@@ -109,7 +109,9 @@ where
 {
     let (tx, rx) = mpsc::channel();
     let (done_tx, done) = mpsc::channel();
-    let wake = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+    // One token per command (a semaphore eventfd), so that taking one command never
+    // hides another that is waiting.
+    let wake = EventFd::new(EFD_NONBLOCK | EFD_SEMAPHORE | libc::EFD_CLOEXEC)?;
     let inbox = WorkerInbox {
         rx,
         wake: wake.try_clone()?,

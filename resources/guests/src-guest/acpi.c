@@ -242,7 +242,7 @@ static const u8 *find_dsdt(u64 bp)
 	return NULL;
 }
 
-u32 acpi_virtio_mmio(u64 bp, u64 *bases, u32 max)
+u32 acpi_virtio_mmio(u64 bp, u64 *bases, u32 *gsis, u32 max)
 {
 	static const char hid[] = "LNRO0005";
 	const u8 *d = find_dsdt(bp);
@@ -252,12 +252,23 @@ u32 acpi_virtio_mmio(u64 bp, u64 *bases, u32 max)
 	for (u32 i = HEADER_LEN; i + sizeof(hid) <= len && n < max; i++) {
 		if (!same(d + i, hid, sizeof(hid)))
 			continue;
-		/* The device's _CRS follows its _HID: the first Memory32Fixed descriptor. */
-		for (u32 j = i + sizeof(hid); j + 12 <= len && j < i + 96; j++) {
-			if (d[j] == 0x86 && d[j + 1] == 0x09 && d[j + 2] == 0x00) {
-				bases[n++] = rd32(d + j + 4);
+		/* The device's _CRS follows its _HID: a Memory32Fixed descriptor, then an
+		 * Extended Interrupt descriptor with one GSI. */
+		u64 base = 0;
+		u32 gsi = ~0u;
+		for (u32 j = i + sizeof(hid); j + 9 <= len && j < i + 96; j++) {
+			if (!base && j + 12 <= len && d[j] == 0x86 && d[j + 1] == 0x09 && d[j + 2] == 0x00) {
+				base = rd32(d + j + 4);
+				j += 11;
+			} else if (base && d[j] == 0x89 && d[j + 1] == 0x06 && d[j + 2] == 0x00 && d[j + 4] == 1) {
+				gsi = rd32(d + j + 5);
 				break;
 			}
+		}
+		if (base) {
+			bases[n] = base;
+			gsis[n] = gsi;
+			n++;
 		}
 	}
 	return n;

@@ -157,9 +157,9 @@ static inline u64 page_word(u64 key, u32 j) { return mix64(key + (u64)(j + 1) * 
 /* acpi.c: the `acpi` workload; prints ACPI OK/FAIL, returns 0 if the tables are valid. */
 int acpi_check(u64 boot_params);
 
-/* acpi.c: the guest-physical bases of the DSDT's virtio-mmio devices (LNRO0005), in
- * DSDT order; returns how many (at most max). */
-u32 acpi_virtio_mmio(u64 boot_params, u64 *bases, u32 max);
+/* acpi.c: the guest-physical bases and GSIs (~0 if none) of the DSDT's virtio-mmio
+ * devices (LNRO0005), in DSDT order; returns how many (at most max). */
+u32 acpi_virtio_mmio(u64 boot_params, u64 *bases, u32 *gsis, u32 max);
 
 /* virtio_mmio.c: the virtio-mmio (version 2) transport the drivers share. */
 struct vq_desc {
@@ -187,6 +187,9 @@ int vmmio_queue(u64 base, u32 index, u16 size, u64 rings, struct virtq *q, const
 int vmmio_live(u64 base, const char **why);
 void vmmio_reset(u64 base);
 void vmmio_notify(u64 base, u32 queue);
+/* InterruptStatus, and acknowledging bits of it. */
+u32 vmmio_interrupt_status(u64 base);
+void vmmio_interrupt_ack(u64 base, u32 bits);
 /* 64 bits of configuration space at `off`, read consistently (generation counter). */
 u64 vmmio_config64(u64 base, u32 off);
 /* Puts chain `head` on the avail ring. */
@@ -220,5 +223,8 @@ int vsock_workload(u64 boot_params, const struct vsock_params *p);
 
 /* user.c */
 void umain(void) __attribute__((noreturn));
+/* Sleeps up to ns (one LAPIC timer shot and hlt); 1 if an interrupt on VEC_SERIAL woke
+ * it, 0 otherwise, -1 if the LAPIC timer is unusable. */
+int sleep_ns_or_wake(u64 ns);
 
 #endif

@@ -103,6 +103,8 @@ static void sleep_until_or_input(u64 deadline, int stop_on_input)
 	}
 }
 
+int sleep_ns_or_wake(u64 ns) { return (int)(i64)syscall1(SYS_SLEEP_NS, ns); }
+
 static void sleep_until(u64 deadline) { sleep_until_or_input(deadline, 0); }
 
 static void sleep_ms(u64 ms) { sleep_until(rdtsc() + ms * tsc_khz); }

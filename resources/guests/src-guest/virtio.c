@@ -232,6 +232,47 @@ static int refusals(struct blk *d, u32 dev, u64 buf)
 	return bad;
 }
 
+/*
+ * The interrupt path: routes the device's GSI (from the DSDT) through the IOAPIC to the
+ * vector the UART uses (edge, active high), completes a request and sleeps until the
+ * interrupt wakes the CPU; InterruptStatus must say "used buffer" until acknowledged.
+ */
+static int irq_check(struct blk *d, u32 dev, u32 gsi, u64 buf)
+{
+	volatile u32 *sel = (volatile u32 *)IOAPIC_BASE, *win = (volatile u32 *)(IOAPIC_BASE + 0x10);
+	u32 apic_id = *(volatile u32 *)(LAPIC_BASE + 0x20) >> 24;
+	if (gsi > 23) {
+		kprintf("DISK FAIL dev=%u has no interrupt in the DSDT\n", dev);
+		return 1;
+	}
+	if (sleep_ns_or_wake(1) < 0) {
+		kprintf("DISK irq dev=%u gsi=%u skipped (no LAPIC timer)\n", dev, gsi);
+		return 0;
+	}
+	vmmio_interrupt_ack(d->mmio, vmmio_interrupt_status(d->mmio));
+	*sel = 0x10 + 2 * gsi + 1;
+	*win = apic_id << 24;
+	*sel = 0x10 + 2 * gsi;
+	*win = VEC_SERIAL;
+	u32 ul;
+	int bad = expect(blk_request(d, BLK_T_IN, 0, buf, SECTOR, &ul), BLK_S_OK, "read (irq)", dev);
+	u64 deadline = rdtsc() + 2000 * tsc_khz;
+	int woken = 0;
+	while (!woken && rdtsc() < deadline)
+		woken = sleep_ns_or_wake(10000000) == 1;
+	u32 is = vmmio_interrupt_status(d->mmio);
+	vmmio_interrupt_ack(d->mmio, is);
+	u32 after = vmmio_interrupt_status(d->mmio);
+	*sel = 0x10 + 2 * gsi;
+	*win = 0x10000;
+	if (!woken || !(is & 1) || after) {
+		kprintf("DISK FAIL dev=%u irq: woken=%d status=0x%x after ack=0x%x\n", dev, woken, is, after);
+		return 1;
+	}
+	kprintf("DISK irq dev=%u gsi=%u ok\n", dev, gsi);
+	return bad;
+}
+
 void disk_prepare(u64 area)
 {
 	/* Identical pages: the merge daemon can merge them before the disk reads into them. */
@@ -245,7 +286,8 @@ int disk_workload(u64 bp, const struct disk_params *p)
 {
 	tsc_khz = p->tsc_khz;
 	u64 bases[MAX_DISKS];
-	u32 n = acpi_virtio_mmio(bp, bases, MAX_DISKS);
+	u32 gsis[MAX_DISKS];
+	u32 n = acpi_virtio_mmio(bp, bases, gsis, MAX_DISKS);
 	u64 buf = p->area + DISK_RINGS_BYTES;
 	u32 disks = 0;
 	int bad = 0;
@@ -283,6 +325,7 @@ int disk_workload(u64 bp, const struct disk_params *p)
 			bad = 1;
 		}
 		bad |= refusals(&d, dev, buf);
+		bad |= irq_check(&d, dev, gsis[i], buf);
 		if (!d.ro && write_flush_verify(&d, dev, buf, p->seed + dev))
 			bad = 1;
 		if (d.ro) {

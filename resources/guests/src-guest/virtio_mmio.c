@@ -19,6 +19,8 @@
 #define MMIO_QUEUE_NUM 0x038
 #define MMIO_QUEUE_READY 0x044
 #define MMIO_QUEUE_NOTIFY 0x050
+#define MMIO_INTERRUPT_STATUS 0x060
+#define MMIO_INTERRUPT_ACK 0x064
 #define MMIO_STATUS 0x070
 #define MMIO_QUEUE_DESC 0x080
 #define MMIO_QUEUE_AVAIL 0x090
@@ -107,6 +109,10 @@ int vmmio_live(u64 base, const char **why)
 void vmmio_reset(u64 base) { mw(base, MMIO_STATUS, 0); }
 
 void vmmio_notify(u64 base, u32 queue) { mw(base, MMIO_QUEUE_NOTIFY, queue); }
+
+u32 vmmio_interrupt_status(u64 base) { return mr(base, MMIO_INTERRUPT_STATUS); }
+
+void vmmio_interrupt_ack(u64 base, u32 bits) { mw(base, MMIO_INTERRUPT_ACK, bits); }
 
 u64 vmmio_config64(u64 base, u32 off)
 {

@@ -347,7 +347,8 @@ int vsock_workload(u64 bp, const struct vsock_params *p)
 {
 	V.tsc_khz = p->tsc_khz;
 	u64 bases[MAX_DEVICES];
-	u32 n = acpi_virtio_mmio(bp, bases, MAX_DEVICES);
+	u32 gsis[MAX_DEVICES];
+	u32 n = acpi_virtio_mmio(bp, bases, gsis, MAX_DEVICES);
 	int found = 0;
 	for (u32 i = 0; i < n && !found; i++) {
 		int r = device_init(bases[i]);

@@ -81,15 +81,25 @@ impl DiskConfig {
             path: self.path.clone(),
             source,
         };
+        let not_a_file = |meta: &std::fs::Metadata| {
+            use std::os::unix::fs::FileTypeExt;
+            let ft = meta.file_type();
+            !ft.is_file() && !ft.is_block_device()
+        };
+        // Refused before opening: opening a directory for writing fails with a less
+        // helpful error, and opening a FIFO would block.
+        if std::fs::metadata(&self.path).is_ok_and(|m| not_a_file(&m)) {
+            return Err(DiskError::NotAFile {
+                path: self.path.clone(),
+            });
+        }
         let mut file: File = OpenOptions::new()
             .read(true)
             .write(!self.read_only)
             .open(&self.path)
             .map_err(open)?;
         let meta = file.metadata().map_err(open)?;
-        let ft = meta.file_type();
-        use std::os::unix::fs::FileTypeExt;
-        if !ft.is_file() && !ft.is_block_device() {
+        if not_a_file(&meta) {
             return Err(DiskError::NotAFile {
                 path: self.path.clone(),
             });

@@ -11,6 +11,13 @@ pub mod config;
 pub mod request;
 pub mod worker;
 
+#[cfg(test)]
+mod device_tests;
+#[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
+mod request_tests;
+
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX,
 };

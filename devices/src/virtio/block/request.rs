@@ -52,9 +52,14 @@ impl RequestType {
         }
     }
 
-    /// Whether the data buffers are written by the device.
-    fn device_writes_data(self) -> bool {
-        matches!(self, Self::In | Self::GetId)
+    /// Whether the data buffers are written by the device (`Some(true)`) or read by it
+    /// (`Some(false)`); `None` where the device does not touch them.
+    fn data_direction(self) -> Option<bool> {
+        match self {
+            Self::In | Self::GetId => Some(true),
+            Self::Out => Some(false),
+            Self::Flush | Self::Unsupported(_) => None,
+        }
     }
 }
 
@@ -116,18 +121,20 @@ where
     };
     let kind = RequestType::from_raw(raw_type);
     let mut data = Vec::with_capacity(descs.len() - 2);
-    for d in &descs[1..descs.len() - 1] {
-        let access = if kind.device_writes_data() {
+    if let Some(device_writes) = kind.data_direction() {
+        let access = if device_writes {
             Permissions::Write
         } else {
             Permissions::Read
         };
-        if d.is_write_only() != kind.device_writes_data()
-            || !mem.check_range(d.addr(), d.len() as usize, access)
-        {
-            return bad;
+        for d in &descs[1..descs.len() - 1] {
+            if d.is_write_only() != device_writes
+                || !mem.check_range(d.addr(), d.len() as usize, access)
+            {
+                return bad;
+            }
+            data.push((d.addr(), d.len()));
         }
-        data.push((d.addr(), d.len()));
     }
     Ok(Request {
         kind,

@@ -113,7 +113,7 @@ pub fn process_queue<M: GuestMemory>(
         let Some(chain) = chain else { break };
         let head = chain.head_index();
         let written = match parse(chain) {
-            Ok(req) => execute(&req, mem, disk, writes),
+            Ok(req) => req.execute(mem, disk, writes).written,
             Err(ParseError::Malformed(status)) => Request::ioerr(mem, status, writes),
             Err(ParseError::NoStatus) => {
                 tracing::debug!(head, "virtio-blk: request without a status byte");
@@ -133,15 +133,6 @@ pub fn process_queue<M: GuestMemory>(
             tracing::warn!("virtio-blk: interrupt: {e}");
         }
     }
-}
-
-fn execute<M: GuestMemory>(
-    req: &Request,
-    mem: &M,
-    disk: &mut Disk,
-    writes: &dyn GuestWrites,
-) -> u32 {
-    req.execute(mem, disk, writes).written
 }
 
 /// The used ring is guest RAM the device writes too.

@@ -106,13 +106,18 @@ fn idle<M>(inbox: &WorkerInbox<M>, host: &HostSide, epoll: &Epoll) -> Next<M> {
             }
             None => {}
         }
-        match epoll.wait(-1, &mut events) {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+        let n = match epoll.wait(-1, &mut events) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
             Err(e) => {
                 tracing::error!("virtio-vsock: epoll_wait: {e}; the device stops");
                 return Next::Exit;
             }
+        };
+        // A command first: a host program that connected right after an activation is
+        // the activated device's to serve.
+        if events[..n].iter().any(|e| e.data() == TOKEN_COMMAND) {
+            continue;
         }
         while let Ok((refused, _)) = host.listener().accept() {
             drop(refused);
