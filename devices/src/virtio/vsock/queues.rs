@@ -49,6 +49,9 @@ impl<M: GuestMemory> VsockQueues<M> {
             }
             used = true;
         }
+        if used {
+            report_used_ring(&self.tx, &*self.writes);
+        }
         used
     }
 
@@ -101,6 +104,9 @@ impl<M: GuestMemory> VsockQueues<M> {
             }
             used = true;
         }
+        if used {
+            report_used_ring(&self.rx, &*self.writes);
+        }
         used
     }
 
@@ -119,4 +125,11 @@ impl<M: GuestMemory> VsockQueues<M> {
             [] => {}
         }
     }
+}
+
+/// The used ring is guest RAM the device writes too (through virtio-queue's `add_used`).
+fn report_used_ring(queue: &Queue, writes: &dyn GuestWrites) {
+    // flags, idx, ring[size], avail_event.
+    let len = 4 + 8 * u64::from(queue.size()) + 2;
+    writes.wrote(queue.used_ring(), len);
 }
