@@ -83,6 +83,18 @@ fn guest_reads_writes_and_flushes_a_disk_and_a_read_only_disk_refuses_writes() {
     // Completions also arrive as interrupts: irqfd -> IOAPIC pins 5 and 6, as the DSDT says.
     assert!(o.line("DISK irq dev=0 gsi=5 ok").is_some(), "{}", o.stdout);
     assert!(o.line("DISK irq dev=1 gsi=6 ok").is_some(), "{}", o.stdout);
+    // Out of spec from a real driver: a buffer in the MMIO gap, a descriptor loop, a queue
+    // above the maximum (DEVICE_NEEDS_RESET), then a reset that recovers.
+    assert!(
+        o.line("DISK out-of-spec dev=0 ok").is_some(),
+        "{}",
+        o.stdout
+    );
+    assert!(
+        o.line("DISK out-of-spec dev=1 ok").is_some(),
+        "{}",
+        o.stdout
+    );
     // What the guest wrote reached the image; the read-only image is unchanged.
     assert!(holds_pattern(&std::fs::read(&rw).unwrap(), 9, 0));
     assert_eq!(std::fs::read(&ro).unwrap(), ro_before);

@@ -379,10 +379,16 @@ impl<M: GuestMemory + Clone> MmioTransport<M> {
             if !slot.queue.ready() {
                 continue;
             }
-            if slot.bad_size || !slot.queue.is_valid(&self.mem) {
+            if slot.bad_size {
+                let max = slot.queue.max_size();
                 self.fail(&format!(
-                    "queue {index} is not valid (size {}, rings outside guest RAM or misaligned)",
-                    slot.queue.size()
+                    "the driver gave queue {index} a size that is zero, not a power of two or above its maximum {max}"
+                ));
+                return;
+            }
+            if !slot.queue.is_valid(&self.mem) {
+                self.fail(&format!(
+                    "queue {index}'s rings lie outside guest RAM or are misaligned"
                 ));
                 return;
             }

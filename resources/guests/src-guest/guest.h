@@ -161,7 +161,38 @@ int acpi_check(u64 boot_params);
  * devices (LNRO0005), in DSDT order; returns how many (at most max). */
 u32 acpi_virtio_mmio(u64 boot_params, u64 *bases, u32 *gsis, u32 max);
 
-/* virtio_mmio.c: the virtio-mmio (version 2) transport the drivers share. */
+/* virtio_mmio.c: the virtio-mmio (version 2) transport the drivers share. Registers: */
+#define MMIO_MAGIC 0x000
+#define MMIO_VERSION 0x004
+#define MMIO_DEVICE_ID 0x008
+#define MMIO_DEVICE_FEATURES 0x010
+#define MMIO_DEVICE_FEATURES_SEL 0x014
+#define MMIO_DRIVER_FEATURES 0x020
+#define MMIO_DRIVER_FEATURES_SEL 0x024
+#define MMIO_QUEUE_SEL 0x030
+#define MMIO_QUEUE_NUM_MAX 0x034
+#define MMIO_QUEUE_NUM 0x038
+#define MMIO_QUEUE_READY 0x044
+#define MMIO_QUEUE_NOTIFY 0x050
+#define MMIO_INTERRUPT_STATUS 0x060
+#define MMIO_INTERRUPT_ACK 0x064
+#define MMIO_STATUS 0x070
+#define MMIO_QUEUE_DESC 0x080
+#define MMIO_QUEUE_AVAIL 0x090
+#define MMIO_QUEUE_USED 0x0a0
+#define MMIO_CONFIG_GENERATION 0x0fc
+#define MMIO_CONFIG 0x100
+
+#define S_ACK 1
+#define S_DRIVER 2
+#define S_DRIVER_OK 4
+#define S_FEATURES_OK 8
+#define S_NEEDS_RESET 64
+
+/* A 32-bit register of the device at `base` (for drivers that must go out of spec). */
+u32 vmmio_rd(u64 base, u32 off);
+void vmmio_wr(u64 base, u32 off, u32 v);
+
 struct vq_desc {
 	u64 addr;
 	u32 len;

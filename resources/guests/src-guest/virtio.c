@@ -45,6 +45,15 @@ struct blk {
 
 static u64 tsc_khz;
 
+/* Raw register access, for the out-of-spec driver checks. */
+static u32 mr(const struct blk *d, u32 off) { return vmmio_rd(d->mmio, off); }
+static void mw(const struct blk *d, u32 off, u32 v) { vmmio_wr(d->mmio, off, v); }
+static void mw64(const struct blk *d, u32 off, u64 v)
+{
+	mw(d, off, (u32)v);
+	mw(d, off + 4, (u32)(v >> 32));
+}
+
 /* Reset, negotiate, set up queue 0 at `rings` (3 pages); 0 on success. */
 static int blk_init(struct blk *d, u64 mmio, u64 rings)
 {
@@ -75,29 +84,9 @@ static int blk_init(struct blk *d, u64 mmio, u64 rings)
 	return 0;
 }
 
-/*
- * One request: header, optional data buffer, status. Returns the status byte, or -1 if
- * the device did not complete it in time. `*used_len` gets the used element's length.
- */
-static int blk_request(struct blk *d, u32 type, u64 sector, u64 buf, u32 len, u32 *used_len)
+/* Publishes the chain at descriptor 0 and polls the used ring; -1 on timeout. */
+static int blk_submit(struct blk *d, u32 *used_len)
 {
-	*(volatile u32 *)d->hdr = type;
-	*(volatile u32 *)(d->hdr + 4) = 0;
-	*(volatile u64 *)(d->hdr + 8) = sector;
-	*d->status = 0xff;
-	int dev_writes = type == BLK_T_IN || type == BLK_T_GET_ID;
-	d->desc[0].addr = (u64)d->hdr;
-	d->desc[0].len = 16;
-	d->desc[0].flags = DESC_F_NEXT;
-	d->desc[0].next = len ? 1 : 2;
-	d->desc[1].addr = buf;
-	d->desc[1].len = len;
-	d->desc[1].flags = DESC_F_NEXT | (dev_writes ? DESC_F_WRITE : 0);
-	d->desc[1].next = 2;
-	d->desc[2].addr = (u64)d->status;
-	d->desc[2].len = 1;
-	d->desc[2].flags = DESC_F_WRITE;
-	d->desc[2].next = 0;
 	d->avail[2 + d->avail_idx % VQ_SIZE] = 0;
 	barrier();
 	d->avail_idx++;
@@ -114,6 +103,38 @@ static int blk_request(struct blk *d, u32 type, u64 sector, u64 buf, u32 len, u3
 	volatile u32 *elem = (volatile u32 *)(d->used + 2) + 2 * ((d->avail_idx - 1) % VQ_SIZE);
 	if (used_len)
 		*used_len = elem[1];
+	return 0;
+}
+
+static void set_desc(struct blk *d, u32 i, u64 addr, u32 len, u16 flags, u16 next)
+{
+	d->desc[i].addr = addr;
+	d->desc[i].len = len;
+	d->desc[i].flags = flags;
+	d->desc[i].next = next;
+}
+
+static void set_header(struct blk *d, u32 type, u64 sector)
+{
+	*(volatile u32 *)d->hdr = type;
+	*(volatile u32 *)(d->hdr + 4) = 0;
+	*(volatile u64 *)(d->hdr + 8) = sector;
+	*d->status = 0xff;
+}
+
+/*
+ * One request: header, optional data buffer, status. Returns the status byte, or -1 if
+ * the device did not complete it in time. `*used_len` gets the used element's length.
+ */
+static int blk_request(struct blk *d, u32 type, u64 sector, u64 buf, u32 len, u32 *used_len)
+{
+	set_header(d, type, sector);
+	int dev_writes = type == BLK_T_IN || type == BLK_T_GET_ID;
+	set_desc(d, 0, (u64)d->hdr, 16, DESC_F_NEXT, len ? 1 : 2);
+	set_desc(d, 1, buf, len, DESC_F_NEXT | (dev_writes ? DESC_F_WRITE : 0), 2);
+	set_desc(d, 2, (u64)d->status, 1, DESC_F_WRITE, 0);
+	if (blk_submit(d, used_len))
+		return -1;
 	return *d->status;
 }
 
@@ -273,6 +294,53 @@ static int irq_check(struct blk *d, u32 dev, u32 gsi, u64 buf)
 	return bad;
 }
 
+/*
+ * A driver out of spec, on a live device: a data buffer in the MMIO gap (IOERR), a
+ * descriptor loop (completed with nothing written), then a queue larger than the device's
+ * maximum (DEVICE_NEEDS_RESET at DRIVER_OK) and a reset that recovers.
+ */
+static int out_of_spec(struct blk *d, u32 dev, u64 rings, u64 buf)
+{
+	u32 ul;
+	int bad = expect(blk_request(d, BLK_T_IN, 0, 0xd0000000ULL, SECTOR, &ul), BLK_S_IOERR,
+			 "read into the MMIO gap", dev);
+	set_header(d, BLK_T_IN, 0);
+	set_desc(d, 0, (u64)d->hdr, 16, DESC_F_NEXT, 1);
+	set_desc(d, 1, buf, SECTOR, DESC_F_NEXT | DESC_F_WRITE, 0);
+	ul = 99;
+	if (blk_submit(d, &ul) || ul != 0 || *d->status != 0xff) {
+		kprintf("DISK FAIL dev=%u descriptor loop: used len %u status 0x%x\n", dev, ul, *d->status);
+		bad = 1;
+	}
+	/* A queue larger than the maximum. */
+	mw(d, MMIO_STATUS, 0);
+	mw(d, MMIO_STATUS, S_ACK | S_DRIVER);
+	mw(d, MMIO_DRIVER_FEATURES_SEL, 1);
+	mw(d, MMIO_DRIVER_FEATURES, 1);
+	mw(d, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
+	mw(d, MMIO_QUEUE_SEL, 0);
+	mw(d, MMIO_QUEUE_NUM, mr(d, MMIO_QUEUE_NUM_MAX) * 2);
+	mw64(d, MMIO_QUEUE_DESC, (u64)d->desc);
+	mw64(d, MMIO_QUEUE_AVAIL, (u64)d->avail);
+	mw64(d, MMIO_QUEUE_USED, (u64)d->used);
+	mw(d, MMIO_QUEUE_READY, 1);
+	mw(d, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+	u32 st = mr(d, MMIO_STATUS);
+	if (!(st & S_NEEDS_RESET)) {
+		kprintf("DISK FAIL dev=%u oversized queue accepted (status 0x%x)\n", dev, st);
+		bad = 1;
+	}
+	/* A reset recovers. */
+	if (blk_init(d, d->mmio, rings)) {
+		kprintf("DISK FAIL dev=%u no recovery after a reset\n", dev);
+		return 1;
+	}
+	bad |= expect(blk_request(d, BLK_T_IN, 0, buf, SECTOR, &ul), BLK_S_OK, "read after reset", dev);
+	if (!bad)
+		kprintf("DISK out-of-spec dev=%u ok needs_reset_status=0x%x\n", dev, st);
+	return bad;
+}
+
 void disk_prepare(u64 area)
 {
 	/* Identical pages: the merge daemon can merge them before the disk reads into them. */
@@ -326,6 +394,7 @@ int disk_workload(u64 bp, const struct disk_params *p)
 		}
 		bad |= refusals(&d, dev, buf);
 		bad |= irq_check(&d, dev, gsis[i], buf);
+		bad |= out_of_spec(&d, dev, rings, buf);
 		if (!d.ro && write_flush_verify(&d, dev, buf, p->seed + dev))
 			bad = 1;
 		if (d.ro) {

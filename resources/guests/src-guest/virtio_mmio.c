@@ -7,35 +7,11 @@
  */
 #include "guest.h"
 
-#define MMIO_MAGIC 0x000
-#define MMIO_VERSION 0x004
-#define MMIO_DEVICE_ID 0x008
-#define MMIO_DEVICE_FEATURES 0x010
-#define MMIO_DEVICE_FEATURES_SEL 0x014
-#define MMIO_DRIVER_FEATURES 0x020
-#define MMIO_DRIVER_FEATURES_SEL 0x024
-#define MMIO_QUEUE_SEL 0x030
-#define MMIO_QUEUE_NUM_MAX 0x034
-#define MMIO_QUEUE_NUM 0x038
-#define MMIO_QUEUE_READY 0x044
-#define MMIO_QUEUE_NOTIFY 0x050
-#define MMIO_INTERRUPT_STATUS 0x060
-#define MMIO_INTERRUPT_ACK 0x064
-#define MMIO_STATUS 0x070
-#define MMIO_QUEUE_DESC 0x080
-#define MMIO_QUEUE_AVAIL 0x090
-#define MMIO_QUEUE_USED 0x0a0
-#define MMIO_CONFIG_GENERATION 0x0fc
-#define MMIO_CONFIG 0x100
+u32 vmmio_rd(u64 base, u32 off) { return *(volatile u32 *)(base + off); }
+void vmmio_wr(u64 base, u32 off, u32 v) { *(volatile u32 *)(base + off) = v; }
 
-#define S_ACK 1
-#define S_DRIVER 2
-#define S_DRIVER_OK 4
-#define S_FEATURES_OK 8
-#define S_NEEDS_RESET 64
-
-static u32 mr(u64 base, u32 off) { return *(volatile u32 *)(base + off); }
-static void mw(u64 base, u32 off, u32 v) { *(volatile u32 *)(base + off) = v; }
+static u32 mr(u64 base, u32 off) { return vmmio_rd(base, off); }
+static void mw(u64 base, u32 off, u32 v) { vmmio_wr(base, off, v); }
 
 static void mw64(u64 base, u32 off, u64 v)
 {

@@ -73,7 +73,10 @@ fn read_sector(mem: &GuestMemoryMmap, kick: &EventFd, n: u16, sector: u64) -> Ve
     kick.write(1).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap() != n + 1 {
-        assert!(Instant::now() < deadline, "request {n} not completed");
+        assert!(
+            Instant::now() < deadline,
+            "request {n} (sector {sector}) not completed"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     assert_eq!(
@@ -119,7 +122,9 @@ fn serves_requests_on_its_worker_across_a_reset_and_a_second_activation() {
     // Reset: the worker lets go; a new driver starts from a clean queue.
     w(&mut t, VIRTIO_MMIO_STATUS, 0);
     assert_eq!(r(&mut t, VIRTIO_MMIO_STATUS), 0);
-    mem.write_slice(&[0u8; 0x1000], GuestAddress(USED)).unwrap();
+    // As a driver does, the new one starts from zeroed rings (a stale available index
+    // would hand the device the old driver's requests again).
+    mem.write_slice(&[0u8; 0x3000], GuestAddress(DESC)).unwrap();
     start(&mut t);
     assert_eq!(read_sector(&mem, &kick, 0, 0), vec![1u8; 512]);
 }
