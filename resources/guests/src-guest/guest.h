@@ -249,6 +249,7 @@ struct vsock_params {
 	u64 listen;     /* guest port to echo on (0: skip) */
 	u64 accepts;    /* connections to serve on it before finishing */
 	u64 timeout_ms; /* how long to wait for them */
+	u64 bad;        /* first drive the device out of spec */
 };
 int vsock_workload(u64 boot_params, const struct vsock_params *p);
 

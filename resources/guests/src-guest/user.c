@@ -38,7 +38,8 @@ static struct params {
 	enum layout_kind layout;
 	u64 run;
 	u64 disk_seed, disk0_sum, disk1_sum;
-	u64 vsock_cid, vsock_port, vsock_msgs, vsock_size, vsock_listen, vsock_accepts, vsock_wait_ms;
+	u64 vsock_cid, vsock_port, vsock_msgs, vsock_size, vsock_listen, vsock_accepts, vsock_wait_ms,
+	    vsock_bad;
 } P;
 /* RAM set aside for the disk workload (its rings and data buffer), 0 if none. */
 static u64 disk_area;
@@ -275,6 +276,7 @@ static void parse_cmdline(const char *s, usize len)
 			{ "vsock_listen", &P.vsock_listen },
 			{ "vsock_accepts", &P.vsock_accepts },
 			{ "vsock_wait_ms", &P.vsock_wait_ms },
+			{ "vsock_bad", &P.vsock_bad },
 		};
 		if (streq_n(k, kn, "workload")) {
 			parse_workloads(v, vn);
@@ -935,6 +937,7 @@ void umain(void)
 				.listen = P.vsock_listen,
 				.accepts = P.vsock_accepts,
 				.timeout_ms = P.vsock_wait_ms,
+				.bad = P.vsock_bad,
 			};
 			if (vsock_workload(boot_info.boot_params, &vp))
 				failed = 1;

@@ -10,6 +10,7 @@
  * interrupts: the used rings are polled.
  *
  * The workload, in order:
+ *   0. with `vsock_bad=1`: out-of-spec TX chains first (see out_of_spec());
  *   1. guest -> host: connects to host port `vsock_port`, sends `vsock_msgs` messages of
  *      `vsock_size` bytes, each waiting for its echo and checking it byte for byte;
  *      prints `VSOCK CONNECT ... msgs_per_s=N`, then shuts the connection down;
@@ -84,6 +85,7 @@ static struct {
 	u32 listen_port;
 	struct conn in;
 	u64 served_msgs, refused, accepts_done;
+	u64 stray_resets; /* resets for no connection of ours (answers to bad packets) */
 	int bad;
 } V;
 
@@ -189,6 +191,8 @@ static void handle(const struct vsock_hdr *h, const u8 *data)
 			if (h->op == OP_REQUEST)
 				V.refused++;
 			send(NULL, OP_RST, 0, NULL, 0, h->dst_port, h->src_port);
+		} else {
+			V.stray_resets++;
 		}
 		return;
 	}
@@ -282,6 +286,65 @@ static int wait_for(volatile int *flag, const char *what)
 	return V.bad;
 }
 
+/* ------------------------------------------------------------ out of spec */
+
+/* Puts `n` raw descriptors (header at tx_buf saying `op`, `len`) on TX, waits for them. */
+static int tx_raw(u16 op, u32 len, const struct vq_desc *d, u16 n)
+{
+	volatile struct vsock_hdr *h = (volatile struct vsock_hdr *)tx_buf;
+	h->src_cid = V.cid;
+	h->dst_cid = HOST_CID;
+	h->src_port = 7777;
+	h->dst_port = 7;
+	h->len = len;
+	h->type = TYPE_STREAM;
+	h->op = op;
+	h->flags = 0;
+	h->buf_alloc = BUF_ALLOC;
+	h->fwd_cnt = 0;
+	for (u16 i = 0; i < n; i++) {
+		V.tx.desc[i].addr = d[i].addr;
+		V.tx.desc[i].len = d[i].len;
+		V.tx.desc[i].flags = d[i].flags;
+		V.tx.desc[i].next = d[i].next;
+	}
+	virtq_publish(&V.tx, 0);
+	vmmio_notify(V.mmio, 1);
+	u64 deadline = now_ms() + TIMEOUT_MS;
+	while (V.tx.used[1] != V.tx.avail_idx) {
+		if (now_ms() > deadline)
+			return fail("a bad TX chain was not returned");
+		cpu_relax();
+	}
+	return 0;
+}
+
+/*
+ * A driver out of spec on the live device: a header in the MMIO gap, a payload longer than
+ * its buffer, a payload outside RAM, a descriptor loop, an unknown operation. The device
+ * drops or resets each (the last two are answered with resets) and keeps working.
+ */
+static int out_of_spec(void)
+{
+	u64 buf = (u64)tx_buf;
+	const struct vq_desc gap[] = { { 0xd0000000ULL, HDR_LEN, 0, 0 } };
+	const struct vq_desc short_data[] = { { buf, HDR_LEN, VQ_DESC_F_NEXT, 1 }, { buf + HDR_LEN, 10, 0, 0 } };
+	const struct vq_desc outside[] = { { buf, HDR_LEN, VQ_DESC_F_NEXT, 1 }, { 1ULL << 46, 100, 0, 0 } };
+	const struct vq_desc loop[] = { { buf, HDR_LEN, VQ_DESC_F_NEXT, 0 } };
+	const struct vq_desc plain[] = { { buf, HDR_LEN, 0, 0 } };
+	if (tx_raw(OP_RW, 10, gap, 1) || tx_raw(OP_RW, 60000, short_data, 2) ||
+	    tx_raw(OP_RW, 100, outside, 2) || tx_raw(OP_RW, 10, loop, 1) || tx_raw(99, 0, plain, 1))
+		return 1;
+	u64 deadline = now_ms() + TIMEOUT_MS;
+	while (V.stray_resets < 2 && !V.bad) {
+		if (now_ms() > deadline)
+			return fail("no resets for the bad packets");
+		poll_rx();
+	}
+	kprintf("VSOCK BAD chains=5 resets=%llu\n", V.stray_resets);
+	return V.bad;
+}
+
 /* ------------------------------------------------------------------ workload */
 
 /* Phase 1: connect to the host's `port`, ping-pong `n` messages of `size` bytes. */
@@ -363,6 +426,8 @@ int vsock_workload(u64 bp, const struct vsock_params *p)
 		return fail("the device's CID is not vsock_cid");
 	if (p->size == 0 || p->size > RX_DATA)
 		return fail("vsock_size must be 1 to 4096");
+	if (p->bad && out_of_spec())
+		return 1;
 	u64 t0 = rdtsc();
 	if (p->port && connect_and_echo((u32)p->port, p->msgs, (u32)p->size))
 		return 1;
