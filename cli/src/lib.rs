@@ -12,3 +12,4 @@ pub mod ksm_client;
 pub mod launcher;
 pub mod size;
 pub mod vm_control;
+pub mod vsock_arg;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use tinyvmm::vm_control::{LiveVm, VmDescription};
-use tinyvmm::{bench, exit_status, ksm_client, launcher, size};
+use tinyvmm::{bench, exit_status, ksm_client, launcher, size, vsock_arg};
 use tinyvmm_api::vm::ShareMemory;
 use tinyvmm_api::ApiServer;
 use tinyvmm_merged as daemon;
@@ -190,8 +190,14 @@ struct RunArgs {
     /// The group to run as, with --uid.
     #[arg(long, requires = "uid", value_parser = clap::value_parser!(u32).range(0..i64::from(u32::MAX)))]
     gid: Option<u32>,
+    /// A virtio-vsock device: the guest's context ID (3 or more) and a Unix socket path
+    /// (created; must not exist). A host program connects to PATH and writes
+    /// `CONNECT <port>\n` to reach the guest's port (answered `OK <host_port>\n`); a guest
+    /// connecting to host port P reaches the program listening on `PATH_P`.
+    #[arg(long, value_name = "CID,PATH", value_parser = vsock_arg::parse_vsock)]
+    vsock: Option<vsock_arg::VsockArg>,
     /// Turn off the seccomp filters that every VMM thread (vCPUs, merge agent, API, event
-    /// loop) runs under by default. For debugging only: a call a filter refuses ends the
+    /// loop, devices) runs under by default. For debugging only: a call a filter refuses ends the
     /// VMM with exit status 148 and a "bad system call" line naming it.
     #[arg(long)]
     no_seccomp: bool,
@@ -208,6 +214,7 @@ enum TestViolation {
     Api,
     Main,
     VirtioBlk,
+    VirtioVsock,
 }
 
 impl From<TestViolation> for ThreadKind {
@@ -218,6 +225,7 @@ impl From<TestViolation> for ThreadKind {
             TestViolation::Api => ThreadKind::Api,
             TestViolation::Main => ThreadKind::Main,
             TestViolation::VirtioBlk => ThreadKind::VirtioBlock,
+            TestViolation::VirtioVsock => ThreadKind::VirtioVsock,
         }
     }
 }
@@ -363,6 +371,13 @@ fn virtio_devices(args: &RunArgs) -> Result<Vec<tinyvmm_vmm::virtio::BoxedDevice
             ExitCode::from(1)
         })?;
         devices.push(Box::new(block));
+    }
+    if let Some(v) = &args.vsock {
+        let vsock = tinyvmm_vmm::vsock::vsock_device(v.cid, &v.path).map_err(|e| {
+            eprintln!("tinyvmm: error: {e}");
+            ExitCode::from(1)
+        })?;
+        devices.push(vsock);
     }
     Ok(devices)
 }

@@ -21,7 +21,9 @@ const SOURCES: &[&str] = &[
     "lib.c",
     "content.c",
     "acpi.c",
+    "virtio_mmio.c",
     "virtio.c",
+    "vsock.c",
 ];
 const HEADERS: &[&str] = &["guest.h", "link.ld"];
 

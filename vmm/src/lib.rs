@@ -17,6 +17,7 @@ pub mod share;
 mod signals;
 pub mod vcpu;
 pub mod virtio;
+pub mod vsock;
 pub mod x86_64;
 
 use std::io::Write;

@@ -10,12 +10,14 @@
 //!
 //! - [`block`]: virtio-blk on a disk image;
 //! - [`mmio`]: the virtio-mmio transport (register layout version 2);
+//! - [`vsock`]: the virtio-vsock device;
 //! - [`worker`]: a device's worker thread, started with the device (before the seccomp
 //!   filters) and handed its queues on activation.
 
 pub mod block;
 pub mod device;
 pub mod mmio;
+pub mod vsock;
 pub mod worker;
 
 pub use device::{ActivateContext, ActivateError, GuestWrites, VirtioDevice, VirtioInterrupt};

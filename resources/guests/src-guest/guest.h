@@ -161,6 +161,71 @@ int acpi_check(u64 boot_params);
  * devices (LNRO0005), in DSDT order; returns how many (at most max). */
 u32 acpi_virtio_mmio(u64 boot_params, u64 *bases, u32 *gsis, u32 max);
 
+/* virtio_mmio.c: the virtio-mmio (version 2) transport the drivers share. Registers: */
+#define MMIO_MAGIC 0x000
+#define MMIO_VERSION 0x004
+#define MMIO_DEVICE_ID 0x008
+#define MMIO_DEVICE_FEATURES 0x010
+#define MMIO_DEVICE_FEATURES_SEL 0x014
+#define MMIO_DRIVER_FEATURES 0x020
+#define MMIO_DRIVER_FEATURES_SEL 0x024
+#define MMIO_QUEUE_SEL 0x030
+#define MMIO_QUEUE_NUM_MAX 0x034
+#define MMIO_QUEUE_NUM 0x038
+#define MMIO_QUEUE_READY 0x044
+#define MMIO_QUEUE_NOTIFY 0x050
+#define MMIO_INTERRUPT_STATUS 0x060
+#define MMIO_INTERRUPT_ACK 0x064
+#define MMIO_STATUS 0x070
+#define MMIO_QUEUE_DESC 0x080
+#define MMIO_QUEUE_AVAIL 0x090
+#define MMIO_QUEUE_USED 0x0a0
+#define MMIO_CONFIG_GENERATION 0x0fc
+#define MMIO_CONFIG 0x100
+
+#define S_ACK 1
+#define S_DRIVER 2
+#define S_DRIVER_OK 4
+#define S_FEATURES_OK 8
+#define S_NEEDS_RESET 64
+
+/* A 32-bit register of the device at `base` (for drivers that must go out of spec). */
+u32 vmmio_rd(u64 base, u32 off);
+void vmmio_wr(u64 base, u32 off, u32 v);
+
+struct vq_desc {
+	u64 addr;
+	u32 len;
+	u16 flags;
+	u16 next;
+};
+#define VQ_DESC_F_NEXT 1
+#define VQ_DESC_F_WRITE 2
+/* A split queue in three pages: descriptors, avail ring, used ring. */
+#define VIRTQ_BYTES (3 * PAGE_SIZE)
+struct virtq {
+	volatile struct vq_desc *desc;
+	volatile u16 *avail; /* flags, idx, ring[size] */
+	volatile u16 *used;  /* flags, idx, then (id u32, len u32)[size] */
+	u16 size, avail_idx, used_seen;
+};
+/* Resets the device at `base` and negotiates VERSION_1 plus the low feature bits in `want`
+ * it offers (*got). 0: FEATURES_OK; -1: another device type; 1: failed (*why). */
+int vmmio_start(u64 base, u32 device_id, u32 want, u32 *got, const char **why);
+/* Sets up queue `index` with `size` entries in the VIRTQ_BYTES at `rings`. 0 or 1 (*why). */
+int vmmio_queue(u64 base, u32 index, u16 size, u64 rings, struct virtq *q, const char **why);
+/* DRIVER_OK; 0, or 1 (*why) if the device did not accept it. */
+int vmmio_live(u64 base, const char **why);
+void vmmio_reset(u64 base);
+void vmmio_notify(u64 base, u32 queue);
+/* InterruptStatus, and acknowledging bits of it. */
+u32 vmmio_interrupt_status(u64 base);
+void vmmio_interrupt_ack(u64 base, u32 bits);
+/* 64 bits of configuration space at `off`, read consistently (generation counter). */
+u64 vmmio_config64(u64 base, u32 off);
+/* Puts chain `head` on the avail ring. */
+void virtq_publish(struct virtq *q, u16 head);
+
 /* virtio.c: the `disk` workload (README.md). */
 #define DISK_CHUNK (1ULL << 20)          /* bytes per request */
 #define DISK_RINGS_BYTES (12 * PAGE_SIZE) /* queue rings of up to 4 disks */
@@ -174,6 +239,19 @@ struct disk_params {
 int disk_workload(u64 boot_params, const struct disk_params *p);
 /* Fills the data buffer with 256 identical pages, or 256 different ones (merging tests). */
 void disk_prepare(u64 area, int unique);
+
+/* vsock.c: the `vsock` workload (README.md). */
+struct vsock_params {
+	u64 tsc_khz;
+	u64 cid;        /* the CID the device must report (0: not checked) */
+	u64 port;       /* host port to connect to and ping-pong with (0: skip) */
+	u64 msgs, size; /* messages and bytes per message of the ping-pong */
+	u64 listen;     /* guest port to echo on (0: skip) */
+	u64 accepts;    /* connections to serve on it before finishing */
+	u64 timeout_ms; /* how long to wait for them */
+	u64 bad;        /* first drive the device out of spec */
+};
+int vsock_workload(u64 boot_params, const struct vsock_params *p);
 
 /* user.c */
 void umain(void) __attribute__((noreturn));

@@ -19,9 +19,10 @@
 #define MAX_FAIL_LINES 8
 
 enum workload { W_HELLO, W_FILL, W_WAIT, W_VERIFY, W_CHURN, W_SERVE, W_CRASH, W_PAGEFAULT, W_CORRUPT, W_ACPI,
-		W_DISK, W_DISKPREP };
+		W_DISK, W_DISKPREP, W_VSOCK };
 static const char *const workload_names[] = { "hello", "fill",	"wait",	     "verify",	"churn", "serve",
-					      "crash", "pagefault", "corrupt", "acpi", "disk", "diskprep" };
+					      "crash", "pagefault", "corrupt", "acpi", "disk", "diskprep",
+					      "vsock" };
 #define N_WORKLOAD_NAMES (sizeof(workload_names) / sizeof(workload_names[0]))
 
 static struct params {
@@ -37,6 +38,8 @@ static struct params {
 	enum layout_kind layout;
 	u64 run;
 	u64 disk_seed, disk0_sum, disk1_sum, diskprep_unique;
+	u64 vsock_cid, vsock_port, vsock_msgs, vsock_size, vsock_listen, vsock_accepts, vsock_wait_ms,
+	    vsock_bad;
 } P;
 /* RAM set aside for the disk workload (its rings and data buffer), 0 if none. */
 static u64 disk_area;
@@ -225,6 +228,10 @@ static void parse_cmdline(const char *s, usize len)
 	P.serve_poll_ms = 100;
 	P.layout = LAYOUT_SAME;
 	P.run = 16;
+	P.vsock_msgs = 10000;
+	P.vsock_size = 64;
+	P.vsock_accepts = 1;
+	P.vsock_wait_ms = 60000;
 
 	usize i = 0;
 	while (i < len) {
@@ -263,6 +270,14 @@ static void parse_cmdline(const char *s, usize len)
 			{ "disk0_sum", &P.disk0_sum },
 			{ "disk1_sum", &P.disk1_sum },
 			{ "diskprep_unique", &P.diskprep_unique },
+			{ "vsock_cid", &P.vsock_cid },
+			{ "vsock_port", &P.vsock_port },
+			{ "vsock_msgs", &P.vsock_msgs },
+			{ "vsock_size", &P.vsock_size },
+			{ "vsock_listen", &P.vsock_listen },
+			{ "vsock_accepts", &P.vsock_accepts },
+			{ "vsock_wait_ms", &P.vsock_wait_ms },
+			{ "vsock_bad", &P.vsock_bad },
 		};
 		if (streq_n(k, kn, "workload")) {
 			parse_workloads(v, vn);
@@ -913,6 +928,22 @@ void umain(void)
 			if (acpi_check(boot_info.boot_params))
 				failed = 1;
 			break;
+		case W_VSOCK: {
+			struct vsock_params vp = {
+				.tsc_khz = tsc_khz,
+				.cid = P.vsock_cid,
+				.port = P.vsock_port,
+				.msgs = P.vsock_msgs,
+				.size = P.vsock_size,
+				.listen = P.vsock_listen,
+				.accepts = P.vsock_accepts,
+				.timeout_ms = P.vsock_wait_ms,
+				.bad = P.vsock_bad,
+			};
+			if (vsock_workload(boot_info.boot_params, &vp))
+				failed = 1;
+			break;
+		}
 		case W_FILL:
 			do_fill(0);
 			break;

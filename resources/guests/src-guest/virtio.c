@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 /*
- * tinyvmm test guest: a virtio-mmio (version 2) transport driver, a polling virtio-blk
- * driver on it, and the `disk` workload (CPL3; the MMIO gap is mapped uncached and
+ * tinyvmm test guest: a polling virtio-blk driver on the shared virtio-mmio transport
+ * (virtio_mmio.c), and the `disk` workload (CPL3; the MMIO gap is mapped uncached and
  * user-accessible).
  *
  * Devices are found the way Linux finds them without command-line hints: in the DSDT,
@@ -10,33 +10,6 @@
  * QueueNotify and completed by polling the used ring (no interrupts).
  */
 #include "guest.h"
-
-#define MMIO_MAGIC 0x000
-#define MMIO_VERSION 0x004
-#define MMIO_DEVICE_ID 0x008
-#define MMIO_DEVICE_FEATURES 0x010
-#define MMIO_DEVICE_FEATURES_SEL 0x014
-#define MMIO_DRIVER_FEATURES 0x020
-#define MMIO_DRIVER_FEATURES_SEL 0x024
-#define MMIO_QUEUE_SEL 0x030
-#define MMIO_QUEUE_NUM_MAX 0x034
-#define MMIO_QUEUE_NUM 0x038
-#define MMIO_QUEUE_READY 0x044
-#define MMIO_QUEUE_NOTIFY 0x050
-#define MMIO_INTERRUPT_STATUS 0x060
-#define MMIO_INTERRUPT_ACK 0x064
-#define MMIO_STATUS 0x070
-#define MMIO_QUEUE_DESC 0x080
-#define MMIO_QUEUE_AVAIL 0x090
-#define MMIO_QUEUE_USED 0x0a0
-#define MMIO_CONFIG_GENERATION 0x0fc
-#define MMIO_CONFIG 0x100
-
-#define S_ACK 1
-#define S_DRIVER 2
-#define S_DRIVER_OK 4
-#define S_FEATURES_OK 8
-#define S_NEEDS_RESET 64
 
 #define VIRTIO_ID_BLOCK 2
 #define BLK_F_SIZE_MAX (1u << 1)
@@ -58,13 +31,6 @@
 #define MAX_DISKS 4
 #define TIMEOUT_MS 10000
 
-struct vq_desc {
-	u64 addr;
-	u32 len;
-	u16 flags;
-	u16 next;
-};
-
 struct blk {
 	u64 mmio;
 	volatile struct vq_desc *desc;
@@ -79,9 +45,9 @@ struct blk {
 
 static u64 tsc_khz;
 
-static u32 mr(const struct blk *d, u32 off) { return *(volatile u32 *)(d->mmio + off); }
-static void mw(const struct blk *d, u32 off, u32 v) { *(volatile u32 *)(d->mmio + off) = v; }
-
+/* Raw register access, for the out-of-spec driver checks. */
+static u32 mr(const struct blk *d, u32 off) { return vmmio_rd(d->mmio, off); }
+static void mw(const struct blk *d, u32 off, u32 v) { vmmio_wr(d->mmio, off, v); }
 static void mw64(const struct blk *d, u32 off, u64 v)
 {
 	mw(d, off, (u32)v);
@@ -91,65 +57,30 @@ static void mw64(const struct blk *d, u32 off, u64 v)
 /* Reset, negotiate, set up queue 0 at `rings` (3 pages); 0 on success. */
 static int blk_init(struct blk *d, u64 mmio, u64 rings)
 {
+	const char *why = NULL;
+	u32 lo = 0;
+	struct virtq q;
 	d->mmio = mmio;
-	if (mr(d, MMIO_MAGIC) != 0x74726976 || mr(d, MMIO_VERSION) != 2) {
-		kprintf("DISK FAIL no virtio-mmio v2 device at 0x%llx\n", mmio);
-		return 1;
-	}
-	if (mr(d, MMIO_DEVICE_ID) != VIRTIO_ID_BLOCK)
+	int r = vmmio_start(mmio, VIRTIO_ID_BLOCK, BLK_F_RO | BLK_F_FLUSH | BLK_F_SEG_MAX | BLK_F_SIZE_MAX,
+			    &lo, &why);
+	if (r < 0)
 		return -1; /* another kind of device: skipped */
-	mw(d, MMIO_STATUS, 0);
-	mw(d, MMIO_STATUS, S_ACK);
-	mw(d, MMIO_STATUS, S_ACK | S_DRIVER);
-	mw(d, MMIO_DEVICE_FEATURES_SEL, 0);
-	u32 lo = mr(d, MMIO_DEVICE_FEATURES);
-	mw(d, MMIO_DEVICE_FEATURES_SEL, 1);
-	u32 hi = mr(d, MMIO_DEVICE_FEATURES);
-	if (!(hi & 1)) {
-		kprintf("DISK FAIL device at 0x%llx does not offer VERSION_1\n", mmio);
-		return 1;
-	}
-	lo &= BLK_F_RO | BLK_F_FLUSH | BLK_F_SEG_MAX | BLK_F_SIZE_MAX;
-	mw(d, MMIO_DRIVER_FEATURES_SEL, 0);
-	mw(d, MMIO_DRIVER_FEATURES, lo);
-	mw(d, MMIO_DRIVER_FEATURES_SEL, 1);
-	mw(d, MMIO_DRIVER_FEATURES, 1);
-	mw(d, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK);
-	if (!(mr(d, MMIO_STATUS) & S_FEATURES_OK)) {
-		kprintf("DISK FAIL device at 0x%llx refused features 0x%x\n", mmio, lo);
+	if (!r)
+		r = vmmio_queue(mmio, 0, VQ_SIZE, rings, &q, &why);
+	if (!r)
+		r = vmmio_live(mmio, &why);
+	if (r) {
+		kprintf("DISK FAIL device at 0x%llx: %s\n", mmio, why);
 		return 1;
 	}
 	d->ro = !!(lo & BLK_F_RO);
-	mw(d, MMIO_QUEUE_SEL, 0);
-	if (mr(d, MMIO_QUEUE_NUM_MAX) < VQ_SIZE) {
-		kprintf("DISK FAIL queue max %u\n", mr(d, MMIO_QUEUE_NUM_MAX));
-		return 1;
-	}
-	memset((void *)rings, 0, 3 * PAGE_SIZE);
-	d->desc = (volatile struct vq_desc *)rings;
-	d->avail = (volatile u16 *)(rings + PAGE_SIZE);
-	d->used = (volatile u16 *)(rings + 2 * PAGE_SIZE);
+	d->desc = q.desc;
+	d->avail = q.avail;
+	d->used = q.used;
 	d->hdr = (volatile u8 *)(rings + 1024);
 	d->status = (volatile u8 *)(rings + 1024 + 64);
 	d->avail_idx = 0;
-	mw(d, MMIO_QUEUE_NUM, VQ_SIZE);
-	mw64(d, MMIO_QUEUE_DESC, (u64)d->desc);
-	mw64(d, MMIO_QUEUE_AVAIL, (u64)d->avail);
-	mw64(d, MMIO_QUEUE_USED, (u64)d->used);
-	mw(d, MMIO_QUEUE_READY, 1);
-	mw(d, MMIO_STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
-	u32 st = mr(d, MMIO_STATUS);
-	if (!(st & S_DRIVER_OK) || (st & S_NEEDS_RESET)) {
-		kprintf("DISK FAIL device at 0x%llx did not go live (status 0x%x)\n", mmio, st);
-		return 1;
-	}
-	u32 gen, c0, c1;
-	do {
-		gen = mr(d, MMIO_CONFIG_GENERATION);
-		c0 = mr(d, MMIO_CONFIG);
-		c1 = mr(d, MMIO_CONFIG + 4);
-	} while (gen != mr(d, MMIO_CONFIG_GENERATION));
-	d->sectors = (u64)c1 << 32 | c0;
+	d->sectors = vmmio_config64(mmio, 0);
 	return 0;
 }
 
@@ -161,7 +92,7 @@ static int blk_submit(struct blk *d, u32 *used_len)
 	d->avail_idx++;
 	d->avail[1] = d->avail_idx;
 	barrier();
-	mw(d, MMIO_QUEUE_NOTIFY, 0);
+	vmmio_notify(d->mmio, 0);
 	u64 deadline = rdtsc() + TIMEOUT_MS * tsc_khz;
 	while (d->used[1] != d->avail_idx) {
 		if (rdtsc() > deadline)
@@ -339,7 +270,7 @@ static int irq_check(struct blk *d, u32 dev, u32 gsi, u64 buf)
 		kprintf("DISK irq dev=%u gsi=%u skipped (no LAPIC timer)\n", dev, gsi);
 		return 0;
 	}
-	mw(d, MMIO_INTERRUPT_ACK, mr(d, MMIO_INTERRUPT_STATUS));
+	vmmio_interrupt_ack(d->mmio, vmmio_interrupt_status(d->mmio));
 	*sel = 0x10 + 2 * gsi + 1;
 	*win = apic_id << 24;
 	*sel = 0x10 + 2 * gsi;
@@ -350,9 +281,9 @@ static int irq_check(struct blk *d, u32 dev, u32 gsi, u64 buf)
 	int woken = 0;
 	while (!woken && rdtsc() < deadline)
 		woken = sleep_ns_or_wake(10000000) == 1;
-	u32 is = mr(d, MMIO_INTERRUPT_STATUS);
-	mw(d, MMIO_INTERRUPT_ACK, is);
-	u32 after = mr(d, MMIO_INTERRUPT_STATUS);
+	u32 is = vmmio_interrupt_status(d->mmio);
+	vmmio_interrupt_ack(d->mmio, is);
+	u32 after = vmmio_interrupt_status(d->mmio);
 	*sel = 0x10 + 2 * gsi;
 	*win = 0x10000;
 	if (!woken || !(is & 1) || after) {
@@ -475,7 +406,7 @@ int disk_workload(u64 bp, const struct disk_params *p)
 				bad = 1;
 			}
 		}
-		mw(&d, MMIO_STATUS, 0);
+		vmmio_reset(d.mmio);
 	}
 	if (!disks) {
 		kprintf("DISK FAIL no virtio-blk device in the DSDT (%u virtio-mmio devices)\n", n);

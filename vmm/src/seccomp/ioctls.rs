@@ -48,6 +48,8 @@ pub(super) const AGENT: &[u64] = &[
 ];
 /// The API threads: non-blocking and close-on-exec sockets.
 pub(super) const API: &[u64] = &[FIONBIO, FIOCLEX];
+/// The virtio-vsock thread: non-blocking and close-on-exec sockets.
+pub(super) const VSOCK: &[u64] = &[FIONBIO, FIOCLEX];
 
 #[cfg(test)]
 mod tests {

@@ -3,7 +3,7 @@
 //! Every thread of a VMM process runs under a filter for its kind ([`ThreadKind`]): the
 //! event loop (the main thread), the vCPUs, the merge agent, the VM API (its I/O thread
 //! and the blocking-call threads it starts, which inherit its filter) and each virtio
-//! device's worker. A call outside the
+//! device's worker (one kind per device type). A call outside the
 //! filter traps (`SECCOMP_RET_TRAP`): the `SIGSYS` handler of `tinyvmm_sys::sigsys`
 //! names the call and the thread kind on stderr and ends the process with
 //! [`BAD_SYSCALL_EXIT`].
@@ -40,22 +40,26 @@ pub enum ThreadKind {
     Api,
     /// A virtio-blk device's worker: the request queue and the disk image.
     VirtioBlock,
+    /// The virtio-vsock device's worker: its queues and the Unix sockets to host programs.
+    VirtioVsock,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Agent,
         ThreadKind::Api,
         ThreadKind::VirtioBlock,
+        ThreadKind::VirtioVsock,
     ];
 
     /// The kind of a virtio device's worker thread, by virtio device ID.
     pub fn for_virtio_device(device_type: u32) -> Option<Self> {
         match device_type {
             virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK => Some(ThreadKind::VirtioBlock),
+            virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK => Some(ThreadKind::VirtioVsock),
             _ => None,
         }
     }
@@ -68,6 +72,7 @@ impl ThreadKind {
             ThreadKind::Agent => "merge-agent",
             ThreadKind::Api => "vm-api",
             ThreadKind::VirtioBlock => "virtio-blk",
+            ThreadKind::VirtioVsock => "virtio-vsock",
         }
     }
 }

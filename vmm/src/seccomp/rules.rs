@@ -131,6 +131,24 @@ const VIRTIO_BLOCK: &[libc::c_long] = &[
     libc::SYS_fsync,
 ];
 
+/// The virtio-vsock worker: its epoll set (made at each activation), the queues'
+/// kick eventfds, accepting host programs on the listening socket, connecting to the
+/// `PATH_<port>` listeners, reading and writing the connections, shutting their write half.
+const VIRTIO_VSOCK: &[libc::c_long] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_accept4,
+    libc::SYS_connect,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_shutdown,
+    libc::SYS_getsockopt,
+];
+
 fn cond(arg: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, value: u64) -> SeccompCondition {
     SeccompCondition::new(arg, len, op, value).expect("argument index below 6")
 }
@@ -218,6 +236,14 @@ pub(super) fn rules(kind: ThreadKind, kick: libc::c_int) -> RuleMap {
             .expect("one condition");
             map.insert(libc::SYS_clone, vec![rule]);
             allow_args(&mut map, libc::SYS_prctl, 0, &[libc::PR_SET_NAME as u64]);
+        }
+        ThreadKind::VirtioVsock => {
+            allow(&mut map, VIRTIO_VSOCK);
+            allow_args(&mut map, libc::SYS_socket, 0, &[libc::AF_UNIX as u64]);
+            allow_args(&mut map, libc::SYS_ioctl, 1, ioctls::VSOCK);
+            // Debug builds check a descriptor is open (`F_GETFD`) when closing it.
+            let fcntl = [libc::F_GETFD, libc::F_GETFL, libc::F_SETFL];
+            allow_args(&mut map, libc::SYS_fcntl, 1, &fcntl.map(|c| c as u64));
         }
     }
     map
