@@ -49,10 +49,27 @@ fn linux_files() -> LinuxFiles {
 const CMDLINE: &str =
     "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 pci=off tinyvmm_marker=4242";
 
+/// The disk every boot gets: 2 MiB of zeros (4096 sectors; init prints the MD5 of its first
+/// MiB).
+const DISK_SECTORS: u64 = 4096;
+const DISK_FIRST_MIB_MD5: &str = "b6d81b360a5672d80c27430f39153e2c";
+
+/// Boots with `--vcpus` N, a virtio-blk disk and a virtio-vsock device, which the DSDT
+/// describes and init's virtio modules find on a full boot.
 fn boot(kernel: &Path, initrd: &Path, vcpus: u8, timeout: Duration) -> Outcome {
+    // Both tests boot --vcpus 2, one the bzImage, one the ELF: a directory each.
+    let name = kernel.file_name().unwrap().to_string_lossy();
+    let dir = common::scratch_dir(&format!("linux-{name}-{vcpus}"));
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; (DISK_SECTORS * 512) as usize]).unwrap();
+    let vsock = format!("{},{}", 3 + u32::from(vcpus), dir.join("vsock").display());
     let vcpus = vcpus.to_string();
     run_vm(
         &[
+            "--disk",
+            disk.to_str().unwrap(),
+            "--vsock",
+            &vsock,
             "--kernel",
             kernel.to_str().unwrap(),
             "--initrd",
@@ -99,7 +116,18 @@ fn check_boot_contract(out: &Outcome) {
         // Full boot (hardware virtualization): init saw our command line and rebooted.
         assert!(out.stdout.contains("tinyvmm_marker=4242"));
         // init loaded the kernel package's virtio modules and listed the devices found.
-        assert!(out.stdout.contains("TINYVMM VIRTIO:"), "{}", out.stdout);
+        let virtio = out
+            .stdout
+            .lines()
+            .find(|l| l.contains("TINYVMM VIRTIO:"))
+            .unwrap_or_else(|| panic!("init lists no virtio devices\n{}", out.stdout));
+        // virtio device IDs: 2 block, 19 (0x13) vsock.
+        assert!(
+            virtio.contains("0x0002") && virtio.contains("0x0013"),
+            "{virtio}"
+        );
+        let disk = format!("TINYVMM DISK: vda sectors={DISK_SECTORS} md5={DISK_FIRST_MIB_MD5}");
+        assert!(out.stdout.contains(&disk), "{}", out.stdout);
         assert!(
             !out.stdout.contains("TINYVMM MODULE FAILED"),
             "{}",
