@@ -1,93 +1,129 @@
-//! The port I/O bus: a map from port ranges to devices.
+//! The VM's buses: maps from address ranges to devices. One type serves both address
+//! spaces: port I/O ([`PioBus`], 16-bit ports, `KVM_EXIT_IO`) and memory-mapped I/O
+//! ([`MmioBus`], guest-physical addresses, `KVM_EXIT_MMIO`).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-/// A device reachable through port I/O.
-pub trait BusDevice: Send {
-    /// Reads `data.len()` bytes at `offset` from the device's base port.
-    fn read(&mut self, offset: u16, data: &mut [u8]);
-    /// Writes `data` at `offset` from the device's base port.
-    fn write(&mut self, offset: u16, data: &[u8]);
+/// A device on a bus whose addresses are of type `A` (`u16` ports or `u64` guest-physical
+/// addresses).
+pub trait BusDevice<A = u16>: Send {
+    /// Reads `data.len()` bytes at `offset` from the device's base address.
+    fn read(&mut self, offset: A, data: &mut [u8]);
+    /// Writes `data` at `offset` from the device's base address.
+    fn write(&mut self, offset: A, data: &[u8]);
 }
 
-/// Errors building the bus.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+/// An address on a bus: a port or a guest-physical address.
+pub trait BusAddress: Copy + Ord + Into<u64> + TryFrom<u64> + std::fmt::Debug {
+    /// One past the last address of the space (`None`: the whole of `u64`).
+    const SPACE_END: Option<u64>;
+}
+
+impl BusAddress for u16 {
+    const SPACE_END: Option<u64> = Some(0x1_0000);
+}
+
+impl BusAddress for u64 {
+    const SPACE_END: Option<u64> = None;
+}
+
+/// Errors building a bus.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum BusError {
-    /// Two devices claim overlapping ports.
-    #[error("port range {base:#x}+{len} overlaps an existing device")]
+    /// Two devices claim overlapping ranges, or a range runs past the address space.
+    #[error("range {base:#x}+{len:#x} overlaps an existing device or leaves the address space")]
     Overlap {
-        /// First port of the new range.
-        base: u16,
+        /// First address of the new range.
+        base: u64,
         /// Length of the new range.
-        len: u16,
+        len: u64,
     },
     /// An empty range.
-    #[error("port range {base:#x} has length 0")]
+    #[error("range {base:#x} has length 0")]
     Empty {
-        /// First port of the range.
-        base: u16,
+        /// First address of the range.
+        base: u64,
     },
 }
 
-struct Range {
-    len: u16,
-    device: Arc<Mutex<dyn BusDevice>>,
+struct Range<A> {
+    len: u64,
+    device: Arc<Mutex<dyn BusDevice<A>>>,
 }
 
-/// The port I/O address space of one VM.
+/// One address space of one VM.
 ///
-/// Reads of unclaimed ports return all ones (a floating ISA bus), writes to them are
-/// dropped: Linux probes many legacy ports and must see "nothing there", quickly.
-#[derive(Default)]
-pub struct PioBus {
-    ranges: BTreeMap<u16, Range>,
+/// Reads nobody claims return all ones (a floating bus; Linux probes many legacy ports
+/// and must see "nothing there", quickly), writes to them are dropped.
+pub struct Bus<A> {
+    ranges: BTreeMap<u64, Range<A>>,
 }
 
-impl std::fmt::Debug for PioBus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let ranges: Vec<_> = self.ranges.iter().map(|(b, r)| (*b, r.len)).collect();
-        f.debug_struct("PioBus").field("ranges", &ranges).finish()
+/// The port I/O space.
+pub type PioBus = Bus<u16>;
+/// The memory-mapped I/O space.
+pub type MmioBus = Bus<u64>;
+
+impl<A> Default for Bus<A> {
+    fn default() -> Self {
+        Bus {
+            ranges: BTreeMap::new(),
+        }
     }
 }
 
-impl PioBus {
+impl<A> std::fmt::Debug for Bus<A> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ranges: Vec<_> = self.ranges.iter().map(|(b, r)| (*b, r.len)).collect();
+        f.debug_struct("Bus").field("ranges", &ranges).finish()
+    }
+}
+
+impl<A: BusAddress> Bus<A> {
     /// An empty bus.
     pub fn new() -> Self {
         Self::default()
     }
 
-    /// Claims `len` ports from `base` for `device`.
+    /// Claims `len` addresses from `base` for `device`.
     pub fn insert(
         &mut self,
-        device: Arc<Mutex<dyn BusDevice>>,
-        base: u16,
-        len: u16,
+        device: Arc<Mutex<dyn BusDevice<A>>>,
+        base: A,
+        len: A,
     ) -> Result<(), BusError> {
+        let (base, len): (u64, u64) = (base.into(), len.into());
         if len == 0 {
             return Err(BusError::Empty { base });
         }
-        let end = u32::from(base) + u32::from(len);
-        if let Some((b, r)) = self.ranges.range(..end as u16).next_back() {
-            if u32::from(*b) + u32::from(r.len) > u32::from(base) {
-                return Err(BusError::Overlap { base, len });
-            }
+        let overlap = BusError::Overlap { base, len };
+        let end = base.checked_add(len).ok_or(overlap.clone())?;
+        if A::SPACE_END.is_some_and(|space| end > space) {
+            return Err(overlap);
         }
-        if end > 0x1_0000 {
-            return Err(BusError::Overlap { base, len });
+        if let Some((b, r)) = self.ranges.range(..end).next_back() {
+            if b + r.len > base {
+                return Err(overlap);
+            }
         }
         self.ranges.insert(base, Range { len, device });
         Ok(())
     }
 
-    fn find(&self, port: u16) -> Option<(u16, &Range)> {
-        let (base, range) = self.ranges.range(..=port).next_back()?;
-        (u32::from(port) < u32::from(*base) + u32::from(range.len)).then_some((port - base, range))
+    fn find(&self, addr: A) -> Option<(A, &Range<A>)> {
+        let addr: u64 = addr.into();
+        let (base, range) = self.ranges.range(..=addr).next_back()?;
+        let offset = addr - base;
+        if offset >= range.len {
+            return None;
+        }
+        Some((A::try_from(offset).ok()?, range))
     }
 
-    /// Dispatches a guest `in` to the device at `port`; returns whether one claimed it.
-    pub fn read(&self, port: u16, data: &mut [u8]) -> bool {
-        match self.find(port) {
+    /// Dispatches a guest read at `addr`; returns whether a device claimed it.
+    pub fn read(&self, addr: A, data: &mut [u8]) -> bool {
+        match self.find(addr) {
             Some((offset, range)) => {
                 lock(&range.device).read(offset, data);
                 true
@@ -99,9 +135,9 @@ impl PioBus {
         }
     }
 
-    /// Dispatches a guest `out` to the device at `port`; returns whether one claimed it.
-    pub fn write(&self, port: u16, data: &[u8]) -> bool {
-        match self.find(port) {
+    /// Dispatches a guest write at `addr`; returns whether a device claimed it.
+    pub fn write(&self, addr: A, data: &[u8]) -> bool {
+        match self.find(addr) {
             Some((offset, range)) => {
                 lock(&range.device).write(offset, data);
                 true
@@ -133,17 +169,17 @@ mod tests {
     use super::*;
 
     struct Echo(u8);
-    impl BusDevice for Echo {
-        fn read(&mut self, offset: u16, data: &mut [u8]) {
-            data.fill(self.0.wrapping_add(offset as u8));
+    impl<A: BusAddress> BusDevice<A> for Echo {
+        fn read(&mut self, offset: A, data: &mut [u8]) {
+            data.fill(self.0.wrapping_add(offset.into() as u8));
         }
-        fn write(&mut self, _offset: u16, data: &[u8]) {
+        fn write(&mut self, _offset: A, data: &[u8]) {
             self.0 = data[0];
         }
     }
 
     #[test]
-    fn dispatches_by_range_and_offset() {
+    fn ports_dispatch_by_range_and_offset() {
         let mut bus = PioBus::new();
         bus.insert(Arc::new(Mutex::new(Echo(10))), 0x3f8, 8)
             .unwrap();
@@ -159,7 +195,7 @@ mod tests {
     }
 
     #[test]
-    fn rejects_overlaps_and_empty_ranges() {
+    fn ports_refuse_overlaps_empty_ranges_and_the_end_of_the_space() {
         let mut bus = PioBus::new();
         bus.insert(Arc::new(Mutex::new(Sink)), 0x60, 5).unwrap();
         assert!(bus.insert(Arc::new(Mutex::new(Sink)), 0x64, 1).is_err());
@@ -167,5 +203,34 @@ mod tests {
         assert!(bus.insert(Arc::new(Mutex::new(Sink)), 0x5b, 5).is_ok());
         assert!(bus.insert(Arc::new(Mutex::new(Sink)), 0x70, 0).is_err());
         assert!(bus.insert(Arc::new(Mutex::new(Sink)), 0xffff, 2).is_err());
+        assert!(bus.insert(Arc::new(Mutex::new(Sink)), 0xffff, 1).is_ok());
+    }
+
+    #[test]
+    fn mmio_dispatches_by_range_and_offset_and_refuses_overlaps() {
+        let mut bus = MmioBus::new();
+        bus.insert(Arc::new(Mutex::new(Echo(1))), 0xd000_0000, 0x1000)
+            .unwrap();
+        bus.insert(Arc::new(Mutex::new(Echo(9))), 0xd000_1000, 0x1000)
+            .unwrap();
+        let mut b = [0u8; 4];
+        assert!(bus.read(0xd000_0004, &mut b));
+        assert_eq!(b, [5; 4]);
+        assert!(bus.write(0xd000_1000, &[20]));
+        assert!(bus.read(0xd000_1001, &mut b));
+        assert_eq!(b, [21; 4]);
+        assert!(!bus.read(0xd000_2000, &mut b));
+        assert_eq!(b, [0xff; 4]);
+        assert!(!bus.read(0xcfff_ffff, &mut b));
+        for (base, len) in [
+            (0xd000_0800, 0x1000),
+            (0xcfff_f001, 0x1000),
+            (0x10, 0),
+            (u64::MAX, 2),
+        ] {
+            assert!(bus
+                .insert(Arc::new(Mutex::new(Echo(0))), base, len)
+                .is_err());
+        }
     }
 }

@@ -7,9 +7,10 @@
 //!   (`reboot=k`) ends the VMM cleanly;
 //! - [`debug_exit::DebugExit`]: an isa-debug-exit style port for test guests;
 //! - [`cmos::Cmos`]: the CMOS/RTC index and data ports with the wall-clock time;
-//! - [`bus::PioBus`]: the address map, with unclaimed ports answered like a floating bus;
+//! - [`bus::Bus`]: the address maps (ports and MMIO), unclaimed addresses answered like a
+//!   floating bus;
 //! - [`virtio`]: the virtio device contract, the virtio-mmio transport and the device
-//!   models, reached through `KVM_EXIT_MMIO` on [`mmio_bus::MmioBus`].
+//!   models, reached through `KVM_EXIT_MMIO` on [`bus::MmioBus`].
 //!
 //! Devices know nothing of KVM: the VMM dispatches exits to them, wires their interrupts
 //! (irqfds) and queue notifications (ioeventfds), and learns of VMM-wide events (exit
@@ -22,10 +23,8 @@ pub mod cmos;
 pub mod debug_exit;
 pub mod exit;
 pub mod i8042;
-pub mod mmio_bus;
 pub mod serial;
 pub mod virtio;
 
-pub use bus::{BusDevice, PioBus};
+pub use bus::{BusDevice, MmioBus, PioBus};
 pub use exit::{ExitReason, ExitSignal};
-pub use mmio_bus::MmioBus;

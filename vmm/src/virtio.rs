@@ -55,7 +55,7 @@ pub enum VirtioError {
     },
     /// The MMIO range is taken.
     #[error(transparent)]
-    Bus(#[from] tinyvmm_devices::mmio_bus::MmioBusError),
+    Bus(#[from] tinyvmm_devices::bus::BusError),
 }
 
 /// Where one device sits: its MMIO window and its interrupt line.

@@ -27,6 +27,7 @@ use vm_memory::GuestMemory;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::{ActivateContext, GuestWrites, VirtioDevice, VirtioInterrupt};
+use crate::bus::BusDevice;
 
 /// Bytes of MMIO space one transport decodes (registers and configuration space).
 pub const MMIO_SLOT_SIZE: u64 = 0x1000;
@@ -81,14 +82,6 @@ impl VirtioInterrupt for MmioInterrupt {
     fn signal_config_change(&self) -> std::io::Result<()> {
         self.raise(VIRTIO_MMIO_INT_CONFIG)
     }
-}
-
-/// A device reachable through memory-mapped I/O.
-pub trait MmioDevice: Send {
-    /// Reads `data.len()` bytes at `offset` from the device's base address.
-    fn read(&mut self, offset: u64, data: &mut [u8]);
-    /// Writes `data` at `offset` from the device's base address.
-    fn write(&mut self, offset: u64, data: &[u8]);
 }
 
 /// One queue's configuration as the driver wrote it, and its kick eventfd.
@@ -468,7 +461,7 @@ fn set_queue_address(q: &mut Queue, offset: u32, value: u32) {
     }
 }
 
-impl<M: GuestMemory + Clone + Send> MmioDevice for MmioTransport<M> {
+impl<M: GuestMemory + Clone + Send> BusDevice<u64> for MmioTransport<M> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         if offset >= u64::from(VIRTIO_MMIO_CONFIG) {
             self.device

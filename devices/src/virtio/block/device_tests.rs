@@ -11,7 +11,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{Block, DiskConfig};
-use crate::virtio::mmio::{MmioDevice, MmioInterrupt, MmioTransport};
+use crate::bus::BusDevice;
+use crate::virtio::mmio::{MmioInterrupt, MmioTransport};
 use crate::virtio::GuestWrites;
 
 struct Nothing;
