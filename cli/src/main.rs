@@ -386,6 +386,7 @@ fn run_vm(args: RunArgs) -> Result<ExitCode, ExitCode> {
         dirty_log: share,
         serial_out: Box::new(tinyvmm_vmm::SerialStdout),
         serial_in: Some(libc::STDIN_FILENO),
+        virtio_devices: Vec::new(),
         seccomp: seccomp.clone(),
     };
     let vmm = Vmm::new(cfg).map_err(|e| {

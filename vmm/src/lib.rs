@@ -15,6 +15,7 @@ pub mod seccomp;
 pub mod share;
 mod signals;
 pub mod vcpu;
+pub mod virtio;
 pub mod x86_64;
 
 use std::io::Write;
@@ -32,7 +33,7 @@ use tinyvmm_devices::cmos::{Cmos, CMOS_BASE, CMOS_LEN};
 use tinyvmm_devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT};
 use tinyvmm_devices::i8042::{I8042, I8042_BASE, I8042_LEN};
 use tinyvmm_devices::serial::{SerialDevice, SerialInput, COM1_BASE, COM1_IRQ, UART_LEN};
-use tinyvmm_devices::PioBus;
+use tinyvmm_devices::{MmioBus, PioBus};
 use vm_memory::{Address, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -66,6 +67,8 @@ pub struct VmConfig {
     pub serial_out: Box<dyn Write + Send>,
     /// Where guest serial input comes from (a pollable fd), if anywhere.
     pub serial_in: Option<std::os::fd::RawFd>,
+    /// Virtio devices, placed at consecutive virtio-mmio slots in list order.
+    pub virtio_devices: Vec<virtio::BoxedDevice>,
     /// The seccomp filters that [`Vmm::run`] installs on the vCPU threads and, once they
     /// run, on the calling thread (the event loop); `None` runs unfiltered.
     pub seccomp: Option<Arc<seccomp::Filters>>,
@@ -79,6 +82,14 @@ impl std::fmt::Debug for VmConfig {
             .field("vcpus", &self.vcpus)
             .field("memory_policy", &self.memory_policy)
             .field("dirty_log", &self.dirty_log)
+            .field(
+                "virtio_devices",
+                &self
+                    .virtio_devices
+                    .iter()
+                    .map(|d| d.name())
+                    .collect::<Vec<_>>(),
+            )
             .field("seccomp", &self.seccomp.is_some())
             .finish()
     }
@@ -124,6 +135,9 @@ pub enum VmmError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Virtio devices could not be attached.
+    #[error(transparent)]
+    Virtio(#[from] virtio::VirtioError),
     /// Devices could not be placed on the bus.
     #[error("device setup: {0}")]
     Bus(#[from] tinyvmm_devices::bus::BusError),
@@ -153,10 +167,11 @@ pub struct RamSlot {
 /// A subscriber the caller adds to the VMM's event loop (API socket, merge agent, ...).
 pub type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
-/// KVM's dirty log over the VM's RAM slots.
+/// KVM's dirty log over the VM's RAM slots, and the pages the VMM's devices wrote.
 struct KvmDirtyLog {
     vm: Arc<VmFd>,
     slots: Vec<(RamSlot, u64)>,
+    device_writes: Arc<share::DeviceWrites>,
 }
 
 impl share::DirtySource for KvmDirtyLog {
@@ -168,6 +183,7 @@ impl share::DirtySource for KvmDirtyLog {
                 .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
             into.or_bits(*first, &bits);
         }
+        self.device_writes.drain_into(into);
         Ok(())
     }
 }
@@ -179,6 +195,9 @@ pub struct Vmm {
     slots: Vec<RamSlot>,
     vcpus: Vec<VcpuFd>,
     bus: Arc<PioBus>,
+    mmio_bus: Arc<MmioBus>,
+    device_writes: Arc<share::DeviceWrites>,
+    virtio: virtio::VirtioDevices,
     exit: ExitSignal,
     serial_input: Option<SerialInput>,
     boot: BootInfo,
@@ -246,16 +265,34 @@ impl Vmm {
             slots.push(slot);
         }
 
+        // Virtio devices: where they sit decides what the firmware tables describe.
+        let device_writes = Arc::new(if cfg.dirty_log {
+            share::DeviceWrites::new(&slots.iter().map(|s| (s.gpa, s.len)).collect::<Vec<_>>())
+        } else {
+            share::DeviceWrites::disabled()
+        });
+        let mut mmio_bus = MmioBus::new();
+        let virtio = virtio::attach(
+            &vm,
+            &mem,
+            &mut mmio_bus,
+            cfg.virtio_devices,
+            device_writes.clone(),
+        )?;
+
         // Firmware tables first: the zero page points to the RSDP.
-        let acpi_devices = [x86_64::acpi::DeviceDescription::uart(
+        let mut acpi_devices = vec![x86_64::acpi::DeviceDescription::uart(
             "COM1", 0, COM1_BASE, COM1_IRQ,
         )];
+        acpi_devices.extend(virtio.acpi_descriptions());
+        let mut isa_irqs = vec![COM1_IRQ as u8];
+        isa_irqs.extend(virtio.gsis());
         let acpi = x86_64::acpi::setup_acpi(
             &mem,
             &x86_64::acpi::AcpiConfig {
                 vcpus: cfg.vcpus,
                 devices: &acpi_devices,
-                isa_irqs: &[COM1_IRQ as u8],
+                isa_irqs: &isa_irqs,
             },
         )?;
         x86_64::mptable::setup_mptable(&mem, cfg.vcpus)?;
@@ -333,6 +370,9 @@ impl Vmm {
             slots,
             vcpus,
             bus: Arc::new(bus),
+            mmio_bus: Arc::new(mmio_bus),
+            device_writes,
+            virtio,
             exit,
             serial_input,
             boot,
@@ -367,7 +407,12 @@ impl Vmm {
         self.exit.clone()
     }
 
-    /// The KVM dirty log of every RAM slot, in page-index order (slot 0's pages first),
+    /// Where the virtio devices sit.
+    pub fn virtio_devices(&self) -> &virtio::VirtioDevices {
+        &self.virtio
+    }
+
+    /// The KVM dirty log of every RAM slot (and the pages virtio devices wrote), in page-index order (slot 0's pages first),
     /// as a source for the merge agent. Needs `dirty_log` in the config.
     pub fn dirty_source(&self) -> Box<dyn share::DirtySource> {
         let mut first = 0;
@@ -383,6 +428,7 @@ impl Vmm {
         Box::new(KvmDirtyLog {
             vm: self.vm.clone(),
             slots,
+            device_writes: self.device_writes.clone(),
         })
     }
 
@@ -431,7 +477,10 @@ impl Vmm {
             let vcpu = vcpu::Vcpu::new(
                 fd,
                 index as u8,
-                self.bus.clone(),
+                vcpu::Buses {
+                    pio: self.bus.clone(),
+                    mmio: self.mmio_bus.clone(),
+                },
                 self.exit.clone(),
                 stop.clone(),
             );

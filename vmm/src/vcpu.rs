@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use tinyvmm_devices::{ExitReason, ExitSignal, PioBus};
+use tinyvmm_devices::{ExitReason, ExitSignal, MmioBus, PioBus};
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
 /// The signal that kicks a vCPU out of KVM_RUN.
@@ -26,11 +26,20 @@ const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 const KVM_INTERNAL_ERROR_SIMUL_EX: u32 = 2;
 const KVM_INTERNAL_ERROR_DELIVERY_EV: u32 = 3;
 
+/// The buses a vCPU's I/O exits reach.
+#[derive(Debug, Clone)]
+pub struct Buses {
+    /// Port I/O (`KVM_EXIT_IO`).
+    pub pio: Arc<PioBus>,
+    /// Memory-mapped I/O (`KVM_EXIT_MMIO`).
+    pub mmio: Arc<MmioBus>,
+}
+
 /// One vCPU and what its exits reach.
 pub struct Vcpu {
     fd: VcpuFd,
     index: u8,
-    bus: Arc<PioBus>,
+    bus: Buses,
     exit: ExitSignal,
     stop: Arc<AtomicBool>,
 }
@@ -43,13 +52,7 @@ impl std::fmt::Debug for Vcpu {
 
 impl Vcpu {
     /// Wraps a configured vCPU.
-    pub fn new(
-        fd: VcpuFd,
-        index: u8,
-        bus: Arc<PioBus>,
-        exit: ExitSignal,
-        stop: Arc<AtomicBool>,
-    ) -> Self {
+    pub fn new(fd: VcpuFd, index: u8, bus: Buses, exit: ExitSignal, stop: Arc<AtomicBool>) -> Self {
         Self {
             fd,
             index,
@@ -88,24 +91,27 @@ impl Vcpu {
         while !self.stop.load(Ordering::Acquire) {
             let outcome = match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => {
-                    if !self.bus.write(port, data) {
+                    if !self.bus.pio.write(port, data) {
                         tracing::trace!(port, ?data, "write to unclaimed port");
                     }
                     None
                 }
                 Ok(VcpuExit::IoIn(port, data)) => {
-                    if !self.bus.read(port, data) {
+                    if !self.bus.pio.read(port, data) {
                         tracing::trace!(port, "read of unclaimed port");
                     }
                     None
                 }
                 Ok(VcpuExit::MmioRead(addr, data)) => {
-                    tracing::trace!(addr, "read of unclaimed MMIO");
-                    data.fill(0xff);
+                    if !self.bus.mmio.read(addr, data) {
+                        tracing::trace!(addr, "read of unclaimed MMIO");
+                    }
                     None
                 }
-                Ok(VcpuExit::MmioWrite(addr, _)) => {
-                    tracing::trace!(addr, "write to unclaimed MMIO");
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    if !self.bus.mmio.write(addr, data) {
+                        tracing::trace!(addr, "write to unclaimed MMIO");
+                    }
                     None
                 }
                 Ok(VcpuExit::Hlt) => Some(ExitReason::VcpuFault(format!(

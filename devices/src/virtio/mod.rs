@@ -7,7 +7,13 @@
 //! kick eventfds (ioeventfds) and signalling the driver through [`device::VirtioInterrupt`]
 //! (an irqfd). Descriptor chains are walked with `virtio-queue`; guest memory is reached
 //! only through `vm-memory`.
+//!
+//! - [`mmio`]: the virtio-mmio transport (register layout version 2);
+//! - [`worker`]: a device's worker thread, started with the device (before the seccomp
+//!   filters) and handed its queues on activation.
 
 pub mod device;
+pub mod mmio;
+pub mod worker;
 
 pub use device::{ActivateContext, ActivateError, GuestWrites, VirtioDevice, VirtioInterrupt};

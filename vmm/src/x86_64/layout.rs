@@ -37,3 +37,11 @@ pub const KVM_TSS_ADDRESS: u64 = 0xfffb_d000;
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// The local APIC's MMIO base.
 pub const APIC_START: u64 = 0xfee0_0000;
+/// The first virtio-mmio transport, at the bottom of the MMIO gap; device `i` sits at
+/// `VIRTIO_MMIO_START + i * 0x1000`.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// The IOAPIC pin (GSI) of the first virtio-mmio transport; device `i` uses
+/// `VIRTIO_GSI_START + i`. Pins below 16 are ISA-style (edge, active high) and COM1 has 4.
+pub const VIRTIO_GSI_START: u32 = 5;
+/// The last GSI a virtio-mmio transport may use.
+pub const VIRTIO_GSI_END: u32 = 15;
