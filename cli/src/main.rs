@@ -191,6 +191,11 @@ struct RunArgs {
     /// VMM with exit status 148 and a "bad system call" line naming it.
     #[arg(long)]
     no_seccomp: bool,
+    /// Add a virtio-balloon (statistics, deflate-on-OOM, free page reporting) whose
+    /// initial target is SIZE (default 0): pages the guest reports free or puts into the
+    /// balloon are given back to the host. `PUT /vm/balloon` changes the target.
+    #[arg(long, value_name = "SIZE", num_args = 0..=1, default_missing_value = "0", require_equals = true, value_parser = size::parse_size)]
+    balloon: Option<u64>,
     /// Test hook: a thread of this kind makes a system call outside its filter.
     #[arg(long, hide = true, value_enum)]
     seccomp_test_violation: Option<TestViolation>,
@@ -308,7 +313,7 @@ fn jail(args: &RunArgs) -> Result<(), ExitCode> {
 /// the first daemon connection (made before privileges are dropped).
 struct AgentParts {
     cfg: tinyvmm_vmm::share::AgentConfig,
-    ram: tinyvmm_vmm::share::SharedRam,
+    ram: tinyvmm_vmm::share::SharedRamHandle,
     first: Option<std::os::unix::net::UnixStream>,
 }
 
@@ -344,7 +349,45 @@ fn prepare_agent(
                 ExitCode::from(1)
             })?;
     let first = tinyvmm_vmm::share::first_connection(&cfg);
-    Ok(AgentParts { cfg, ram, first })
+    Ok(AgentParts {
+        cfg,
+        ram: Arc::new(std::sync::Mutex::new(ram)),
+        first,
+    })
+}
+
+/// The balloon of `--balloon=SIZE`: the device (its worker thread started now, under the
+/// balloon's filter), the VM API's handle, and its discarder (shared with the merge agent
+/// once there is one).
+fn balloon_device(
+    size: u64,
+    seccomp: Option<Arc<Filters>>,
+) -> Result<
+    (
+        tinyvmm_vmm::virtio::balloon::Balloon,
+        (
+            tinyvmm_vmm::virtio::balloon::BalloonHandle,
+            Arc<tinyvmm_vmm::share::SharedRamDiscard>,
+        ),
+    ),
+    ExitCode,
+> {
+    let pages = u32::try_from(size / 4096).map_err(|_| {
+        eprintln!("tinyvmm: error: --balloon {size} is too large");
+        ExitCode::from(2)
+    })?;
+    let discard = tinyvmm_vmm::share::SharedRamDiscard::new();
+    let start: tinyvmm_vmm::virtio::DeviceThreadStart = Box::new(move || {
+        tinyvmm_vmm::seccomp::install_or_exit(seccomp.as_deref(), ThreadKind::Balloon)
+    });
+    let (device, handle) =
+        tinyvmm_vmm::virtio::balloon::Balloon::new(pages, discard.clone(), start).map_err(
+            |e| {
+                eprintln!("tinyvmm: error: cannot start the balloon: {e}");
+                ExitCode::from(1)
+            },
+        )?;
+    Ok((device, (handle, discard)))
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -374,6 +417,15 @@ fn run_vm(args: RunArgs) -> Result<ExitCode, ExitCode> {
         },
     };
     let seccomp = seccomp_filters(&args)?;
+    let mut virtio_devices: Vec<tinyvmm_vmm::virtio::BoxedDevice> = Vec::new();
+    let balloon = match args.balloon {
+        Some(size) => {
+            let (device, balloon) = balloon_device(size, seccomp.clone())?;
+            virtio_devices.push(Box::new(device));
+            Some(balloon)
+        }
+        None => None,
+    };
     let cfg = VmConfig {
         boot: BootSpec {
             kernel: kernel_source(&args.kernel),
@@ -386,7 +438,7 @@ fn run_vm(args: RunArgs) -> Result<ExitCode, ExitCode> {
         dirty_log: share,
         serial_out: Box::new(tinyvmm_vmm::SerialStdout),
         serial_in: Some(libc::STDIN_FILENO),
-        virtio_devices: Vec::new(),
+        virtio_devices,
         seccomp: seccomp.clone(),
     };
     let vmm = Vmm::new(cfg).map_err(|e| {
@@ -405,6 +457,10 @@ fn run_vm(args: RunArgs) -> Result<ExitCode, ExitCode> {
     } else {
         None
     };
+    // The balloon drops pages through the agent's RAM from now on (before any vCPU runs).
+    if let (Some((_, discard)), Some(parts)) = (&balloon, &agent) {
+        discard.share(parts.ram.clone());
+    }
     let bound_api = match &args.api_sock {
         Some(sock) => Some(ApiServer::bind_vm(sock).map_err(|e| {
             eprintln!(
@@ -433,7 +489,10 @@ fn run_vm(args: RunArgs) -> Result<ExitCode, ExitCode> {
     let _api = match bound_api {
         Some(bound) => {
             description.mem_bytes = vmm.mem_size();
-            let vm = LiveVm::new(description, vmm.exit_signal(), agent_status);
+            let mut vm = LiveVm::new(description, vmm.exit_signal(), agent_status);
+            if let Some((handle, _)) = &balloon {
+                vm = vm.with_balloon(handle.clone());
+            }
             let filters = seccomp.clone();
             let on_start: tinyvmm_api::ThreadStart = Box::new(move || {
                 tinyvmm_vmm::seccomp::install_or_exit(filters.as_deref(), ThreadKind::Api)

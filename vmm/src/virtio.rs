@@ -21,6 +21,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::x86_64::acpi::{DeviceDescription, HardwareId, Resource, Trigger};
 use crate::x86_64::layout::{VIRTIO_GSI_END, VIRTIO_GSI_START, VIRTIO_MMIO_START};
 
+pub use tinyvmm_devices::virtio::balloon;
+/// What a device's worker thread runs first (its seccomp filter).
+pub use tinyvmm_devices::virtio::worker::ThreadStart as DeviceThreadStart;
+
 /// A virtio device model the VMM can attach.
 pub type BoxedDevice = Box<dyn VirtioDevice<GuestMemoryMmap>>;
 

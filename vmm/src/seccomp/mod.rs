@@ -1,8 +1,9 @@
 //! Seccomp filters per kind of VMM thread, built with `seccompiler` as Firecracker does.
 //!
 //! Every thread of a VMM process runs under a filter for its kind ([`ThreadKind`]): the
-//! event loop (the main thread), the vCPUs, the merge agent and the VM API (its I/O thread
-//! and the blocking-call threads it starts, which inherit its filter). A call outside the
+//! event loop (the main thread), the vCPUs, the merge agent, the VM API (its I/O thread
+//! and the blocking-call threads it starts, which inherit its filter) and the virtio-balloon
+//! worker. A call outside the
 //! filter traps (`SECCOMP_RET_TRAP`): the `SIGSYS` handler of `tinyvmm_sys::sigsys`
 //! names the call and the thread kind on stderr and ends the process with
 //! [`BAD_SYSCALL_EXIT`].
@@ -37,15 +38,18 @@ pub enum ThreadKind {
     Agent,
     /// The VM API's I/O thread and its blocking-call threads.
     Api,
+    /// The virtio-balloon's worker thread.
+    Balloon,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 5] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Agent,
         ThreadKind::Api,
+        ThreadKind::Balloon,
     ];
 
     /// The name used in reports of refused calls.
@@ -55,6 +59,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Agent => "merge-agent",
             ThreadKind::Api => "vm-api",
+            ThreadKind::Balloon => "virtio-balloon",
         }
     }
 }

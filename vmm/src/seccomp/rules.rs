@@ -118,6 +118,17 @@ const API: &[libc::c_long] = &[
     libc::SYS_sched_getaffinity,
 ];
 
+/// The virtio-balloon worker: waiting on its queues' kick eventfds (epoll), reading them,
+/// dropping guest RAM (`madvise`, `mmap` — both in COMMON) and registering remapped RAM
+/// with the merge agent's userfaultfd (`ioctl`, below).
+const BALLOON: &[libc::c_long] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_read,
+];
+
 fn cond(arg: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, value: u64) -> SeccompCondition {
     SeccompCondition::new(arg, len, op, value).expect("argument index below 6")
 }
@@ -178,6 +189,12 @@ pub(super) fn rules(kind: ThreadKind, kick: libc::c_int) -> RuleMap {
             )])
             .expect("one condition");
             map.insert(libc::SYS_openat, vec![rule]);
+        }
+        ThreadKind::Balloon => {
+            allow(&mut map, BALLOON);
+            allow_args(&mut map, libc::SYS_ioctl, 1, ioctls::AGENT);
+            // Debug builds check a descriptor is open when they close one (the epoll fd).
+            allow_args(&mut map, libc::SYS_fcntl, 1, &[libc::F_GETFD as u64]);
         }
         ThreadKind::Api => {
             allow(&mut map, API);
