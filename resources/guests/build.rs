@@ -21,6 +21,7 @@ const SOURCES: &[&str] = &[
     "lib.c",
     "content.c",
     "acpi.c",
+    "balloon.c",
 ];
 const HEADERS: &[&str] = &["guest.h", "link.ld"];
 

@@ -157,6 +157,16 @@ static inline u64 page_word(u64 key, u32 j) { return mix64(key + (u64)(j + 1) * 
 /* acpi.c: the `acpi` workload; prints ACPI OK/FAIL, returns 0 if the tables are valid. */
 int acpi_check(u64 boot_params);
 
+/* balloon.c: a virtio-balloon driver on virtio-mmio, polled (see balloon.c). */
+int balloon_init(void);
+int balloon_present(void);
+void balloon_report(const u64 *gpa, const u64 *len, u32 n);
+void balloon_pfns(int deflate, const u32 *pfns, u32 n);
+u32 balloon_target(void);
+void balloon_set_actual(u32 pages);
+int balloon_stats(const u16 *tags, const u64 *vals, u32 n);
+#define BALLOON_MAX_RANGES 64
+
 /* user.c */
 void umain(void) __attribute__((noreturn));
 
