@@ -147,6 +147,10 @@ struct RunArgs {
     /// Guest RAM: 512M, 2G, ... (a bare number is MiB).
     #[arg(long, default_value = "256M", value_parser = size::parse_size)]
     mem: u64,
+    /// A disk for the guest, as a virtio-blk device: an image file (or block device),
+    /// `,ro` to refuse guest writes. Repeat for more disks (at most 11 virtio devices).
+    #[arg(long = "disk", value_name = "PATH[,ro]")]
+    disks: Vec<tinyvmm_vmm::virtio::DiskConfig>,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=i64::from(tinyvmm_vmm::MAX_VCPUS)))]
     vcpus: u8,
@@ -208,6 +212,7 @@ enum TestViolation {
     Agent,
     Api,
     Main,
+    VirtioBlk,
 }
 
 impl From<TestViolation> for ThreadKind {
@@ -217,6 +222,7 @@ impl From<TestViolation> for ThreadKind {
             TestViolation::Agent => ThreadKind::Agent,
             TestViolation::Api => ThreadKind::Api,
             TestViolation::Main => ThreadKind::Main,
+            TestViolation::VirtioBlk => ThreadKind::VirtioBlock,
         }
     }
 }
@@ -356,12 +362,10 @@ fn prepare_agent(
     })
 }
 
-/// The balloon of `--balloon=SIZE`: the device (its worker thread started now, under the
-/// balloon's filter), the VM API's handle, and its discarder (shared with the merge agent
-/// once there is one).
+/// The balloon of `--balloon=SIZE`: the device, the VM API's handle, and its discarder
+/// (shared with the merge agent once there is one). The VMM starts its worker thread.
 fn balloon_device(
     size: u64,
-    seccomp: Option<Arc<Filters>>,
 ) -> Result<
     (
         tinyvmm_vmm::virtio::balloon::Balloon,
@@ -377,17 +381,26 @@ fn balloon_device(
         ExitCode::from(2)
     })?;
     let discard = tinyvmm_vmm::share::SharedRamDiscard::new();
-    let start: tinyvmm_vmm::virtio::DeviceThreadStart = Box::new(move || {
-        tinyvmm_vmm::seccomp::install_or_exit(seccomp.as_deref(), ThreadKind::Balloon)
-    });
-    let (device, handle) =
-        tinyvmm_vmm::virtio::balloon::Balloon::new(pages, discard.clone(), start).map_err(
-            |e| {
-                eprintln!("tinyvmm: error: cannot start the balloon: {e}");
-                ExitCode::from(1)
-            },
-        )?;
+    let (device, handle) = tinyvmm_vmm::virtio::balloon::Balloon::new(pages, discard.clone())
+        .map_err(|e| {
+            eprintln!("tinyvmm: error: cannot create the balloon: {e}");
+            ExitCode::from(1)
+        })?;
     Ok((device, (handle, discard)))
+}
+
+/// The virtio devices `args` ask for, in slot order; an image that cannot be opened is
+/// an error before anything starts.
+fn virtio_devices(args: &RunArgs) -> Result<Vec<tinyvmm_vmm::virtio::BoxedDevice>, ExitCode> {
+    let mut devices: Vec<tinyvmm_vmm::virtio::BoxedDevice> = Vec::new();
+    for disk in &args.disks {
+        let block = tinyvmm_vmm::virtio::Block::new(disk).map_err(|e| {
+            eprintln!("tinyvmm: error: {e}");
+            ExitCode::from(1)
+        })?;
+        devices.push(Box::new(block));
+    }
+    Ok(devices)
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -417,10 +430,10 @@ fn run_vm(args: RunArgs) -> Result<ExitCode, ExitCode> {
         },
     };
     let seccomp = seccomp_filters(&args)?;
-    let mut virtio_devices: Vec<tinyvmm_vmm::virtio::BoxedDevice> = Vec::new();
+    let mut virtio_devices = virtio_devices(&args)?;
     let balloon = match args.balloon {
         Some(size) => {
-            let (device, balloon) = balloon_device(size, seccomp.clone())?;
+            let (device, balloon) = balloon_device(size)?;
             virtio_devices.push(Box::new(device));
             Some(balloon)
         }

@@ -22,6 +22,7 @@ const SOURCES: &[&str] = &[
     "content.c",
     "acpi.c",
     "balloon.c",
+    "virtio.c",
 ];
 const HEADERS: &[&str] = &["guest.h", "link.ld"];
 

@@ -448,12 +448,42 @@ impl Vmm {
         self.mem.iter().map(|r| r.len()).sum()
     }
 
+    /// Starts each virtio device's worker thread under its own seccomp filter (the calling
+    /// thread has none yet).
+    fn start_device_workers(&self) -> Result<(), VmmError> {
+        for t in &self.virtio.transports {
+            let mut t = tinyvmm_devices::bus::lock(t);
+            let filters = self.seccomp.clone();
+            let kind = seccomp::ThreadKind::for_virtio_device(t.device_type());
+            if filters.is_some() && kind.is_none() {
+                return Err(VmmError::Host {
+                    what: "virtio device worker",
+                    source: std::io::Error::other(format!(
+                        "no seccomp filter for virtio device {}",
+                        t.device_name()
+                    )),
+                });
+            }
+            t.start_device_worker(Box::new(move || {
+                if let Some(kind) = kind {
+                    seccomp::install_or_exit(filters.as_deref(), kind);
+                }
+            }))
+            .map_err(|e| VmmError::Host {
+                what: "virtio device worker",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        }
+        Ok(())
+    }
+
     /// Starts the vCPUs and runs the event loop, with `extra` subscribers, until the VM
     /// stops. SIGINT, SIGTERM and SIGHUP stop it cleanly. With seccomp filters in the
     /// config, each vCPU thread installs its own at its start and the calling thread
     /// installs the event loop's once every vCPU thread is started (a thread inherits its
     /// creator's filter, so the creator must not be filtered first).
     pub fn run(self, extra: Vec<Subscriber>) -> Result<ExitReason, VmmError> {
+        self.start_device_workers()?;
         let signals = signals::SignalWatcher::new(self.exit.clone()).map_err(host("signalfd"))?;
         vcpu::install_kick_handler().map_err(host("vCPU kick signal handler"))?;
         let mut em = EventManager::<Subscriber>::new().map_err(|e| VmmError::Host {

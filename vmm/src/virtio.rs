@@ -22,8 +22,7 @@ use crate::x86_64::acpi::{DeviceDescription, HardwareId, Resource, Trigger};
 use crate::x86_64::layout::{VIRTIO_GSI_END, VIRTIO_GSI_START, VIRTIO_MMIO_START};
 
 pub use tinyvmm_devices::virtio::balloon;
-/// What a device's worker thread runs first (its seccomp filter).
-pub use tinyvmm_devices::virtio::worker::ThreadStart as DeviceThreadStart;
+pub use tinyvmm_devices::virtio::block::{Block, DiskConfig, DiskError};
 
 /// A virtio device model the VMM can attach.
 pub type BoxedDevice = Box<dyn VirtioDevice<GuestMemoryMmap>>;

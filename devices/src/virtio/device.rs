@@ -73,6 +73,15 @@ pub trait VirtioDevice<M>: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space at `offset` (most devices ignore writes).
     fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device's worker thread, once, before the VM runs: the VMM calls it while
+    /// no seccomp filter is installed yet and after privileges are dropped, and `start`
+    /// runs first on the new thread (it installs the thread's filter). Activation and reset
+    /// come later from vCPU threads, which may not start threads (see
+    /// [`super::worker`]). Devices without a worker keep the default.
+    fn start_worker(&mut self, start: super::worker::ThreadStart) -> Result<(), ActivateError> {
+        drop(start);
+        Ok(())
+    }
     /// Starts serving the queues (on the device's own thread).
     fn activate(&mut self, ctx: ActivateContext<M>) -> Result<(), ActivateError>;
     /// Stops serving the queues and forgets them (the driver wrote status 0); `false` if

@@ -208,6 +208,19 @@ impl<M: GuestMemory + Clone> MmioTransport<M> {
         self.device.name()
     }
 
+    /// The device's virtio ID.
+    pub fn device_type(&self) -> u32 {
+        self.device.device_type()
+    }
+
+    /// Starts the device's worker thread (see [`VirtioDevice::start_worker`]).
+    pub fn start_device_worker(
+        &mut self,
+        start: super::worker::ThreadStart,
+    ) -> Result<(), super::device::ActivateError> {
+        self.device.start_worker(start)
+    }
+
     /// The device status register.
     pub fn status(&self) -> u32 {
         self.status
@@ -433,8 +446,6 @@ impl<M: GuestMemory + Clone> MmioTransport<M> {
         for q in &mut self.queues {
             q.queue.reset();
             q.bad_size = false;
-            // A notification the old driver left pending must not wake the next one.
-            let _ = q.kick.read();
         }
         self.interrupt.clear();
     }

@@ -8,11 +8,13 @@
 //! (an irqfd). Descriptor chains are walked with `virtio-queue`; guest memory is reached
 //! only through `vm-memory`.
 //!
+//! - [`block`]: virtio-blk on a disk image;
 //! - [`mmio`]: the virtio-mmio transport (register layout version 2);
 //! - [`worker`]: a device's worker thread, started with the device (before the seccomp
 //!   filters) and handed its queues on activation.
 
 pub mod balloon;
+pub mod block;
 pub mod device;
 pub mod mmio;
 pub mod worker;

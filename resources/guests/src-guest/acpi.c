@@ -221,3 +221,44 @@ int acpi_check(u64 bp)
 		rsdp, bp_rsdp, names, lapics, ioapic, overrides, dsdt_has_com1(dsdt));
 	return 0;
 }
+
+/* The DSDT through RSDP -> XSDT -> FACP, or NULL. */
+static const u8 *find_dsdt(u64 bp)
+{
+	u64 rsdp = scan_rsdp();
+	if (!rsdp)
+		return NULL;
+	const u8 *x = table(bp, rd64((const u8 *)rsdp + 24), "XSDT");
+	if (!x)
+		return NULL;
+	u32 xlen = rd32(x + 4);
+	for (u32 off = HEADER_LEN; off + 8 <= xlen; off += 8) {
+		const u8 *t = table(bp, rd64(x + off), NULL);
+		if (t && same(t, "FACP", 4) && rd32(t + 4) >= FADT_X_DSDT + 8) {
+			u64 d = rd64(t + FADT_X_DSDT);
+			return table(bp, d ? d : rd32(t + FADT_DSDT), "DSDT");
+		}
+	}
+	return NULL;
+}
+
+u32 acpi_virtio_mmio(u64 bp, u64 *bases, u32 max)
+{
+	static const char hid[] = "LNRO0005";
+	const u8 *d = find_dsdt(bp);
+	if (!d)
+		return 0;
+	u32 len = rd32(d + 4), n = 0;
+	for (u32 i = HEADER_LEN; i + sizeof(hid) <= len && n < max; i++) {
+		if (!same(d + i, hid, sizeof(hid)))
+			continue;
+		/* The device's _CRS follows its _HID: the first Memory32Fixed descriptor. */
+		for (u32 j = i + sizeof(hid); j + 12 <= len && j < i + 96; j++) {
+			if (d[j] == 0x86 && d[j + 1] == 0x09 && d[j + 2] == 0x00) {
+				bases[n++] = rd32(d + j + 4);
+				break;
+			}
+		}
+	}
+	return n;
+}

@@ -4,13 +4,14 @@
  * window [3 GiB, 4 GiB) is user-accessible and uncached), polling used rings instead of
  * taking interrupts (every queue's avail ring says VIRTQ_AVAIL_F_NO_INTERRUPT).
  *
- * The mechanics only: find and start the device, submit one request and wait for it.
+ * The device is found in the DSDT (acpi.c's acpi_virtio_mmio, shared with the virtio-blk
+ * driver in virtio.c); the queues differ from virtio-blk's (four of them, requests of
+ * several kinds), so they are set up here. The mechanics only: find and start the device, submit one request and wait for it.
  * Which pages to report, inflate or deflate is user.c's business (it knows the fill
  * area and the page versions).
  */
 #include "guest.h"
 
-#define VIRTIO_MMIO_BASE 0xd0000000ULL
 #define VIRTIO_MMIO_SLOTS 11
 #define VIRTIO_MAGIC 0x74726976
 #define VIRTIO_ID_BALLOON 5
@@ -85,10 +86,13 @@ static inline void mb(void) { __asm__ volatile("mfence" ::: "memory"); }
 
 int balloon_present(void) { return base != 0; }
 
+/* The balloon among the DSDT's virtio-mmio devices (found as Linux finds them, acpi.c). */
 static int find_device(void)
 {
-	for (u32 i = 0; i < VIRTIO_MMIO_SLOTS; i++) {
-		u64 b = VIRTIO_MMIO_BASE + (u64)i * 0x1000;
+	u64 bases[VIRTIO_MMIO_SLOTS];
+	u32 n = acpi_virtio_mmio(boot_info.boot_params, bases, VIRTIO_MMIO_SLOTS);
+	for (u32 i = 0; i < n; i++) {
+		u64 b = bases[i];
 		if (*(volatile u32 *)(b + R_MAGIC) == VIRTIO_MAGIC && *(volatile u32 *)(b + R_VERSION) == 2 &&
 		    *(volatile u32 *)(b + R_DEVICE_ID) == VIRTIO_ID_BALLOON) {
 			base = b;

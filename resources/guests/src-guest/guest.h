@@ -167,6 +167,24 @@ void balloon_set_actual(u32 pages);
 int balloon_stats(const u16 *tags, const u64 *vals, u32 n);
 #define BALLOON_MAX_RANGES 64
 
+/* acpi.c: the guest-physical bases of the DSDT's virtio-mmio devices (LNRO0005), in
+ * DSDT order; returns how many (at most max). */
+u32 acpi_virtio_mmio(u64 boot_params, u64 *bases, u32 max);
+
+/* virtio.c: the `disk` workload (README.md). */
+#define DISK_CHUNK (1ULL << 20)          /* bytes per request */
+#define DISK_RINGS_BYTES (12 * PAGE_SIZE) /* queue rings of up to 4 disks */
+#define DISK_AREA_BYTES (DISK_RINGS_BYTES + DISK_CHUNK)
+struct disk_params {
+	u64 area;    /* DISK_AREA_BYTES of RAM reserved for the workload, page aligned */
+	u64 tsc_khz;
+	u64 seed;    /* disk i gets word w = mix64(seed + i + w) written */
+	u64 sums[2]; /* the host's read checksums of disks 0 and 1 (0: not checked) */
+};
+int disk_workload(u64 boot_params, const struct disk_params *p);
+/* Fills the data buffer with 256 identical pages (for merging tests). */
+void disk_prepare(u64 area);
+
 /* user.c */
 void umain(void) __attribute__((noreturn));
 

@@ -18,9 +18,10 @@
 #define MAX_RANGES 64
 #define MAX_FAIL_LINES 8
 
-enum workload { W_HELLO, W_FILL, W_WAIT, W_VERIFY, W_CHURN, W_SERVE, W_CRASH, W_PAGEFAULT, W_CORRUPT, W_ACPI, W_FREE };
+enum workload { W_HELLO, W_FILL, W_WAIT, W_VERIFY, W_CHURN, W_SERVE, W_CRASH, W_PAGEFAULT, W_CORRUPT, W_ACPI,
+		W_DISK, W_DISKPREP, W_FREE };
 static const char *const workload_names[] = { "hello", "fill",	"wait",	     "verify",	"churn", "serve",
-					      "crash", "pagefault", "corrupt", "acpi", "free" };
+					      "crash", "pagefault", "corrupt", "acpi", "disk", "diskprep", "free" };
 #define N_WORKLOAD_NAMES (sizeof(workload_names) / sizeof(workload_names[0]))
 
 static struct params {
@@ -36,7 +37,10 @@ static struct params {
 	u64 mem_mib; /* 0: no check */
 	enum layout_kind layout;
 	u64 run;
+	u64 disk_seed, disk0_sum, disk1_sum;
 } P;
+/* RAM set aside for the disk workload (its rings and data buffer), 0 if none. */
+static u64 disk_area;
 static struct layout L;
 
 static u64 tsc_khz;
@@ -260,6 +264,9 @@ static void parse_cmdline(const char *s, usize len)
 			{ "corrupt_page", &P.corrupt_page },
 			{ "free_pct", &P.free_pct },
 			{ "run", &P.run },
+			{ "disk_seed", &P.disk_seed },
+			{ "disk0_sum", &P.disk0_sum },
+			{ "disk1_sum", &P.disk1_sum },
 		};
 		if (streq_n(k, kn, "workload")) {
 			parse_workloads(v, vn);
@@ -469,6 +476,24 @@ static void layout(void)
 	range_subtract(bp & pd, (bp & pd) + PAGE_SIZE);
 	if (cmdline_addr)
 		range_subtract(cmdline_addr & pd, (cmdline_addr + cmdline_len + PAGE_SIZE) & pd);
+
+	/* The disk workload's area: at the end of the first range large enough. */
+	for (u32 k = 0; k < P.nwork && !disk_area; k++) {
+		if (P.work[k] != W_DISK && P.work[k] != W_DISKPREP)
+			continue;
+		for (u32 i = 0; i < nranges; i++) {
+			if (ranges[i].end - ranges[i].start >= DISK_AREA_BYTES) {
+				disk_area = ranges[i].end - DISK_AREA_BYTES;
+				range_subtract(disk_area, ranges[i].end);
+				break;
+			}
+		}
+		if (!disk_area) {
+			kprintf("BOOTCHECK FAIL no room for the disk workload's buffers\n");
+			failed = 1;
+			return;
+		}
+	}
 
 	u64 avail = 0;
 	for (u32 i = 0; i < nranges; i++)
@@ -923,6 +948,23 @@ static const char *next_word(const char *s, const char **w, usize *n)
 	return s;
 }
 
+static void do_disk(void)
+{
+	struct disk_params dp = {
+		.area = disk_area,
+		.tsc_khz = tsc_khz,
+		.seed = P.disk_seed,
+		.sums = { P.disk0_sum, P.disk1_sum },
+	};
+	if (!disk_area) {
+		kprintf("ERROR disk: no disk area (disk is not on the workload list)\n");
+		failed = 1;
+		return;
+	}
+	if (disk_workload(boot_info.boot_params, &dp))
+		failed = 1;
+}
+
 static void do_serve(void)
 {
 	char line[128];
@@ -956,6 +998,8 @@ static void do_serve(void)
 				do_free(pct);
 		} else if (streq_n(w, wn, "hello")) {
 			kprintf("HELLO from tinyvmm test guest\n");
+		} else if (streq_n(w, wn, "disk")) {
+			do_disk();
 		} else if (streq_n(w, wn, "churn")) {
 			const char *a, *b;
 			usize an, bn;
@@ -1015,6 +1059,12 @@ void umain(void)
 			break;
 		case W_FILL:
 			do_fill(0);
+			break;
+		case W_DISK:
+			do_disk();
+			break;
+		case W_DISKPREP:
+			disk_prepare(disk_area);
 			break;
 		case W_WAIT: {
 			u64 t0 = rdtsc();

@@ -2,8 +2,8 @@
 //!
 //! Every thread of a VMM process runs under a filter for its kind ([`ThreadKind`]): the
 //! event loop (the main thread), the vCPUs, the merge agent, the VM API (its I/O thread
-//! and the blocking-call threads it starts, which inherit its filter) and the virtio-balloon
-//! worker. A call outside the
+//! and the blocking-call threads it starts, which inherit its filter) and each virtio
+//! device's worker. A call outside the
 //! filter traps (`SECCOMP_RET_TRAP`): the `SIGSYS` handler of `tinyvmm_sys::sigsys`
 //! names the call and the thread kind on stderr and ends the process with
 //! [`BAD_SYSCALL_EXIT`].
@@ -11,8 +11,8 @@
 //! Each thread installs its own filter as the first thing it runs ([`Filters::install`]);
 //! no filter is synchronised across threads (TSYNC), since kinds differ. Filters stack and
 //! a thread inherits its creator's, so the order is: the main thread starts every other
-//! thread while it has no filter, and installs the event loop's filter only after the
-//! last vCPU thread is started (in [`crate::Vmm::run`]). The API thread starts its pool
+//! thread while it has no filter (device workers, then vCPUs), and installs the event
+//! loop's filter only after the last vCPU thread is started (in [`crate::Vmm::run`]). The API thread starts its pool
 //! threads under its own filter, which allows exactly that.
 //!
 //! The programs are compiled once, before any thread starts ([`Filters::build`]); installing
@@ -38,19 +38,31 @@ pub enum ThreadKind {
     Agent,
     /// The VM API's I/O thread and its blocking-call threads.
     Api,
-    /// The virtio-balloon's worker thread.
-    Balloon,
+    /// A virtio-blk device's worker: the request queue and the disk image.
+    VirtioBlock,
+    /// The virtio-balloon's worker: its queues, and dropping the guest RAM it is given.
+    VirtioBalloon,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Agent,
         ThreadKind::Api,
-        ThreadKind::Balloon,
+        ThreadKind::VirtioBlock,
+        ThreadKind::VirtioBalloon,
     ];
+
+    /// The kind of a virtio device's worker thread, by virtio device ID.
+    pub fn for_virtio_device(device_type: u32) -> Option<Self> {
+        match device_type {
+            virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK => Some(ThreadKind::VirtioBlock),
+            virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON => Some(ThreadKind::VirtioBalloon),
+            _ => None,
+        }
+    }
 
     /// The name used in reports of refused calls.
     pub fn name(self) -> &'static str {
@@ -59,7 +71,8 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Agent => "merge-agent",
             ThreadKind::Api => "vm-api",
-            ThreadKind::Balloon => "virtio-balloon",
+            ThreadKind::VirtioBlock => "virtio-blk",
+            ThreadKind::VirtioBalloon => "virtio-balloon",
         }
     }
 }

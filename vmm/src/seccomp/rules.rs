@@ -118,10 +118,23 @@ const API: &[libc::c_long] = &[
     libc::SYS_sched_getaffinity,
 ];
 
+/// A virtio-blk worker: epoll on its kick and command eventfds, reading and writing the
+/// image at an offset, flushing it.
+const VIRTIO_BLOCK: &[libc::c_long] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_ctl,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_read,
+    libc::SYS_lseek,
+    libc::SYS_fdatasync,
+    libc::SYS_fsync,
+];
+
 /// The virtio-balloon worker: waiting on its queues' kick eventfds (epoll), reading them,
 /// dropping guest RAM (`madvise`, `mmap` — both in COMMON) and registering remapped RAM
 /// with the merge agent's userfaultfd (`ioctl`, below).
-const BALLOON: &[libc::c_long] = &[
+const VIRTIO_BALLOON: &[libc::c_long] = &[
     libc::SYS_epoll_create1,
     libc::SYS_epoll_wait,
     libc::SYS_epoll_pwait,
@@ -173,7 +186,14 @@ pub(super) fn rules(kind: ThreadKind, kick: libc::c_int) -> RuleMap {
             allow_args(&mut map, libc::SYS_ioctl, 1, ioctls::VCPU);
             // Debug builds of the standard library check that a descriptor is open
             // (`fcntl(F_GETFD)`) when a thread closes one, as a vCPU thread does at exit.
-            allow_args(&mut map, libc::SYS_fcntl, 1, &[libc::F_GETFD as u64]);
+            // A virtio device's activation (the driver's DRIVER_OK write) hands the device
+            // a duplicate of each queue's kick eventfd (`fcntl(F_DUPFD_CLOEXEC)`).
+            allow_args(
+                &mut map,
+                libc::SYS_fcntl,
+                1,
+                &[libc::F_GETFD as u64, libc::F_DUPFD_CLOEXEC as u64],
+            );
         }
         ThreadKind::Agent => {
             allow(&mut map, AGENT);
@@ -190,8 +210,13 @@ pub(super) fn rules(kind: ThreadKind, kick: libc::c_int) -> RuleMap {
             .expect("one condition");
             map.insert(libc::SYS_openat, vec![rule]);
         }
-        ThreadKind::Balloon => {
-            allow(&mut map, BALLOON);
+        ThreadKind::VirtioBlock => {
+            allow(&mut map, VIRTIO_BLOCK);
+            // Debug builds check a descriptor is open when closing it (at thread exit).
+            allow_args(&mut map, libc::SYS_fcntl, 1, &[libc::F_GETFD as u64]);
+        }
+        ThreadKind::VirtioBalloon => {
+            allow(&mut map, VIRTIO_BALLOON);
             allow_args(&mut map, libc::SYS_ioctl, 1, ioctls::AGENT);
             // Debug builds check a descriptor is open when they close one (the epoll fd).
             allow_args(&mut map, libc::SYS_fcntl, 1, &[libc::F_GETFD as u64]);

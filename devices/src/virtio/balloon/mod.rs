@@ -50,30 +50,41 @@ const NAME: &str = "virtio-balloon";
 #[derive(Debug)]
 pub struct Balloon {
     shared: Arc<Shared>,
-    worker: WorkerControl<GuestMemoryMmap>,
+    /// Handed to the worker when it starts.
+    discard: Option<Arc<dyn RamDiscard>>,
+    worker: Option<WorkerControl<GuestMemoryMmap>>,
+}
+
+impl std::fmt::Debug for dyn RamDiscard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RamDiscard")
+    }
 }
 
 impl Balloon {
     /// A balloon whose initial target is `target_pages` 4 KiB pages, dropping pages through
-    /// `discard`. Starts its worker thread now (it runs `start` first: its seccomp
-    /// filter); returns the device and the VMM's handle on it.
+    /// `discard`; returns the device and the VMM's handle on it. Its worker thread starts
+    /// with [`VirtioDevice::start_worker`].
     pub fn new(
         target_pages: u32,
         discard: Arc<dyn RamDiscard>,
-        start: ThreadStart,
     ) -> std::io::Result<(Self, BalloonHandle)> {
         let shared = Arc::new(Shared::new(target_pages)?);
-        let for_worker = shared.clone();
-        let worker = spawn_worker(NAME, start, move |inbox| {
-            worker::run(inbox, for_worker, discard)
-        })?;
         Ok((
             Self {
                 shared: shared.clone(),
-                worker,
+                discard: Some(discard),
+                worker: None,
             },
             BalloonHandle(shared),
         ))
+    }
+
+    fn worker(&self) -> Result<&WorkerControl<GuestMemoryMmap>, ActivateError> {
+        self.worker.as_ref().ok_or_else(|| ActivateError::BadQueues {
+            device: NAME,
+            why: "the worker thread was never started".into(),
+        })
     }
 
     fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
@@ -129,6 +140,21 @@ impl VirtioDevice<GuestMemoryMmap> for Balloon {
         self.shared.actual_pages.store(actual, Ordering::SeqCst);
     }
 
+    fn start_worker(&mut self, start: ThreadStart) -> Result<(), ActivateError> {
+        let Some(discard) = self.discard.take() else {
+            return Ok(());
+        };
+        let shared = self.shared.clone();
+        let worker = spawn_worker(NAME, start, move |inbox| worker::run(inbox, shared, discard))
+            .map_err(|source| ActivateError::Host {
+                device: NAME,
+                what: "start the worker thread",
+                source,
+            })?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
     fn activate(&mut self, ctx: ActivateContext<GuestMemoryMmap>) -> Result<(), ActivateError> {
         if let Some((index, _, _)) = ctx
             .queues
@@ -143,7 +169,7 @@ impl VirtioDevice<GuestMemoryMmap> for Balloon {
         self.shared
             .acked_features
             .store(ctx.acked_features, Ordering::SeqCst);
-        self.worker.activate(ctx).map_err(|source| ActivateError::Host {
+        self.worker()?.activate(ctx).map_err(|source| ActivateError::Host {
             device: NAME,
             what: "hand the queues to the worker",
             source,
@@ -151,7 +177,7 @@ impl VirtioDevice<GuestMemoryMmap> for Balloon {
     }
 
     fn reset(&mut self) -> bool {
-        let ok = self.worker.reset();
+        let ok = self.worker.as_ref().is_none_or(|w| w.reset());
         self.shared.active.store(false, Ordering::SeqCst);
         self.shared.actual_pages.store(0, Ordering::SeqCst);
         ok
