@@ -80,6 +80,7 @@ fn guest(id: u32, name: &str, group: &str, merging: u64, zero: u64) -> GuestInfo
             protect_max_ns: 1_200_000,
             blocked_writes: 3,
             vma_count: 140,
+            pages_reported: 0,
         },
     }
 }

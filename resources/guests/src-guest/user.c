@@ -845,6 +845,19 @@ static void do_free(u64 pct)
 	kprintf("FREE done pages=%llu runs=%llu requests=%llu us=%llu\n", pages, runs, requests, cycles_to_us(c));
 }
 
+/* `badreport` (serve): reports ranges the host must ignore, all over pages the guest still
+ * uses: outside RAM, unaligned, and two that overlap. A following verify shows nothing was
+ * dropped. */
+static void do_bad_report(void)
+{
+	if (!need_fill("badreport") || !balloon_ready() || npages < 8)
+		return;
+	u64 gpa[4] = { 1ULL << 40, page_gpa(5) + 8, page_gpa(1), page_gpa(2) };
+	u64 len[4] = { PAGE_SIZE, PAGE_SIZE, 2 * PAGE_SIZE, 2 * PAGE_SIZE };
+	balloon_report(gpa, len, 4);
+	kprintf("BADREPORT done ranges=4\n");
+}
+
 /* Moves pages between the guest and the balloon until it holds the host's target (at most
  * half the fill area); prints BALLOON when the size changed. */
 static void balloon_follow_target(void)
@@ -996,6 +1009,8 @@ static void do_serve(void)
 				kprintf("SERVE error usage: free P (0-100)\n");
 			else
 				do_free(pct);
+		} else if (streq_n(w, wn, "badreport")) {
+			do_bad_report();
 		} else if (streq_n(w, wn, "hello")) {
 			kprintf("HELLO from tinyvmm test guest\n");
 		} else if (streq_n(w, wn, "disk")) {
