@@ -95,19 +95,23 @@ pub struct BalloonStatistics {
     pub hugetlb_failures: Option<u64>,
 }
 
-/// Parses a `PUT /vm/balloon` body.
+/// Parses a `PUT /vm/balloon` body: a JSON object `{"amount_mib": N}` (an integral number
+/// such as `64.0` counts, as in JSON Schema).
 pub fn parse_balloon_update(body: &[u8]) -> Result<BalloonUpdate, ApiError> {
-    let u: BalloonUpdate = serde_json::from_slice(body).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "PUT /vm/balloon takes {{\"amount_mib\": N}}: {e}"
-        ))
-    })?;
+    let bad = |why: String| {
+        ApiError::BadRequest(format!("PUT /vm/balloon takes {{\"amount_mib\": N}}: {why}"))
+    };
+    let mut value: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    // Checked first: serde would also take the struct from an array (`[64]`).
+    if !value.is_object() {
+        return Err(bad("not an object".into()));
+    }
+    crate::routes::integral_numbers(&mut value);
+    let u: BalloonUpdate = serde_json::from_value(value).map_err(|e| bad(e.to_string()))?;
     // The target is a u32 count of 4 KiB pages in the device's configuration space.
     if u.amount_mib > u64::from(u32::MAX) / 256 {
-        return Err(ApiError::BadRequest(format!(
-            "amount_mib {} is too large",
-            u.amount_mib
-        )));
+        return Err(bad(format!("amount_mib {} is too large", u.amount_mib)));
     }
     Ok(u)
 }
