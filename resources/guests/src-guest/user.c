@@ -34,6 +34,7 @@ static struct params {
 	u64 churn_tick_ms, serve_poll_ms;
 	u64 corrupt_page;
 	u64 free_pct;
+	u64 free_report;
 	u64 mem_mib; /* 0: no check */
 	enum layout_kind layout;
 	u64 run;
@@ -64,6 +65,14 @@ static int filled;
  * until the guest writes it; a page in the balloon is not the guest's to read. */
 #define VERSION_FREED 0xffffffffU
 #define VERSION_BALLOON 0xfffffffeU
+/* A page released without telling the host (free_report=0): free memory whose content
+ * nobody checks. */
+#define VERSION_FREE_KEPT 0xfffffffdU
+/* The version a rewrite gives a page: the next one, and 1 after a special version. */
+static inline u32 next_version(u32 v)
+{
+	return v + 1 >= VERSION_FREE_KEPT || v + 1 == 0 ? 1 : v + 1;
+}
 static u32 balloon_pages; /* the last balloon_pages fill pages are in the balloon */
 
 /* ---------------------------------------------------------------- time */
@@ -229,6 +238,7 @@ static void parse_cmdline(const char *s, usize len)
 	P.serve_poll_ms = 100;
 	P.layout = LAYOUT_SAME;
 	P.run = 16;
+	P.free_report = 1;
 
 	usize i = 0;
 	while (i < len) {
@@ -263,6 +273,7 @@ static void parse_cmdline(const char *s, usize len)
 			{ "serve_poll_ms", &P.serve_poll_ms },
 			{ "corrupt_page", &P.corrupt_page },
 			{ "free_pct", &P.free_pct },
+			{ "free_report", &P.free_report },
 			{ "run", &P.run },
 			{ "disk_seed", &P.disk_seed },
 			{ "disk0_sum", &P.disk0_sum },
@@ -567,7 +578,7 @@ static void do_fill(int bump)
 			enum page_class cls = layout_class(&L, P.seed, lp, P.shared_pct, P.zero_pct);
 			if (bump && versions[i] == VERSION_BALLOON)
 				continue;
-			u32 v = bump ? versions[i] + 1 : 0;
+			u32 v = bump ? next_version(versions[i]) : 0;
 			versions[i] = v;
 			counts[cls]++;
 			sum += page_write(page, cls, v, page_key(P.seed, P.guest_seed, cls, lp, v));
@@ -589,7 +600,7 @@ static i64 verify_page(u64 i, const volatile u64 *p, u64 *expected, u64 *got)
 	u64 lp = layout_logical(&L, i);
 	enum page_class cls = layout_class(&L, P.seed, lp, P.shared_pct, P.zero_pct);
 	u32 v = versions[i];
-	if (v == VERSION_BALLOON)
+	if (v == VERSION_BALLOON || v == VERSION_FREE_KEPT)
 		return -1;
 	if ((cls == CLASS_ZERO && v == 0) || v == VERSION_FREED) {
 		for (u32 j = 0; j < WORDS_PER_PAGE; j++) {
@@ -691,9 +702,7 @@ static u64 churn_one(void)
 		i -= balloon_pages;
 	u64 lp = layout_logical(&L, i);
 	enum page_class cls = layout_class(&L, P.seed, lp, P.shared_pct, P.zero_pct);
-	u32 v = versions[i] + 1;
-	if (!v)
-		v = 1;
+	u32 v = next_version(versions[i]);
 	u64 key = page_key(P.seed, P.guest_seed, cls, lp, v);
 	volatile u64 *p = (volatile u64 *)page_gpa(i);
 	u64 w0 = page_word(key, 0);
@@ -804,6 +813,18 @@ static void do_free(u64 pct)
 {
 	if (!need_fill("free"))
 		return;
+	if (!P.free_report) {
+		/* Released inside the guest only: the host keeps the pages. */
+		u64 kept = 0;
+		for (u64 i = 0; i < npages - balloon_pages; i++) {
+			if (versions[i] != VERSION_FREED && versions[i] != VERSION_FREE_KEPT && free_pick(i, pct)) {
+				versions[i] = VERSION_FREE_KEPT;
+				kept++;
+			}
+		}
+		kprintf("FREE done pages=%llu runs=0 requests=0 us=0\n", kept);
+		return;
+	}
 	if (!balloon_ready()) {
 		kprintf("ERROR free needs a virtio-balloon (tinyvmm run --balloon)\n");
 		failed = 1;
@@ -817,7 +838,8 @@ static void do_free(u64 pct)
 	for (u32 s = 0; s < nsegs; s++) {
 		for (u64 k = 0; k < segs[s].n; k++) {
 			u64 i = segs[s].first + k;
-			if (i >= last || versions[i] == VERSION_FREED || !free_pick(i, pct))
+			if (i >= last || versions[i] == VERSION_FREED || versions[i] == VERSION_FREE_KEPT ||
+			    !free_pick(i, pct))
 				continue;
 			versions[i] = VERSION_FREED;
 			u64 g = segs[s].gpa + k * PAGE_SIZE;
