@@ -20,7 +20,13 @@ const BIN: &str = env!("CARGO_BIN_EXE_tinyvmm");
 const PAGE: u64 = 4096;
 
 /// A `fill,serve` guest with a balloon and a VM API socket: `mib` MiB filled.
-fn balloon_guest(dir: &Path, name: &str, mib: u64, cmdline_extra: &str, flags: &[&str]) -> (GuestProc, PathBuf) {
+fn balloon_guest(
+    dir: &Path,
+    name: &str,
+    mib: u64,
+    cmdline_extra: &str,
+    flags: &[&str],
+) -> (GuestProc, PathBuf) {
     let sock = dir.join(format!("{name}.sock"));
     let mut args: Vec<String> = vec![
         "--mem".into(),
@@ -65,7 +71,10 @@ fn wait_api(sock: &Path, path: &str, what: &str, done: impl Fn(&Value) -> bool) 
         if done(&v) {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}: {v:#}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {v:#}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -139,7 +148,10 @@ fn balloon_target_is_honoured_and_visible_and_statistics_arrive() {
     assert_eq!(b["deflate_on_oom"], true, "{b:#}");
 
     let before = rss_bytes(g.pid()).unwrap();
-    assert_eq!(put_balloon(&sock, r#"{"amount_mib": 16}"#), StatusCode::NO_CONTENT);
+    assert_eq!(
+        put_balloon(&sock, r#"{"amount_mib": 16}"#),
+        StatusCode::NO_CONTENT
+    );
     let b = wait_api(&sock, "/vm/balloon", "the balloon at 16 MiB", |b| {
         b["actual_pages"] == 4096
     });
@@ -156,18 +168,33 @@ fn balloon_target_is_honoured_and_visible_and_statistics_arrive() {
     });
     assert_eq!(s["total_memory"], pages * PAGE, "{s:#}");
     assert_eq!(s["actual_pages"], 4096, "{s:#}");
-    for k in ["free_memory", "available_memory", "major_faults", "minor_faults"] {
+    for k in [
+        "free_memory",
+        "available_memory",
+        "major_faults",
+        "minor_faults",
+    ] {
         assert!(s[k].is_u64(), "{k} missing: {s:#}");
     }
 
     // Back to 0: the guest deflates and reads zeros in the pages it got back.
-    assert_eq!(put_balloon(&sock, r#"{"amount_mib": 0}"#), StatusCode::NO_CONTENT);
-    let b = wait_api(&sock, "/vm/balloon", "the balloon empty", |b| b["actual_pages"] == 0);
+    assert_eq!(
+        put_balloon(&sock, r#"{"amount_mib": 0}"#),
+        StatusCode::NO_CONTENT
+    );
+    let b = wait_api(&sock, "/vm/balloon", "the balloon empty", |b| {
+        b["actual_pages"] == 0
+    });
     assert_eq!(b["deflated_pages"], 4096, "{b:#}");
     assert_eq!(g.verify(LONG).unwrap(), pages);
 
     // Bad bodies change nothing.
-    for bad in [r#"{"amount_mib": -1}"#, r#"{"amount": 4}"#, "[]", r#"{"amount_mib": 99999999999}"#] {
+    for bad in [
+        r#"{"amount_mib": -1}"#,
+        r#"{"amount": 4}"#,
+        "[]",
+        r#"{"amount_mib": 99999999999}"#,
+    ] {
         assert_eq!(put_balloon(&sock, bad), StatusCode::BAD_REQUEST, "{bad}");
     }
     assert_eq!(get(&sock, "/vm/balloon")["amount_mib"], 0);
@@ -215,12 +242,19 @@ fn a_vm_without_a_balloon_answers_404() {
     g.wait_line("SERVE ready", LONG).unwrap();
     let c = ApiClient::new(&sock).unwrap();
     for path in ["/vm/balloon", "/vm/balloon/statistics"] {
-        assert_eq!(c.request(Method::GET, path, None).unwrap().0, StatusCode::NOT_FOUND);
+        assert_eq!(
+            c.request(Method::GET, path, None).unwrap().0,
+            StatusCode::NOT_FOUND
+        );
     }
-    assert_eq!(put_balloon(&sock, r#"{"amount_mib": 1}"#), StatusCode::NOT_FOUND);
+    assert_eq!(
+        put_balloon(&sock, r#"{"amount_mib": 1}"#),
+        StatusCode::NOT_FOUND
+    );
     // And the guest's free workload says why it cannot run.
     g.send("free 10").unwrap();
-    g.wait_line("ERROR free needs a virtio-balloon", LONG).unwrap();
+    g.wait_line("ERROR free needs a virtio-balloon", LONG)
+        .unwrap();
     let _ = g.exit(Duration::from_secs(30));
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -298,7 +332,10 @@ fn merged_pages_reported_free_release_their_frames() {
         freed_before,
         u(&s, "frames_freed")
     );
-    assert!(u(&s, "frames_freed") - freed_before >= frames_before * 9 / 10, "{s:#}");
+    assert!(
+        u(&s, "frames_freed") - freed_before >= frames_before * 9 / 10,
+        "{s:#}"
+    );
     assert_eq!(daemon_guest(&d, "b")["pages_reported"], rb);
     // The metrics carry the counter too.
     let m = ApiClient::new(d.api())

@@ -213,6 +213,7 @@ enum TestViolation {
     Api,
     Main,
     VirtioBlk,
+    VirtioBalloon,
 }
 
 impl From<TestViolation> for ThreadKind {
@@ -222,6 +223,7 @@ impl From<TestViolation> for ThreadKind {
             TestViolation::Agent => ThreadKind::Agent,
             TestViolation::Api => ThreadKind::Api,
             TestViolation::Main => ThreadKind::Main,
+            TestViolation::VirtioBalloon => ThreadKind::VirtioBalloon,
             TestViolation::VirtioBlk => ThreadKind::VirtioBlock,
         }
     }

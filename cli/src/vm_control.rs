@@ -5,9 +5,9 @@ use std::time::Instant;
 
 use tinyvmm_api::vm::{MergeInfo, ShareMemory, VmAction, VmControl, VmInfo, VmState};
 use tinyvmm_api::vm_balloon::{BalloonInfo, BalloonStatistics, BalloonUpdate};
-use tinyvmm_vmm::virtio::balloon::BalloonHandle;
 use tinyvmm_api::ApiError;
 use tinyvmm_vmm::share::{AgentStatus, AgentStatusHandle};
+use tinyvmm_vmm::virtio::balloon::BalloonHandle;
 use tinyvmm_vmm::{ExitReason, ExitSignal};
 
 /// What `GET /vm` shows of the merge agent.
@@ -131,8 +131,9 @@ impl VmControl for LiveVm {
 
     fn set_balloon(&self, update: BalloonUpdate) -> Result<(), ApiError> {
         let pages = update.amount_mib * PAGES_PER_MIB;
-        let pages = u32::try_from(pages)
-            .map_err(|_| ApiError::BadRequest(format!("amount_mib {} is too large", update.amount_mib)))?;
+        let pages = u32::try_from(pages).map_err(|_| {
+            ApiError::BadRequest(format!("amount_mib {} is too large", update.amount_mib))
+        })?;
         tracing::info!(pages, "balloon target set through the VM API");
         self.balloon_handle()?
             .set_target_pages(pages)

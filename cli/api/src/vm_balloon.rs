@@ -99,7 +99,9 @@ pub struct BalloonStatistics {
 /// such as `64.0` counts, as in JSON Schema).
 pub fn parse_balloon_update(body: &[u8]) -> Result<BalloonUpdate, ApiError> {
     let bad = |why: String| {
-        ApiError::BadRequest(format!("PUT /vm/balloon takes {{\"amount_mib\": N}}: {why}"))
+        ApiError::BadRequest(format!(
+            "PUT /vm/balloon takes {{\"amount_mib\": N}}: {why}"
+        ))
     };
     let mut value: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| bad(format!("invalid JSON: {e}")))?;

@@ -243,7 +243,10 @@ pub mod content {
         let mut shared = std::collections::HashSet::new();
         let mut unique = 0;
         for &g in guest_seeds {
-            let q = FillParams { guest_seed: g, ..*p };
+            let q = FillParams {
+                guest_seed: g,
+                ..*p
+            };
             for i in 0..pages {
                 if freed(g, i, free_pct) {
                     continue;

@@ -190,8 +190,7 @@ pub(super) fn run_mode(
             layout,
         };
         let seeds: Vec<u64> = (0..u64::from(n)).map(|i| 1000 + i).collect();
-        tinyvmm_guests::content::pages_needed_after_free(&p, &seeds, fill_pages, a.free_pct)
-            * 4096
+        tinyvmm_guests::content::pages_needed_after_free(&p, &seeds, fill_pages, a.free_pct) * 4096
     } else {
         (shared + unique) * 4096
     };

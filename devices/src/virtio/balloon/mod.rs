@@ -81,10 +81,12 @@ impl Balloon {
     }
 
     fn worker(&self) -> Result<&WorkerControl<GuestMemoryMmap>, ActivateError> {
-        self.worker.as_ref().ok_or_else(|| ActivateError::BadQueues {
-            device: NAME,
-            why: "the worker thread was never started".into(),
-        })
+        self.worker
+            .as_ref()
+            .ok_or_else(|| ActivateError::BadQueues {
+                device: NAME,
+                why: "the worker thread was never started".into(),
+            })
     }
 
     fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
@@ -145,12 +147,14 @@ impl VirtioDevice<GuestMemoryMmap> for Balloon {
             return Ok(());
         };
         let shared = self.shared.clone();
-        let worker = spawn_worker(NAME, start, move |inbox| worker::run(inbox, shared, discard))
-            .map_err(|source| ActivateError::Host {
-                device: NAME,
-                what: "start the worker thread",
-                source,
-            })?;
+        let worker = spawn_worker(NAME, start, move |inbox| {
+            worker::run(inbox, shared, discard)
+        })
+        .map_err(|source| ActivateError::Host {
+            device: NAME,
+            what: "start the worker thread",
+            source,
+        })?;
         self.worker = Some(worker);
         Ok(())
     }
@@ -169,11 +173,13 @@ impl VirtioDevice<GuestMemoryMmap> for Balloon {
         self.shared
             .acked_features
             .store(ctx.acked_features, Ordering::SeqCst);
-        self.worker()?.activate(ctx).map_err(|source| ActivateError::Host {
-            device: NAME,
-            what: "hand the queues to the worker",
-            source,
-        })
+        self.worker()?
+            .activate(ctx)
+            .map_err(|source| ActivateError::Host {
+                device: NAME,
+                what: "hand the queues to the worker",
+                source,
+            })
     }
 
     fn reset(&mut self) -> bool {

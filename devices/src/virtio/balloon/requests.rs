@@ -45,7 +45,10 @@ impl Checked {
 /// The PFNs of an inflate or deflate request, one page each (`check_ranges` joins
 /// neighbours once each page is checked); a buffer
 /// that is write-only, unreadable or too long counts as one bad range.
-pub fn pfn_ranges(mem: &GuestMemoryMmap, chain: DescriptorChain<&GuestMemoryMmap>) -> (RawRanges, u64) {
+pub fn pfn_ranges(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+) -> (RawRanges, u64) {
     let mut pfns = Vec::new();
     let mut bad = 0;
     for desc in chain {
@@ -113,7 +116,10 @@ pub fn check_ranges(mem: &GuestMemoryMmap, raw: &[(u64, u64)]) -> Checked {
         }
     }
     for (i, &(gpa, len)) in sorted.iter().enumerate() {
-        match (!overlapping[i]).then(|| host_range(mem, gpa, len)).flatten() {
+        match (!overlapping[i])
+            .then(|| host_range(mem, gpa, len))
+            .flatten()
+        {
             // Neighbours in guest and host address space become one range.
             Some(r) => match out.ranges.last_mut() {
                 Some(l) if l.gpa + l.len == r.gpa && l.hva + l.len == r.hva => l.len += r.len,

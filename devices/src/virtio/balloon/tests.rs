@@ -13,8 +13,11 @@ const RAM: u64 = 16 << 20;
 
 fn mem() -> GuestMemoryMmap {
     // Two regions with a hole between them: [0, 8 MiB) and [12 MiB, 20 MiB).
-    GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 8 << 20), (GuestAddress(12 << 20), 8 << 20)])
-        .unwrap()
+    GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), 8 << 20),
+        (GuestAddress(12 << 20), 8 << 20),
+    ])
+    .unwrap()
 }
 
 fn in_ram(gpa: u64, len: u64) -> bool {
@@ -25,14 +28,14 @@ fn in_ram(gpa: u64, len: u64) -> bool {
 fn bad_ranges_are_ignored_and_good_ones_kept() {
     let m = mem();
     let raw = [
-        (0x1000, 0x2000),          // good
-        (0x10_0000, 0x1000),       // overlaps the next
-        (0x10_0000, 0x3000),       // overlaps the previous
-        (0x20_0001, 0x1000),       // unaligned
-        (7 << 20, 2 << 20),        // crosses into the hole
-        (30 << 20, 0x1000),        // outside RAM
-        (12 << 20, 0x1000),        // good, second region
-        (0x5000, 0),               // empty
+        (0x1000, 0x2000),           // good
+        (0x10_0000, 0x1000),        // overlaps the next
+        (0x10_0000, 0x3000),        // overlaps the previous
+        (0x20_0001, 0x1000),        // unaligned
+        (7 << 20, 2 << 20),         // crosses into the hole
+        (30 << 20, 0x1000),         // outside RAM
+        (12 << 20, 0x1000),         // good, second region
+        (0x5000, 0),                // empty
         (u64::MAX - 0xfff, 0x1000), // wraps
     ];
     let c = check_ranges(&m, &raw);

@@ -17,7 +17,7 @@ use super::config::{queue_role, QueueRole};
 use super::discard::RamDiscard;
 use super::requests::{check_ranges, pfn_ranges, read_stats, reported_ranges, Checked};
 use super::state::Shared;
-use crate::virtio::device::{ActivateContext, VirtioInterrupt};
+use crate::virtio::device::{ActivateContext, GuestWrites, VirtioInterrupt};
 use crate::virtio::worker::{Command, WorkerInbox};
 
 /// How often the device asks the driver for fresh statistics.
@@ -38,13 +38,20 @@ struct Serving {
     mem: GuestMemoryMmap,
     queues: Vec<(QueueRole, u16, Queue, EventFd)>,
     interrupt: Arc<dyn VirtioInterrupt>,
+    /// The used rings are the only guest memory the device writes; reported so that
+    /// memory sharing re-digests their pages.
+    writes: Arc<dyn GuestWrites>,
     /// The statistics buffer the driver gave last, held until the next request.
     stats_head: Option<(usize, u16)>,
     last_stats_request: Instant,
 }
 
 /// The worker's body: waits for activation, serves, and goes back to waiting on reset.
-pub(super) fn run(inbox: WorkerInbox<GuestMemoryMmap>, shared: Arc<Shared>, discard: Arc<dyn RamDiscard>) {
+pub(super) fn run(
+    inbox: WorkerInbox<GuestMemoryMmap>,
+    shared: Arc<Shared>,
+    discard: Arc<dyn RamDiscard>,
+) {
     let mut warned = Warned::default();
     let mut next = inbox.recv();
     loop {
@@ -80,6 +87,7 @@ fn serve(
         mem: ctx.mem,
         queues: Vec::new(),
         interrupt: ctx.interrupt,
+        writes: ctx.writes,
         stats_head: None,
         last_stats_request: Instant::now(),
     };
@@ -140,7 +148,13 @@ fn serve(
 }
 
 /// Takes every request off queue `q` and completes it.
-fn serve_queue(s: &mut Serving, q: usize, shared: &Shared, discard: &dyn RamDiscard, warned: &mut Warned) {
+fn serve_queue(
+    s: &mut Serving,
+    q: usize,
+    shared: &Shared,
+    discard: &dyn RamDiscard,
+    warned: &mut Warned,
+) {
     let role = s.queues[q].0;
     let mut used = false;
     loop {
@@ -193,6 +207,7 @@ fn serve_queue(s: &mut Serving, q: usize, shared: &Shared, discard: &dyn RamDisc
     }
     if used {
         let (_, index, queue, _) = &mut s.queues[q];
+        s.writes.wrote(queue.used_ring(), used_ring_bytes(queue));
         if queue.needs_notification(&s.mem).unwrap_or(true) {
             let _ = s.interrupt.signal_used_queue(*index);
         }
@@ -201,7 +216,12 @@ fn serve_queue(s: &mut Serving, q: usize, shared: &Shared, discard: &dyn RamDisc
 
 /// Drops each checked range; returns the pages dropped. A failure leaves its range as it
 /// was (nothing is lost, the host just keeps the memory) and is logged once.
-fn drop_ranges(checked: &Checked, discard: &dyn RamDiscard, shared: &Shared, warned: &mut Warned) -> u64 {
+fn drop_ranges(
+    checked: &Checked,
+    discard: &dyn RamDiscard,
+    shared: &Shared,
+    warned: &mut Warned,
+) -> u64 {
     let mut dropped = 0;
     for r in &checked.ranges {
         match discard.discard(*r) {
@@ -241,7 +261,13 @@ fn request_stats_if_due(s: &mut Serving) {
         s.last_stats_request = Instant::now();
         let (_, index, queue, _) = &mut s.queues[q];
         if queue.add_used(&s.mem, head, 0).is_ok() {
+            s.writes.wrote(queue.used_ring(), used_ring_bytes(queue));
             let _ = s.interrupt.signal_used_queue(*index);
         }
     }
+}
+
+/// Bytes of a split queue's used ring: flags, index, the elements, `avail_event`.
+fn used_ring_bytes(queue: &Queue) -> u64 {
+    6 + 8 * u64::from(queue.size())
 }
