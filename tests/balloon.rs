@@ -105,7 +105,7 @@ fn reported_pages_leave_the_host_and_read_zero_then_the_guest_data() {
         "RSS {} -> {} MiB after reporting {} MiB (report round trip and RSS read: {:?})",
         before >> 20,
         after >> 20,
-        reported * PAGE >> 20,
+        (reported * PAGE) >> 20,
         t.elapsed()
     );
     // Exactly the pages of the documented pattern (guest_seed 2 is the guest's default).

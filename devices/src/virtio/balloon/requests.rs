@@ -52,7 +52,7 @@ pub fn pfn_ranges(
     let mut pfns = Vec::new();
     let mut bad = 0;
     for desc in chain {
-        if desc.is_write_only() || desc.len() > MAX_BUFFER || desc.len() % 4 != 0 {
+        if desc.is_write_only() || desc.len() > MAX_BUFFER || !desc.len().is_multiple_of(4) {
             bad += 1;
             continue;
         }
@@ -89,7 +89,8 @@ pub fn check_ranges(mem: &GuestMemoryMmap, raw: &[(u64, u64)]) -> Checked {
     let mut out = Checked::default();
     let mut sorted: Vec<(u64, u64)> = Vec::with_capacity(raw.len());
     for &(gpa, len) in raw {
-        let aligned = gpa % BALLOON_PAGE == 0 && len % BALLOON_PAGE == 0 && len > 0;
+        let aligned =
+            gpa.is_multiple_of(BALLOON_PAGE) && len.is_multiple_of(BALLOON_PAGE) && len > 0;
         if aligned && gpa.checked_add(len).is_some() {
             sorted.push((gpa, len));
         } else {

@@ -157,10 +157,7 @@ fn serve_queue(
 ) {
     let role = s.queues[q].0;
     let mut used = false;
-    loop {
-        let Some(chain) = s.queues[q].2.pop_descriptor_chain(&s.mem) else {
-            break;
-        };
+    while let Some(chain) = s.queues[q].2.pop_descriptor_chain(&s.mem) {
         let head = chain.head_index();
         match role {
             QueueRole::Inflate | QueueRole::Deflate => {

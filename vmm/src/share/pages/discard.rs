@@ -28,7 +28,11 @@ impl SharedRam {
 
     fn discard_range(&mut self, hva: u64, len: u64) -> Result<u64, PageError> {
         let n = len / PAGE;
-        if len == 0 || len % PAGE != 0 || hva % PAGE != 0 || !self.in_ram(hva, n) {
+        if len == 0
+            || !len.is_multiple_of(PAGE)
+            || !hva.is_multiple_of(PAGE)
+            || !self.in_ram(hva, n)
+        {
             return Err(PageError::Range(format!("discard {hva:#x}+{len:#x}")));
         }
         let first = self.page_at(hva)?;
