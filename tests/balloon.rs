@@ -355,3 +355,38 @@ fn merged_pages_reported_free_release_their_frames() {
         assert!(g.exit(Duration::from_secs(30)).unwrap().success());
     }
 }
+
+#[test]
+fn reports_while_the_daemon_merges_lose_nothing() {
+    require_kvm!();
+    let d = Daemon::fast("balloon-race");
+    let mib = 32;
+    let pages = mib * 256;
+    let merge = d.socket().display().to_string();
+    let flags = [
+        "--share-memory",
+        "--merge-socket",
+        merge.as_str(),
+        "--no-daemon-autostart",
+    ];
+    let (mut a, _) = balloon_guest(&d.dir, "a", mib, "guest_seed=2", &flags);
+    let (mut b, _) = balloon_guest(&d.dir, "b", mib, "guest_seed=3", &flags);
+    // Free, verify, rewrite, verify — again and again while the daemon merges (and splits
+    // what the rewrites touch): a discard serialises with the agent's page work.
+    let mut reported = 0;
+    for round in 0..4 {
+        for g in [&mut a, &mut b] {
+            reported += free(g, 20 + 10 * round);
+            assert_eq!(g.verify(LONG).unwrap(), pages);
+            g.send("fill").unwrap();
+            g.wait_line("FILL done", LONG).unwrap();
+            assert_eq!(g.verify(LONG).unwrap(), pages);
+        }
+    }
+    let s = d.status();
+    eprintln!("{reported} pages reported; daemon: {s:#}");
+    assert!(u(&s, "merges") > 0, "{s:#}");
+    for g in [a, b] {
+        assert!(g.exit(Duration::from_secs(30)).unwrap().success());
+    }
+}
