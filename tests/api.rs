@@ -1510,6 +1510,15 @@ fn vm_routes_resolve_to_endpoints_404_or_405() {
         (Method::GET, "//vm", Err(404)),
         (Method::GET, "/vm/x", Err(404)),
         (Method::GET, "/guests", Err(404)),
+        (Method::GET, "/vm/balloon", Ok(VmEndpoint::GetBalloon)),
+        (Method::PUT, "/vm/balloon", Ok(VmEndpoint::PutBalloon)),
+        (
+            Method::GET,
+            "/vm/balloon/statistics",
+            Ok(VmEndpoint::GetBalloonStatistics),
+        ),
+        (Method::PATCH, "/vm/balloon", Err(405)),
+        (Method::PUT, "/vm/balloon/statistics", Err(405)),
     ];
     for (m, p, want) in cases {
         let got = resolve_vm(m, p).map_err(|r| r.status.as_u16());
@@ -1553,6 +1562,13 @@ fn vm_openapi_document_has_every_field_of_get_vm() {
         .map(|a| a.as_str().unwrap())
         .collect();
     assert_eq!(actions, ["shutdown"]);
+    let b = f.client().json(Method::GET, "/vm/balloon", None).unwrap();
+    assert_eq!(fields(&schemas["BalloonInfo"]), keys(&b));
+    let s = f
+        .client()
+        .json(Method::GET, "/vm/balloon/statistics", None)
+        .unwrap();
+    assert_eq!(fields(&schemas["BalloonStatistics"]), keys(&s));
 }
 
 mod vm_props {

@@ -426,6 +426,16 @@ fn a_vcpu_system_call_outside_the_filter_ends_the_vmm_naming_it() {
         let _ = std::fs::remove_file(&sock);
     }
 
+    // A virtio device's worker too (the balloon's, started before the guest runs).
+    let o = run(&["--balloon", "--seccomp-test-violation", "virtio-balloon"]);
+    assert_eq!(o.code(), Some(148), "balloon: {}", o.stderr);
+    assert!(
+        o.stderr
+            .contains("bad system call 110 (getppid) on a virtio-balloon thread"),
+        "balloon: {}",
+        o.stderr
+    );
+
     let o = run(&["--seccomp-test-violation", "vcpu", "--no-seccomp"]);
     o.assert_ok();
     assert!(o.line("DONE").is_some(), "{}", o.stdout);

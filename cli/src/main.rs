@@ -201,6 +201,11 @@ struct RunArgs {
     /// VMM with exit status 148 and a "bad system call" line naming it.
     #[arg(long)]
     no_seccomp: bool,
+    /// Add a virtio-balloon (statistics, deflate-on-OOM, free page reporting) whose
+    /// initial target is SIZE (default 0): pages the guest reports free or puts into the
+    /// balloon are given back to the host. `PUT /vm/balloon` changes the target.
+    #[arg(long, value_name = "SIZE", num_args = 0..=1, default_missing_value = "0", require_equals = true, value_parser = size::parse_size)]
+    balloon: Option<u64>,
     /// Test hook: a thread of this kind makes a system call outside its filter.
     #[arg(long, hide = true, value_enum)]
     seccomp_test_violation: Option<TestViolation>,
@@ -215,6 +220,7 @@ enum TestViolation {
     Main,
     VirtioBlk,
     VirtioVsock,
+    VirtioBalloon,
 }
 
 impl From<TestViolation> for ThreadKind {
@@ -224,6 +230,7 @@ impl From<TestViolation> for ThreadKind {
             TestViolation::Agent => ThreadKind::Agent,
             TestViolation::Api => ThreadKind::Api,
             TestViolation::Main => ThreadKind::Main,
+            TestViolation::VirtioBalloon => ThreadKind::VirtioBalloon,
             TestViolation::VirtioBlk => ThreadKind::VirtioBlock,
             TestViolation::VirtioVsock => ThreadKind::VirtioVsock,
         }
@@ -322,7 +329,7 @@ fn jail(args: &RunArgs) -> Result<(), ExitCode> {
 /// the first daemon connection (made before privileges are dropped).
 struct AgentParts {
     cfg: tinyvmm_vmm::share::AgentConfig,
-    ram: tinyvmm_vmm::share::SharedRam,
+    ram: tinyvmm_vmm::share::SharedRamHandle,
     first: Option<std::os::unix::net::UnixStream>,
 }
 
@@ -358,7 +365,38 @@ fn prepare_agent(
                 ExitCode::from(1)
             })?;
     let first = tinyvmm_vmm::share::first_connection(&cfg);
-    Ok(AgentParts { cfg, ram, first })
+    Ok(AgentParts {
+        cfg,
+        ram: Arc::new(std::sync::Mutex::new(ram)),
+        first,
+    })
+}
+
+/// The balloon of `--balloon=SIZE`: the device, the VM API's handle, and its discarder
+/// (shared with the merge agent once there is one). The VMM starts its worker thread.
+fn balloon_device(
+    size: u64,
+) -> Result<
+    (
+        tinyvmm_vmm::virtio::balloon::Balloon,
+        (
+            tinyvmm_vmm::virtio::balloon::BalloonHandle,
+            Arc<tinyvmm_vmm::share::SharedRamDiscard>,
+        ),
+    ),
+    ExitCode,
+> {
+    let pages = u32::try_from(size / 4096).map_err(|_| {
+        eprintln!("tinyvmm: error: --balloon {size} is too large");
+        ExitCode::from(2)
+    })?;
+    let discard = tinyvmm_vmm::share::SharedRamDiscard::new();
+    let (device, handle) = tinyvmm_vmm::virtio::balloon::Balloon::new(pages, discard.clone())
+        .map_err(|e| {
+            eprintln!("tinyvmm: error: cannot create the balloon: {e}");
+            ExitCode::from(1)
+        })?;
+    Ok((device, (handle, discard)))
 }
 
 /// The virtio devices `args` ask for, in slot order; an image that cannot be opened is
@@ -409,7 +447,15 @@ fn run_vm(args: RunArgs) -> Result<ExitCode, ExitCode> {
         },
     };
     let seccomp = seccomp_filters(&args)?;
-    let virtio_devices = virtio_devices(&args)?;
+    let mut virtio_devices = virtio_devices(&args)?;
+    let balloon = match args.balloon {
+        Some(size) => {
+            let (device, balloon) = balloon_device(size)?;
+            virtio_devices.push(Box::new(device));
+            Some(balloon)
+        }
+        None => None,
+    };
     let cfg = VmConfig {
         boot: BootSpec {
             kernel: kernel_source(&args.kernel),
@@ -441,6 +487,10 @@ fn run_vm(args: RunArgs) -> Result<ExitCode, ExitCode> {
     } else {
         None
     };
+    // The balloon drops pages through the agent's RAM from now on (before any vCPU runs).
+    if let (Some((_, discard)), Some(parts)) = (&balloon, &agent) {
+        discard.share(parts.ram.clone());
+    }
     let bound_api = match &args.api_sock {
         Some(sock) => Some(ApiServer::bind_vm(sock).map_err(|e| {
             eprintln!(
@@ -469,7 +519,10 @@ fn run_vm(args: RunArgs) -> Result<ExitCode, ExitCode> {
     let _api = match bound_api {
         Some(bound) => {
             description.mem_bytes = vmm.mem_size();
-            let vm = LiveVm::new(description, vmm.exit_signal(), agent_status);
+            let mut vm = LiveVm::new(description, vmm.exit_signal(), agent_status);
+            if let Some((handle, _)) = &balloon {
+                vm = vm.with_balloon(handle.clone());
+            }
             let filters = seccomp.clone();
             let on_start: tinyvmm_api::ThreadStart = Box::new(move || {
                 tinyvmm_vmm::seccomp::install_or_exit(filters.as_deref(), ThreadKind::Api)

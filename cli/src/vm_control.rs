@@ -4,8 +4,10 @@
 use std::time::Instant;
 
 use tinyvmm_api::vm::{MergeInfo, ShareMemory, VmAction, VmControl, VmInfo, VmState};
+use tinyvmm_api::vm_balloon::{BalloonInfo, BalloonStatistics, BalloonUpdate};
 use tinyvmm_api::ApiError;
 use tinyvmm_vmm::share::{AgentStatus, AgentStatusHandle};
+use tinyvmm_vmm::virtio::balloon::BalloonHandle;
 use tinyvmm_vmm::{ExitReason, ExitSignal};
 
 /// What `GET /vm` shows of the merge agent.
@@ -45,6 +47,7 @@ pub struct LiveVm {
     desc: VmDescription,
     exit: ExitSignal,
     agent: Option<AgentStatusHandle>,
+    balloon: Option<BalloonHandle>,
     started: Instant,
 }
 
@@ -56,10 +59,25 @@ impl LiveVm {
             desc,
             exit,
             agent,
+            balloon: None,
             started: Instant::now(),
         }
     }
+
+    /// The VM has a balloon, reached through `handle`.
+    pub fn with_balloon(mut self, handle: BalloonHandle) -> Self {
+        self.balloon = Some(handle);
+        self
+    }
+
+    fn balloon_handle(&self) -> Result<&BalloonHandle, ApiError> {
+        self.balloon
+            .as_ref()
+            .ok_or_else(tinyvmm_api::vm_balloon::no_balloon)
+    }
 }
+
+const PAGES_PER_MIB: u64 = 256;
 
 impl VmControl for LiveVm {
     fn info(&self) -> Result<VmInfo, ApiError> {
@@ -91,5 +109,63 @@ impl VmControl for LiveVm {
             }
         }
         Ok(())
+    }
+
+    fn balloon(&self) -> Result<BalloonInfo, ApiError> {
+        let s = self.balloon_handle()?.status();
+        Ok(BalloonInfo {
+            amount_mib: u64::from(s.target_pages) / PAGES_PER_MIB,
+            target_pages: s.target_pages,
+            actual_pages: s.actual_pages,
+            actual_mib: u64::from(s.actual_pages) / PAGES_PER_MIB,
+            deflate_on_oom: s.deflate_on_oom,
+            active: s.active,
+            inflated_pages: s.counters.inflated_pages,
+            deflated_pages: s.counters.deflated_pages,
+            reported_pages: s.counters.reported_pages,
+            reports: s.counters.reports,
+            bad_ranges: s.counters.bad_ranges,
+            discard_failures: s.counters.discard_failures,
+        })
+    }
+
+    fn set_balloon(&self, update: BalloonUpdate) -> Result<(), ApiError> {
+        let pages = update.amount_mib * PAGES_PER_MIB;
+        let pages = u32::try_from(pages).map_err(|_| {
+            ApiError::BadRequest(format!("amount_mib {} is too large", update.amount_mib))
+        })?;
+        tracing::info!(pages, "balloon target set through the VM API");
+        self.balloon_handle()?
+            .set_target_pages(pages)
+            .map_err(|e| ApiError::Unavailable(format!("cannot tell the balloon: {e}")))
+    }
+
+    fn balloon_statistics(&self) -> Result<BalloonStatistics, ApiError> {
+        let h = self.balloon_handle()?;
+        let s = h.status();
+        let mut out = BalloonStatistics {
+            target_pages: s.target_pages,
+            actual_pages: s.actual_pages,
+            target_mib: u64::from(s.target_pages) / PAGES_PER_MIB,
+            actual_mib: u64::from(s.actual_pages) / PAGES_PER_MIB,
+            ..Default::default()
+        };
+        let Some((stats, at)) = h.statistics() else {
+            return Err(ApiError::NotFound(
+                "the guest has sent no balloon statistics yet".into(),
+            ));
+        };
+        out.age_ms = u64::try_from(at.elapsed().as_millis()).unwrap_or(u64::MAX);
+        out.swap_in = stats.get("swap_in");
+        out.swap_out = stats.get("swap_out");
+        out.major_faults = stats.get("major_faults");
+        out.minor_faults = stats.get("minor_faults");
+        out.free_memory = stats.get("free_memory");
+        out.total_memory = stats.get("total_memory");
+        out.available_memory = stats.get("available_memory");
+        out.disk_caches = stats.get("disk_caches");
+        out.hugetlb_allocations = stats.get("hugetlb_allocations");
+        out.hugetlb_failures = stats.get("hugetlb_failures");
+        Ok(out)
     }
 }

@@ -22,6 +22,7 @@ const SOURCES: &[&str] = &[
     "content.c",
     "acpi.c",
     "virtio_mmio.c",
+    "balloon.c",
     "virtio.c",
     "vsock.c",
 ];

@@ -21,6 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::x86_64::acpi::{DeviceDescription, HardwareId, Resource, Trigger};
 use crate::x86_64::layout::{VIRTIO_GSI_END, VIRTIO_GSI_START, VIRTIO_MMIO_START};
 
+pub use tinyvmm_devices::virtio::balloon;
 pub use tinyvmm_devices::virtio::block::{Block, DiskConfig, DiskError};
 
 /// A virtio device model the VMM can attach.

@@ -57,6 +57,7 @@ pub mod testing;
 #[cfg(test)]
 mod tests;
 pub mod vm;
+pub mod vm_balloon;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

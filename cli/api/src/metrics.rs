@@ -156,6 +156,11 @@ const GUEST: &[(&str, &str, &str)] = &[
         "Guest writes that hit a write-protected page and waited.",
     ),
     ("vma_count", "gauge", "Mappings of the VM process."),
+    (
+        "pages_reported",
+        "counter",
+        "Pages the guest gave up through its balloon (reported free or inflated) and the VMM dropped.",
+    ),
 ];
 
 /// Fields that are labels or not numbers, never series.

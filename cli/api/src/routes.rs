@@ -337,7 +337,7 @@ fn knobs_update(mut value: serde_json::Value) -> Result<KnobsUpdate, KnobsShapeE
 /// type, and JSON Schema's `integer` (the OpenAPI document's) includes `272.0`. Fractions
 /// and numbers out of the 64-bit range stay as they are (and are refused as the wrong
 /// type).
-fn integral_numbers(v: &mut serde_json::Value) {
+pub(crate) fn integral_numbers(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Number(n) if n.is_f64() => {
             let Some(f) = n.as_f64() else { return };

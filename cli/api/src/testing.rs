@@ -9,6 +9,7 @@ use tinyvmm_merge::host::{DomainId, GuestId};
 use tinyvmm_merge::{Counters, GuestCounters, Knobs, KnobsUpdate, RunMode};
 
 use crate::vm::{MergeInfo, ShareMemory, VmAction, VmControl, VmInfo, VmState};
+use crate::vm_balloon::{BalloonInfo, BalloonStatistics, BalloonUpdate};
 use crate::{ApiError, ControlPlane, GuestInfo, KsmState};
 
 /// A directory under the system temp dir, removed on drop.
@@ -80,6 +81,7 @@ fn guest(id: u32, name: &str, group: &str, merging: u64, zero: u64) -> GuestInfo
             protect_max_ns: 1_200_000,
             blocked_writes: 3,
             vma_count: 140,
+            pages_reported: 0,
         },
     }
 }
@@ -209,6 +211,8 @@ pub struct FakeVm {
     pub shutdowns: AtomicU64,
     /// Calls of any kind.
     pub calls: AtomicU64,
+    /// The balloon's target, MiB (the fake balloon is always at its target).
+    pub balloon_mib: AtomicU64,
 }
 
 impl FakeVm {
@@ -256,5 +260,52 @@ impl VmControl for FakeVm {
             VmAction::Shutdown => self.shutdowns.fetch_add(1, Ordering::Relaxed),
         };
         Ok(())
+    }
+
+    fn balloon(&self) -> Result<BalloonInfo, ApiError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let mib = self.balloon_mib.load(Ordering::Relaxed);
+        Ok(BalloonInfo {
+            amount_mib: mib,
+            target_pages: (mib * 256) as u32,
+            actual_pages: (mib * 256) as u32,
+            actual_mib: mib,
+            deflate_on_oom: true,
+            active: true,
+            inflated_pages: mib * 256,
+            deflated_pages: 0,
+            reported_pages: 1000,
+            reports: 20,
+            bad_ranges: 0,
+            discard_failures: 0,
+        })
+    }
+
+    fn set_balloon(&self, update: BalloonUpdate) -> Result<(), ApiError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.balloon_mib.store(update.amount_mib, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn balloon_statistics(&self) -> Result<BalloonStatistics, ApiError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        let mib = self.balloon_mib.load(Ordering::Relaxed);
+        Ok(BalloonStatistics {
+            target_pages: (mib * 256) as u32,
+            actual_pages: (mib * 256) as u32,
+            target_mib: mib,
+            actual_mib: mib,
+            age_ms: 5,
+            swap_in: Some(0),
+            swap_out: Some(0),
+            major_faults: Some(1),
+            minor_faults: Some(100),
+            free_memory: Some(64 << 20),
+            total_memory: Some(256 << 20),
+            available_memory: Some(100 << 20),
+            disk_caches: Some(8 << 20),
+            hugetlb_allocations: Some(0),
+            hugetlb_failures: Some(0),
+        })
     }
 }

@@ -5,6 +5,8 @@
 //! |---|---|---|
 //! | `GET` | `/vm` | a [`VmInfo`]: state, memory, and this guest's merge counters |
 //! | `PUT` | `/vm/actions` | `{"action": "shutdown"}`: stops the VM cleanly (204) |
+//! | `GET`, `PUT` | `/vm/balloon` | the balloon's target and state (see [`crate::vm_balloon`]) |
+//! | `GET` | `/vm/balloon/statistics` | the guest's memory statistics |
 //!
 //! The document of record is `cli/api/vm-openapi.yaml`; a test checks that it and
 //! [`VM_ROUTES`] agree. As with the daemon, the API thread only parses and validates: it
@@ -20,11 +22,19 @@ use serde::{Deserialize, Serialize};
 
 use crate::response::{method_not_allowed, ApiResponse};
 use crate::server::{BoundApi, Call, Caller, Routes, ThreadStart};
+use crate::vm_balloon::{
+    no_balloon, parse_balloon_update, BalloonInfo, BalloonStatistics, BalloonUpdate,
+};
 use crate::{ApiConfig, ApiError, ApiServer};
 
 /// Every route of the VM API, as `(path template, methods)`; the OpenAPI document
 /// (`cli/api/vm-openapi.yaml`) lists exactly these.
-pub const VM_ROUTES: &[(&str, &[&str])] = &[("/vm", &["GET"]), ("/vm/actions", &["PUT"])];
+pub const VM_ROUTES: &[(&str, &[&str])] = &[
+    ("/vm", &["GET"]),
+    ("/vm/actions", &["PUT"]),
+    ("/vm/balloon", &["GET", "PUT"]),
+    ("/vm/balloon/statistics", &["GET"]),
+];
 
 /// What the VM API needs from the VMM. Calls are made from a blocking thread pool.
 pub trait VmControl: Send + Sync + 'static {
@@ -32,6 +42,19 @@ pub trait VmControl: Send + Sync + 'static {
     fn info(&self) -> Result<VmInfo, ApiError>;
     /// Carries out `action` (or starts to: a shutdown completes after the call returns).
     fn act(&self, action: VmAction) -> Result<(), ApiError>;
+    /// The balloon's state (404 without one).
+    fn balloon(&self) -> Result<BalloonInfo, ApiError> {
+        Err(no_balloon())
+    }
+    /// Sets the balloon's target (404 without one).
+    fn set_balloon(&self, update: BalloonUpdate) -> Result<(), ApiError> {
+        let _ = update;
+        Err(no_balloon())
+    }
+    /// The guest's latest memory statistics (404 without a balloon).
+    fn balloon_statistics(&self) -> Result<BalloonStatistics, ApiError> {
+        Err(no_balloon())
+    }
 }
 
 /// The body of `GET /vm`.
@@ -150,6 +173,12 @@ pub enum VmEndpoint {
     GetVm,
     /// `PUT /vm/actions`.
     PutAction,
+    /// `GET /vm/balloon`.
+    GetBalloon,
+    /// `PUT /vm/balloon`.
+    PutBalloon,
+    /// `GET /vm/balloon/statistics`.
+    GetBalloonStatistics,
 }
 
 /// Maps a request line to an endpoint: 404 for an unknown path, 405 (with `Allow`) for a
@@ -158,6 +187,18 @@ pub fn resolve_vm(method: &Method, path: &str) -> Result<VmEndpoint, ApiResponse
     let (route, endpoint) = match path {
         "/vm" => (0, (*method == Method::GET).then_some(VmEndpoint::GetVm)),
         "/vm/actions" => (1, (*method == Method::PUT).then_some(VmEndpoint::PutAction)),
+        "/vm/balloon" => (
+            2,
+            match *method {
+                Method::GET => Some(VmEndpoint::GetBalloon),
+                Method::PUT => Some(VmEndpoint::PutBalloon),
+                _ => None,
+            },
+        ),
+        "/vm/balloon/statistics" => (
+            3,
+            (*method == Method::GET).then_some(VmEndpoint::GetBalloonStatistics),
+        ),
         _ => {
             let routes: Vec<&str> = VM_ROUTES.iter().map(|(p, _)| *p).collect();
             return Err(ApiResponse::from_api_error(ApiError::NotFound(format!(
@@ -205,6 +246,13 @@ pub fn execute_vm(endpoint: VmEndpoint, body: &[u8], vm: &dyn VmControl) -> ApiR
             .map_err(ApiError::from)
             .and_then(|action| vm.act(action))
             .map(|()| ApiResponse::empty(StatusCode::NO_CONTENT)),
+        VmEndpoint::GetBalloon => vm.balloon().map(|b| ApiResponse::json(StatusCode::OK, &b)),
+        VmEndpoint::PutBalloon => parse_balloon_update(body)
+            .and_then(|u| vm.set_balloon(u))
+            .map(|()| ApiResponse::empty(StatusCode::NO_CONTENT)),
+        VmEndpoint::GetBalloonStatistics => vm
+            .balloon_statistics()
+            .map(|s| ApiResponse::json(StatusCode::OK, &s)),
     };
     result.unwrap_or_else(ApiResponse::from_api_error)
 }
@@ -227,7 +275,7 @@ impl Routes for VmRoutes {
         let endpoint = resolve_vm(method, path)?;
         let vm = self.vm.clone();
         Ok(Call {
-            takes_body: endpoint == VmEndpoint::PutAction,
+            takes_body: matches!(endpoint, VmEndpoint::PutAction | VmEndpoint::PutBalloon),
             run: Box::new(move |body| execute_vm(endpoint, body, vm.as_ref())),
         })
     }

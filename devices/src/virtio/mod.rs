@@ -14,6 +14,7 @@
 //! - [`worker`]: a device's worker thread, started with the device (before the seccomp
 //!   filters) and handed its queues on activation.
 
+pub mod balloon;
 pub mod block;
 pub mod device;
 pub mod mmio;

@@ -19,8 +19,9 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::page::{Gfn, MergeOp, MergeResult, PageDigest, PageRun, UnmergeOutcome, ZeroOutcome};
 
-/// Bumped on any incompatible change (2: [`Reply::Error`] carries a typed [`AgentError`]).
-pub const PROTOCOL_VERSION: u32 = 5;
+/// Bumped on any incompatible change (2: [`Reply::Error`] carries a typed [`AgentError`];
+/// 6: [`AgentStats::pages_reported`]).
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Largest frame either side accepts (a digest batch of 64 Ki pages is ~1.5 MiB).
 pub const MAX_FRAME: usize = 16 << 20;
 
@@ -122,6 +123,9 @@ pub struct AgentStats {
     pub blocked_writes: u64,
     /// Mappings (lines of /proc/self/maps) of the VM process now.
     pub vma_count: u32,
+    /// Pages the guest gave up through its balloon (free page reporting, inflation) and the
+    /// agent dropped: they read zero and hold neither host memory nor a frame reference.
+    pub pages_reported: u64,
 }
 
 /// An agent's answer.

@@ -226,6 +226,16 @@ u64 vmmio_config64(u64 base, u32 off);
 /* Puts chain `head` on the avail ring. */
 void virtq_publish(struct virtq *q, u16 head);
 
+/* balloon.c: a virtio-balloon driver on virtio-mmio, polled (see balloon.c). */
+int balloon_init(void);
+int balloon_present(void);
+void balloon_report(const u64 *gpa, const u64 *len, u32 n);
+void balloon_pfns(int deflate, const u32 *pfns, u32 n);
+u32 balloon_target(void);
+void balloon_set_actual(u32 pages);
+int balloon_stats(const u16 *tags, const u64 *vals, u32 n);
+#define BALLOON_MAX_RANGES 64
+
 /* virtio.c: the `disk` workload (README.md). */
 #define DISK_CHUNK (1ULL << 20)          /* bytes per request */
 #define DISK_RINGS_BYTES (12 * PAGE_SIZE) /* queue rings of up to 4 disks */

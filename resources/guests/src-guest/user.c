@@ -3,8 +3,8 @@
  * tinyvmm test guest: the CPL3 part (runs at native speed, IOPL=3).
  *
  * Boot checks (e820, command line, initrd), the fill-area layout, and the
- * workloads: hello, fill, wait, verify, churn, serve, crash, pagefault, corrupt (and
- * acpi, in acpi.c).
+ * workloads: hello, fill, wait, verify, churn, serve, crash, pagefault, corrupt, free (and
+ * acpi, in acpi.c; the balloon driver's mechanics are in balloon.c).
  * README.md documents every serial line printed here.
  *
  * One file although it is long: it is one freestanding program whose parts share the
@@ -19,10 +19,10 @@
 #define MAX_FAIL_LINES 8
 
 enum workload { W_HELLO, W_FILL, W_WAIT, W_VERIFY, W_CHURN, W_SERVE, W_CRASH, W_PAGEFAULT, W_CORRUPT, W_ACPI,
-		W_DISK, W_DISKPREP, W_VSOCK };
+		W_DISK, W_DISKPREP, W_VSOCK, W_FREE };
 static const char *const workload_names[] = { "hello", "fill",	"wait",	     "verify",	"churn", "serve",
 					      "crash", "pagefault", "corrupt", "acpi", "disk", "diskprep",
-					      "vsock" };
+					      "vsock", "free" };
 #define N_WORKLOAD_NAMES (sizeof(workload_names) / sizeof(workload_names[0]))
 
 static struct params {
@@ -34,6 +34,8 @@ static struct params {
 	u64 wait_ms, churn_per_ms, duration_ms, verify_every_ms, verify_loop;
 	u64 churn_tick_ms, serve_poll_ms;
 	u64 corrupt_page;
+	u64 free_pct;
+	u64 free_report;
 	u64 mem_mib; /* 0: no check */
 	enum layout_kind layout;
 	u64 run;
@@ -62,6 +64,19 @@ static u32 nsegs;
 static u64 npages;
 static u32 *versions;
 static int filled;
+/* Special versions: a page given back to the host (reported free, or deflated) reads zero
+ * until the guest writes it; a page in the balloon is not the guest's to read. */
+#define VERSION_FREED 0xffffffffU
+#define VERSION_BALLOON 0xfffffffeU
+/* A page released without telling the host (free_report=0): free memory whose content
+ * nobody checks. */
+#define VERSION_FREE_KEPT 0xfffffffdU
+/* The version a rewrite gives a page: the next one, and 1 after a special version. */
+static inline u32 next_version(u32 v)
+{
+	return v + 1 >= VERSION_FREE_KEPT || v + 1 == 0 ? 1 : v + 1;
+}
+static u32 balloon_pages; /* the last balloon_pages fill pages are in the balloon */
 
 /* ---------------------------------------------------------------- time */
 
@@ -232,6 +247,7 @@ static void parse_cmdline(const char *s, usize len)
 	P.vsock_size = 64;
 	P.vsock_accepts = 1;
 	P.vsock_wait_ms = 60000;
+	P.free_report = 1;
 
 	usize i = 0;
 	while (i < len) {
@@ -265,6 +281,8 @@ static void parse_cmdline(const char *s, usize len)
 			{ "churn_tick_ms", &P.churn_tick_ms },
 			{ "serve_poll_ms", &P.serve_poll_ms },
 			{ "corrupt_page", &P.corrupt_page },
+			{ "free_pct", &P.free_pct },
+			{ "free_report", &P.free_report },
 			{ "run", &P.run },
 			{ "disk_seed", &P.disk_seed },
 			{ "disk0_sum", &P.disk0_sum },
@@ -576,7 +594,9 @@ static void do_fill(int bump)
 		for (u64 i = segs[s].first; i < segs[s].first + segs[s].n; i++, page += WORDS_PER_PAGE) {
 			u64 lp = layout_logical(&L, i);
 			enum page_class cls = layout_class(&L, P.seed, lp, P.shared_pct, P.zero_pct);
-			u32 v = bump ? versions[i] + 1 : 0;
+			if (bump && versions[i] == VERSION_BALLOON)
+				continue;
+			u32 v = bump ? next_version(versions[i]) : 0;
 			versions[i] = v;
 			counts[cls]++;
 			sum += page_write(page, cls, v, page_key(P.seed, P.guest_seed, cls, lp, v));
@@ -598,7 +618,9 @@ static i64 verify_page(u64 i, const volatile u64 *p, u64 *expected, u64 *got)
 	u64 lp = layout_logical(&L, i);
 	enum page_class cls = layout_class(&L, P.seed, lp, P.shared_pct, P.zero_pct);
 	u32 v = versions[i];
-	if (cls == CLASS_ZERO && v == 0) {
+	if (v == VERSION_BALLOON || v == VERSION_FREE_KEPT)
+		return -1;
+	if ((cls == CLASS_ZERO && v == 0) || v == VERSION_FREED) {
 		for (u32 j = 0; j < WORDS_PER_PAGE; j++) {
 			if (p[j]) {
 				*expected = 0;
@@ -694,11 +716,11 @@ static inline u64 rng_next(void)
 static u64 churn_one(void)
 {
 	u64 i = (u64)(((unsigned __int128)rng_next() * npages) >> 64);
+	if (i >= npages - balloon_pages)
+		i -= balloon_pages;
 	u64 lp = layout_logical(&L, i);
 	enum page_class cls = layout_class(&L, P.seed, lp, P.shared_pct, P.zero_pct);
-	u32 v = versions[i] + 1;
-	if (!v)
-		v = 1;
+	u32 v = next_version(versions[i]);
 	u64 key = page_key(P.seed, P.guest_seed, cls, lp, v);
 	volatile u64 *p = (volatile u64 *)page_gpa(i);
 	u64 w0 = page_word(key, 0);
@@ -782,6 +804,153 @@ static void do_verify_workload(int after_wait, int last)
 	}
 }
 
+
+/* ------------------------------------------------------------- balloon */
+
+/* Whether fill page i is among the free_pct % that `free` releases (a fixed pattern of
+ * guest_seed, so that verify and the host's tests know it). */
+static int free_pick(u64 i, u64 pct)
+{
+	return mix64(P.guest_seed ^ 0x6672656570616765ULL ^ i) % 100 < pct;
+}
+
+static int balloon_ready(void)
+{
+	if (balloon_present())
+		return 1;
+	if (balloon_init() == 0) {
+		kprintf("BALLOON ready target=%u\n", balloon_target());
+		return 1;
+	}
+	return 0;
+}
+
+/* `free`: releases pct % of the fill pages and reports them to the host (free page
+ * reporting) in runs of consecutive pages; they must read zero afterwards. */
+static void do_free(u64 pct)
+{
+	if (!need_fill("free"))
+		return;
+	if (!P.free_report) {
+		/* Released inside the guest only: the host keeps the pages. */
+		u64 kept = 0;
+		for (u64 i = 0; i < npages - balloon_pages; i++) {
+			if (versions[i] != VERSION_FREED && versions[i] != VERSION_FREE_KEPT && free_pick(i, pct)) {
+				versions[i] = VERSION_FREE_KEPT;
+				kept++;
+			}
+		}
+		kprintf("FREE done pages=%llu runs=0 requests=0 us=0\n", kept);
+		return;
+	}
+	if (!balloon_ready()) {
+		kprintf("ERROR free needs a virtio-balloon (tinyvmm run --balloon)\n");
+		failed = 1;
+		return;
+	}
+	static u64 gpa[BALLOON_MAX_RANGES], len[BALLOON_MAX_RANGES];
+	u32 n = 0;
+	u64 pages = 0, runs = 0, requests = 0;
+	u64 t0 = rdtsc();
+	u64 last = npages - balloon_pages;
+	for (u32 s = 0; s < nsegs; s++) {
+		for (u64 k = 0; k < segs[s].n; k++) {
+			u64 i = segs[s].first + k;
+			if (i >= last || versions[i] == VERSION_FREED || versions[i] == VERSION_FREE_KEPT ||
+			    !free_pick(i, pct))
+				continue;
+			versions[i] = VERSION_FREED;
+			u64 g = segs[s].gpa + k * PAGE_SIZE;
+			pages++;
+			if (n && gpa[n - 1] + len[n - 1] == g) {
+				len[n - 1] += PAGE_SIZE;
+				continue;
+			}
+			if (n == BALLOON_MAX_RANGES) {
+				balloon_report(gpa, len, n);
+				requests++;
+				n = 0;
+			}
+			gpa[n] = g;
+			len[n] = PAGE_SIZE;
+			n++;
+			runs++;
+		}
+	}
+	if (n) {
+		balloon_report(gpa, len, n);
+		requests++;
+	}
+	u64 c = rdtsc() - t0;
+	kprintf("FREE done pages=%llu runs=%llu requests=%llu us=%llu\n", pages, runs, requests, cycles_to_us(c));
+}
+
+/* `badreport` (serve): reports ranges the host must ignore, all over pages the guest still
+ * uses: outside RAM, unaligned, and two that overlap. A following verify shows nothing was
+ * dropped. */
+static void do_bad_report(void)
+{
+	if (!need_fill("badreport") || !balloon_ready() || npages < 8)
+		return;
+	u64 gpa[4] = { 1ULL << 40, page_gpa(5) + 8, page_gpa(1), page_gpa(2) };
+	u64 len[4] = { PAGE_SIZE, PAGE_SIZE, 2 * PAGE_SIZE, 2 * PAGE_SIZE };
+	balloon_report(gpa, len, 4);
+	kprintf("BADREPORT done ranges=4\n");
+}
+
+/* Moves pages between the guest and the balloon until it holds the host's target (at most
+ * half the fill area); prints BALLOON when the size changed. */
+static void balloon_follow_target(void)
+{
+	if (!filled || !npages)
+		return;
+	u32 target = balloon_target();
+	if (target > npages / 2)
+		target = (u32)(npages / 2);
+	if (target == balloon_pages)
+		return;
+	static u32 pfns[256];
+	while (balloon_pages != target) {
+		int deflate = target < balloon_pages;
+		u32 want = deflate ? balloon_pages - target : target - balloon_pages;
+		u32 n = want < 256 ? want : 256;
+		for (u32 j = 0; j < n; j++) {
+			/* The balloon grows down from the last fill page. */
+			u64 i = deflate ? npages - balloon_pages + j : npages - balloon_pages - 1 - j;
+			pfns[j] = (u32)(page_gpa(i) >> 12);
+			if (!deflate)
+				versions[i] = VERSION_BALLOON;
+		}
+		balloon_pfns(deflate, pfns, n);
+		for (u32 j = 0; deflate && j < n; j++)
+			versions[npages - balloon_pages + j] = VERSION_FREED;
+		balloon_pages = deflate ? balloon_pages - n : balloon_pages + n;
+	}
+	balloon_set_actual(balloon_pages);
+	kprintf("BALLOON actual=%u target=%u\n", balloon_pages, balloon_target());
+}
+
+/* Statistics when the device asks for them: memory the guest does not use is what it
+ * freed and what the balloon holds. */
+static void balloon_send_stats(void)
+{
+	u64 freed = 0;
+	for (u64 i = 0; filled && i < npages; i++)
+		freed += versions[i] == VERSION_FREED;
+	static const u16 tags[] = { 0, 1, 2, 3, 4, 5, 6, 7 };
+	u64 vals[] = { 0, 0, 0, 0, freed * PAGE_SIZE, npages * PAGE_SIZE, freed * PAGE_SIZE, 0 };
+	balloon_stats(tags, vals, 8);
+}
+
+/* Called while serve waits for input. */
+static void balloon_service(void)
+{
+	if (!balloon_present())
+		return;
+	balloon_follow_target();
+	balloon_send_stats();
+}
+
 /*
  * UART receive interrupt on or off: IER bit 0, MCR OUT2, IOAPIC pin 4 -> VEC_SERIAL
  * on this CPU. The interrupt only wakes the sleep syscall; data is read by polling.
@@ -804,6 +973,7 @@ static usize read_line(char *buf, usize cap)
 	usize n = 0;
 	for (;;) {
 		if (!(inb(COM1_LSR) & 0x01)) {
+			balloon_service();
 			sleep_until_or_input(rdtsc() + P.serve_poll_ms * tsc_khz, 1);
 			continue;
 		}
@@ -852,6 +1022,8 @@ static void do_serve(void)
 {
 	char line[128];
 	serial_irq(1);
+	if (balloon_ready())
+		balloon_service();
 	for (;;) {
 		kprintf("SERVE ready\n");
 		read_line(line, sizeof(line));
@@ -867,6 +1039,18 @@ static void do_serve(void)
 				verify_pass();
 		} else if (streq_n(w, wn, "fill")) {
 			do_fill(filled);
+		} else if (streq_n(w, wn, "free")) {
+			const char *a;
+			usize an;
+			int ok = 1;
+			next_word(rest, &a, &an);
+			u64 pct = an ? parse_u64(a, an, &ok) : P.free_pct;
+			if (!ok || pct > 100)
+				kprintf("SERVE error usage: free P (0-100)\n");
+			else
+				do_free(pct);
+		} else if (streq_n(w, wn, "badreport")) {
+			do_bad_report();
 		} else if (streq_n(w, wn, "hello")) {
 			kprintf("HELLO from tinyvmm test guest\n");
 		} else if (streq_n(w, wn, "disk")) {
@@ -974,6 +1158,9 @@ void umain(void)
 			syscall1(SYS_CRASH, 0);
 			kprintf("ERROR crash syscall returned\n");
 			failed = 1;
+			break;
+		case W_FREE:
+			do_free(P.free_pct);
 			break;
 		case W_CORRUPT:
 			if (need_fill("corrupt")) {

@@ -224,6 +224,46 @@ pub mod content {
         }
     }
 
+    /// Whether the guest's `free` with `free_pct` releases fill page `i` of a guest with
+    /// `guest_seed` (the pattern `verify` knows).
+    pub fn freed(guest_seed: u64, i: u64, free_pct: u64) -> bool {
+        mix64(guest_seed ^ 0x6672_6565_7061_6765 ^ i) % 100 < free_pct
+    }
+
+    /// The pages a fleet of guests (`guest_seeds`, `pages` fill pages each, all with
+    /// `p`'s other parameters) needs at the least after each released `free_pct` % of its
+    /// fill with `free`: one copy of each shared content some guest still holds, plus
+    /// every unique page not released (zero pages need none).
+    pub fn pages_needed_after_free(
+        p: &FillParams,
+        guest_seeds: &[u64],
+        pages: u64,
+        free_pct: u64,
+    ) -> u64 {
+        let mut shared = std::collections::HashSet::new();
+        let mut unique = 0;
+        for &g in guest_seeds {
+            let q = FillParams {
+                guest_seed: g,
+                ..*p
+            };
+            for i in 0..pages {
+                if freed(g, i, free_pct) {
+                    continue;
+                }
+                let lp = q.layout.logical(g, pages, i);
+                match q.layout.class(&q, lp) {
+                    PageClass::Shared => {
+                        shared.insert(lp);
+                    }
+                    PageClass::Unique => unique += 1,
+                    PageClass::Zero => {}
+                }
+            }
+        }
+        shared.len() as u64 + unique
+    }
+
     /// What a guest's `FILL done` line reports for `pages` pages:
     /// `(shared, zero, unique, checksum)`, the checksum being the wrapping sum of all words.
     pub fn fill_summary(p: &FillParams, pages: u64) -> (u64, u64, u64, u64) {

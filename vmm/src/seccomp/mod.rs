@@ -42,17 +42,20 @@ pub enum ThreadKind {
     VirtioBlock,
     /// The virtio-vsock device's worker: its queues and the Unix sockets to host programs.
     VirtioVsock,
+    /// The virtio-balloon's worker: its queues, and dropping the guest RAM it is given.
+    VirtioBalloon,
 }
 
 impl ThreadKind {
     /// Every kind.
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Main,
         ThreadKind::Vcpu,
         ThreadKind::Agent,
         ThreadKind::Api,
         ThreadKind::VirtioBlock,
         ThreadKind::VirtioVsock,
+        ThreadKind::VirtioBalloon,
     ];
 
     /// The kind of a virtio device's worker thread, by virtio device ID.
@@ -60,6 +63,7 @@ impl ThreadKind {
         match device_type {
             virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK => Some(ThreadKind::VirtioBlock),
             virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK => Some(ThreadKind::VirtioVsock),
+            virtio_bindings::virtio_ids::VIRTIO_ID_BALLOON => Some(ThreadKind::VirtioBalloon),
             _ => None,
         }
     }
@@ -73,6 +77,7 @@ impl ThreadKind {
             ThreadKind::Api => "vm-api",
             ThreadKind::VirtioBlock => "virtio-blk",
             ThreadKind::VirtioVsock => "virtio-vsock",
+            ThreadKind::VirtioBalloon => "virtio-balloon",
         }
     }
 }

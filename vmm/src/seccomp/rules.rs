@@ -149,6 +149,17 @@ const VIRTIO_VSOCK: &[libc::c_long] = &[
     libc::SYS_getsockopt,
 ];
 
+/// The virtio-balloon worker: waiting on its queues' kick eventfds (epoll), reading them,
+/// dropping guest RAM (`madvise`, `mmap` — both in COMMON) and registering remapped RAM
+/// with the merge agent's userfaultfd (`ioctl`, below).
+const VIRTIO_BALLOON: &[libc::c_long] = &[
+    libc::SYS_epoll_create1,
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_read,
+];
+
 fn cond(arg: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, value: u64) -> SeccompCondition {
     SeccompCondition::new(arg, len, op, value).expect("argument index below 6")
 }
@@ -220,6 +231,12 @@ pub(super) fn rules(kind: ThreadKind, kick: libc::c_int) -> RuleMap {
         ThreadKind::VirtioBlock => {
             allow(&mut map, VIRTIO_BLOCK);
             // Debug builds check a descriptor is open when closing it (at thread exit).
+            allow_args(&mut map, libc::SYS_fcntl, 1, &[libc::F_GETFD as u64]);
+        }
+        ThreadKind::VirtioBalloon => {
+            allow(&mut map, VIRTIO_BALLOON);
+            allow_args(&mut map, libc::SYS_ioctl, 1, ioctls::AGENT);
+            // Debug builds check a descriptor is open when they close one (the epoll fd).
             allow_args(&mut map, libc::SYS_fcntl, 1, &[libc::F_GETFD as u64]);
         }
         ThreadKind::Api => {

@@ -3,7 +3,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,14 @@ use tinyvmm_merge_protocol::{
 use super::bitmap::Bitmap;
 use super::errors::{ConnectError, RequestError, SessionError};
 use super::pages::SharedRam;
+
+/// Guest RAM as the agent and the balloon share it: the agent holds the lock for each
+/// request it serves, the balloon for each range the guest gives up.
+pub type SharedRamHandle = Arc<Mutex<SharedRam>>;
+
+fn lock(ram: &SharedRamHandle) -> MutexGuard<'_, SharedRam> {
+    ram.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Where guest writes come from: KVM's dirty log.
 pub trait DirtySource: Send {
@@ -100,7 +108,7 @@ fn default_vma_budget() -> u32 {
 
 struct Agent {
     cfg: AgentConfig,
-    ram: SharedRam,
+    ram: SharedRamHandle,
     dirty_source: Option<Box<dyn DirtySource>>,
     /// Pages written since their last digest (for pages never digested by this daemon:
     /// written since the previous harvest, i.e. recently).
@@ -126,7 +134,7 @@ impl Agent {
             version: PROTOCOL_VERSION,
             pid: std::process::id(),
             name: self.cfg.name.clone(),
-            pages: self.ram.pages(),
+            pages: lock(&self.ram).pages(),
             share_group: self.cfg.share_group.clone(),
             vma_budget: self.cfg.vma_budget.unwrap_or_else(default_vma_budget),
             dirty_source: self.dirty_source.is_some(),
@@ -146,6 +154,8 @@ impl Agent {
         if let Some(src) = self.dirty_source.as_mut() {
             self.harvest.clear();
             let res = src.collect(&mut self.harvest);
+            // Pages the guest gave up (balloon) changed too.
+            lock(&self.ram).take_given_up(&mut self.harvest);
             self.dirty.fold_harvest(&self.digested, &self.harvest);
             res.map_err(RequestError::DirtyLog)?;
         }
@@ -163,13 +173,20 @@ impl Agent {
     }
 
     fn drain_fault_events(&mut self) {
-        while let Ok(Some(_)) = self.ram.uffd().read_event() {
+        let ram = lock(&self.ram);
+        while let Ok(Some(_)) = ram.uffd().read_event() {
             self.blocked_writes += 1;
         }
     }
 
     fn stats(&mut self) -> AgentStats {
-        let mut s = std::mem::take(&mut self.ram.protect_stats.samples_ns);
+        let (mut s, pages_reported) = {
+            let mut ram = lock(&self.ram);
+            (
+                std::mem::take(&mut ram.protect_stats.samples_ns),
+                ram.pages_reported(),
+            )
+        };
         self.protect_all.append(&mut s);
         // Bound memory: keep the most recent 100k samples.
         if self.protect_all.len() > 100_000 {
@@ -192,6 +209,7 @@ impl Agent {
             protect_max_ns: v.last().copied().unwrap_or(0),
             blocked_writes: self.blocked_writes,
             vma_count: tinyvmm_sys::vm_limits::own_mappings() as u32,
+            pages_reported,
         }
     }
 
@@ -210,7 +228,7 @@ impl Agent {
                 self.collect_dirty()?;
                 let mut out = Vec::new();
                 let dirty = self.dirty_source.is_some().then_some(&mut self.dirty);
-                self.ram.digest(&runs, dirty, &mut out)?;
+                lock(&self.ram).digest(&runs, dirty, &mut out)?;
                 self.mark_digested(&runs);
                 Reply::Digests(out)
             }
@@ -220,32 +238,32 @@ impl Agent {
             }
             Request::Merge(ops) => {
                 let mut out = Vec::new();
-                self.ram.merge(&ops, &mut out)?;
+                lock(&self.ram).merge(&ops, &mut out)?;
                 Reply::Merged(out)
             }
             Request::ReclaimZero(gfns) => {
                 let mut out = Vec::new();
-                self.ram.reclaim_zero(&gfns, &mut out)?;
+                lock(&self.ram).reclaim_zero(&gfns, &mut out)?;
                 Reply::Zero(out)
             }
             Request::Unmerge(gfns) => {
                 let mut out = Vec::new();
-                self.ram.unmerge(&gfns, &mut out)?;
+                lock(&self.ram).unmerge(&gfns, &mut out)?;
                 Reply::Unmerged(out)
             }
             Request::ReadPages(runs) => {
                 let mut out = Vec::new();
-                self.ram.read_pages(&runs, &mut out)?;
+                lock(&self.ram).read_pages(&runs, &mut out)?;
                 Reply::Pages(PageBytes(out))
             }
             Request::Stats => Reply::Stats(self.stats()),
-            Request::RamLayout => Reply::RamLayout(self.ram.layout()),
+            Request::RamLayout => Reply::RamLayout(lock(&self.ram).layout()),
         })
     }
 
     fn digest_dirty(&mut self, max: u32) -> Result<Reply, RequestError> {
         // Dirty pages from the cursor to the end, then from the start: fair across rounds.
-        let total = self.ram.pages();
+        let total = lock(&self.ram).pages();
         let start = self.dirty_cursor.min(total);
         let mut pages = Vec::new();
         for (from, to) in [(start, total), (0, start)] {
@@ -267,8 +285,7 @@ impl Agent {
             .map(|&g| tinyvmm_merge_protocol::PageRun { gfn: g, len: 1 })
             .collect();
         let mut digests = Vec::new();
-        self.ram
-            .digest(&runs, Some(&mut self.dirty), &mut digests)?;
+        lock(&self.ram).digest(&runs, Some(&mut self.dirty), &mut digests)?;
         self.mark_digested(&runs);
         let more = self.dirty.next_set(0).is_some();
         Ok(Reply::DirtyDigests(
@@ -289,7 +306,7 @@ impl Agent {
                 self.digested.clear();
                 self.dirty.set_all();
                 self.dirty_cursor = 0;
-                self.ram
+                lock(&self.ram)
                     .set_pool(fd, pool_len)
                     .map_err(SessionError::Pool)?;
                 tracing::info!(guest, "registered with the merge daemon");
@@ -321,7 +338,7 @@ impl Agent {
             };
             wire::send(&mut stream, &AgentMsg::Reply { id, reply }, None)
                 .map_err(SessionError::Lost)?;
-            let mapped = self.ram.pool_mapped_pages();
+            let mapped = lock(&self.ram).pool_mapped_pages();
             self.publish(|st| {
                 st.requests += 1;
                 st.pool_mapped_pages = mapped;
@@ -382,7 +399,7 @@ impl Agent {
                 Err(e) => tracing::warn!("merge daemon connection ended: {e}"),
             }
             // Merged pages keep their mappings of the old pool; the next daemon starts a new one.
-            self.ram.drop_pool();
+            lock(&self.ram).drop_pool();
             self.publish(|st| {
                 st.registered = false;
                 st.guest_id = None;
@@ -452,16 +469,17 @@ pub fn first_connection(cfg: &AgentConfig) -> Option<UnixStream> {
     }
 }
 
-/// Starts the agent thread for `ram`, serving `first` (see [`first_connection`]) first.
+/// Starts the agent thread for `ram` (shared with the balloon, see [`SharedRamHandle`]),
+/// serving `first` (see [`first_connection`]) first.
 /// It runs for the life of the process, under the agent's seccomp filter if `cfg` has
 /// filters. Returns the thread and a view of its status.
 pub fn spawn_agent(
     cfg: AgentConfig,
-    ram: SharedRam,
+    ram: SharedRamHandle,
     dirty_source: Option<Box<dyn DirtySource>>,
     first: Option<UnixStream>,
 ) -> std::io::Result<(JoinHandle<()>, AgentStatusHandle)> {
-    let pages = ram.pages();
+    let pages = lock(&ram).pages();
     let status = AgentStatusHandle::default();
     status.lock().unwrap_or_else(|e| e.into_inner()).pages = pages;
     let mut dirty = Bitmap::new(pages);

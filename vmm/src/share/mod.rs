@@ -13,11 +13,13 @@ pub mod bitmap;
 pub mod device_writes;
 pub mod errors;
 pub mod pages;
+pub mod ram_discard;
 
 pub use agent::{
     first_connection, spawn_agent, AgentConfig, AgentStatus, AgentStatusHandle, DaemonLauncher,
-    DirtySource,
+    DirtySource, SharedRamHandle,
 };
 pub use device_writes::DeviceWrites;
 pub use errors::{ConnectError, RequestError, SessionError};
 pub use pages::{RamRange, SharedRam};
+pub use ram_discard::SharedRamDiscard;

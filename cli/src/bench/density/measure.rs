@@ -134,9 +134,21 @@ pub(super) fn run_mode(
     let base_used = mem_available();
     let exe = std::env::current_exe().map_err(DensityError::NoExe)?;
     let mut guests = Vec::new();
+    // With --free-pct, the guests release pages after the fill: tinyvmm's report them
+    // through a balloon, the other modes' keep them on the host.
+    let report_free = mode == Mode::Tinyvmm;
+    let free = if a.free_pct > 0 {
+        format!(
+            "workload=fill,free,serve free_pct={} free_report={}",
+            a.free_pct,
+            u8::from(report_free)
+        )
+    } else {
+        "workload=fill,serve".to_string()
+    };
     for i in 0..n {
         let cmdline = format!(
-            "console=ttyS0 reboot=k panic=-1 workload=fill,serve seed=1 guest_seed={} shared_pct={} zero_pct={} {}",
+            "console=ttyS0 reboot=k panic=-1 {free} seed=1 guest_seed={} shared_pct={} zero_pct={} {}",
             1000 + i,
             a.shared_pct,
             a.zero_pct,
@@ -151,18 +163,37 @@ pub(super) fn run_mode(
             cmdline,
         ];
         args.extend(merger.guest_args());
+        if a.free_pct > 0 && report_free {
+            args.push("--balloon".into());
+        }
         let log = run_dir.join(format!("guest{i}.log"));
         let _ = std::fs::create_dir_all(&run_dir);
         guests.push(GuestProc::spawn(&exe, &args, Some(&log)).map_err(DensityError::SpawnGuest)?);
     }
-    let (mut shared, mut unique) = (0u64, 0u64);
+    let (mut shared, mut unique, mut fill_pages) = (0u64, 0u64, 0u64);
     for g in guests.iter_mut() {
         let line = g.wait_line("FILL done", per_guest_wait(a.mem))?;
         shared = field(&line, "shared").unwrap_or(0);
         unique += field(&line, "unique").unwrap_or(0);
+        fill_pages = field(&line, "pages").unwrap_or(0);
+        if a.free_pct > 0 {
+            g.wait_line("FREE done", per_guest_wait(a.mem))?;
+        }
         g.wait_line("SERVE ready", Duration::from_secs(60))?;
     }
-    result.physical_limit_bytes = (shared + unique) * 4096;
+    result.physical_limit_bytes = if a.free_pct > 0 {
+        let p = tinyvmm_guests::content::FillParams {
+            seed: 1,
+            guest_seed: 1000,
+            shared_pct: u64::from(a.shared_pct),
+            zero_pct: u64::from(a.zero_pct),
+            layout,
+        };
+        let seeds: Vec<u64> = (0..u64::from(n)).map(|i| 1000 + i).collect();
+        tinyvmm_guests::content::pages_needed_after_free(&p, &seeds, fill_pages, a.free_pct) * 4096
+    } else {
+        (shared + unique) * 4096
+    };
 
     // Merging on.
     result.start_pss = pss_sum(&guests);

@@ -146,6 +146,12 @@ pub struct DensityArgs {
     /// Pages per run of `--layout clustered`.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
     pub run: u64,
+    /// Each guest releases this % of its filled pages after the fill (the test guest's
+    /// `free`). tinyvmm's guests report them through a virtio-balloon (free page reporting)
+    /// and the host drops them; the none and kernel modes' guests release them without a
+    /// balloon, so the host keeps them (what kernel KSM alone makes of freed memory).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=100))]
+    pub free_pct: u64,
 }
 
 /// `--layout`.

@@ -25,10 +25,11 @@ pub(super) fn report(results: &[ModeResult], a: &DensityArgs, limits: Option<&Li
     let n = results.first().map_or(0, |r| r.guests);
     let layout = results.first().map_or("", |r| r.layout.as_str());
     println!(
-        "\ntinyvmm bench density: {n} guests × {} MiB, layout {layout}, {}% shared, {}% zero, churn {} pages/ms, pages_to_scan {}, sleep {} ms",
+        "\ntinyvmm bench density: {n} guests × {} MiB, layout {layout}, {}% shared, {}% zero, {}% freed, churn {} pages/ms, pages_to_scan {}, sleep {} ms",
         a.mem >> 20,
         a.shared_pct,
         a.zero_pct,
+        a.free_pct,
         a.churn,
         a.pages_to_scan,
         a.sleep_ms
@@ -98,11 +99,35 @@ pub(super) fn report(results: &[ModeResult], a: &DensityArgs, limits: Option<&Li
             );
         }
     }
-    if let Some(limit) = results.first().map(|r| r.physical_limit_bytes) {
-        println!(
-            "physical limit (one copy of shared + all unique fill pages): {:.1} MiB total",
-            mib(limit)
-        );
+    let tinyvmm_limit = results
+        .iter()
+        .find(|r| r.mode == Mode::Tinyvmm)
+        .map(|r| r.physical_limit_bytes);
+    if let Some(limit) = tinyvmm_limit.or(results.first().map(|r| r.physical_limit_bytes)) {
+        if a.free_pct > 0 {
+            println!(
+                "physical limit after each guest freed {}% (one copy of each shared page some guest still holds + unique pages not freed): {:.1} MiB total, {:.1} MiB per guest",
+                a.free_pct,
+                mib(limit),
+                mib(limit) / f64::from(n.max(1))
+            );
+            println!(
+                "  none and kernel: the guests free without a balloon (the host keeps those pages; kernel KSM alone); tinyvmm: free page reporting through virtio-balloon"
+            );
+        } else {
+            println!(
+                "physical limit (one copy of shared + all unique fill pages): {:.1} MiB total",
+                mib(limit)
+            );
+        }
+        for r in results.iter().filter(|r| r.skipped.is_none()) {
+            println!(
+                "  {:<8} {:.1} MiB per guest = {:.2} × the limit",
+                r.mode.name(),
+                mib(r.final_pss) / f64::from(r.guests.max(1)),
+                r.final_pss as f64 / limit.max(1) as f64
+            );
+        }
     }
     if let Some(l) = limits {
         let (isolated, runs) = l.floor_us();

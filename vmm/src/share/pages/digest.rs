@@ -42,7 +42,9 @@ impl SharedRam {
                 let hash = page_hash(&buf.0);
                 let zero = hash == self.zero_hash && is_zero(&buf.0);
                 let split = match &pm {
-                    Some(pm) if self.file_mapped.get(p) => is_split(pm[k as usize]),
+                    Some(pm) if self.file_mapped.get(p) => {
+                        self.discarded.get(p) || is_split(pm[k as usize])
+                    }
                     _ => false,
                 };
                 out.push(PageDigest {

@@ -109,7 +109,7 @@ impl SharedRam {
             let len = k - run_start;
             if self.map_frames(hva + run_start * PAGE, len, frame + run_start)? {
                 for p in first + run_start..first + k {
-                    self.file_mapped.set(p, true);
+                    self.set_file_mapped(p, true);
                 }
             } else {
                 for r in &mut out[base + run_start as usize..base + k as usize] {

@@ -14,6 +14,8 @@
 //!   so such a page gets a fresh anonymous mapping instead.
 //! - Unmerge: copy the run's current contents into a new anonymous mapping, then `mremap`
 //!   that mapping over the run — atomic, so no thread ever sees an empty page.
+//! - Discards (balloon): pages the guest gave up are dropped; one mapped from the pool gets
+//!   a fresh anonymous mapping and is reported split, so its frame reference goes.
 //! - Splits: a page mapped from the pool that the guest wrote is present and no longer a
 //!   file page in `/proc/self/pagemap`.
 //!
@@ -43,6 +45,7 @@ use userfaultfd::Uffd;
 use super::bitmap::Bitmap;
 
 mod digest;
+mod discard;
 mod error;
 mod merge;
 mod protect;
@@ -100,6 +103,13 @@ pub struct SharedRam {
     pool: Option<Pool>,
     /// The page's mapping is a pool file mapping (merged now, or merged once and split).
     file_mapped: Bitmap,
+    /// Pages the guest gave up (balloon) while mapped from the pool: they now have a fresh
+    /// anonymous mapping, which the next digests report as a split (see [`discard`]).
+    discarded: Bitmap,
+    /// Pages the guest gave up since the agent last collected them (they count as written).
+    given_up: Bitmap,
+    /// Pages given up so far (balloon: reported free or inflated).
+    pages_reported: u64,
     /// Mapping changes made so far (frames mapped, pages dropped or remapped): a request
     /// that fails after this moved was carried out in part ([`PageError::Incomplete`]).
     remaps: u64,
@@ -142,6 +152,9 @@ impl SharedRam {
             uffd,
             pool: None,
             file_mapped: Bitmap::new(pages),
+            discarded: Bitmap::new(pages),
+            given_up: Bitmap::new(pages),
+            pages_reported: 0,
             remaps: 0,
             pagemap,
             zero_hash: page_hash(&[0u8; PAGE_SIZE]),
@@ -204,6 +217,13 @@ impl SharedRam {
     /// Whether page `p`'s mapping is a pool file mapping.
     pub fn is_file_mapped(&self, p: u64) -> bool {
         self.file_mapped.get(p)
+    }
+
+    /// Records whether page `p`'s mapping is a pool file mapping; a page merged again or
+    /// given private memory again is no longer a discarded one.
+    fn set_file_mapped(&mut self, p: u64, mapped: bool) {
+        self.file_mapped.set(p, mapped);
+        self.discarded.set(p, false);
     }
 
     /// Host address of page `p`.

@@ -40,7 +40,7 @@ impl SharedRam {
             }
             for (f, len, hva) in self.pieces(first, n)? {
                 for (k, e) in self.pagemap(hva, len)?.into_iter().enumerate() {
-                    if is_split(e) {
+                    if is_split(e) || self.discarded.get(f + k as u64) {
                         out.push(f + k as u64);
                     }
                 }

@@ -260,3 +260,82 @@ fn guest_ram_unmapped_by_a_failed_move_is_restored_with_its_content() {
     // SAFETY: the bounce buffer.
     unsafe { libc::munmap(tmp, len) };
 }
+
+/// Page `p`'s first byte, read through a raw pointer.
+fn first_byte(base: u64, p: u64) -> u8 {
+    // SAFETY: a page of the test's own RAM; no other thread touches it.
+    unsafe { std::ptr::read_volatile((base + p * PAGE) as *const u8) }
+}
+
+#[test]
+fn discarded_pages_read_zero_and_a_merged_one_reports_split_until_merged_again() {
+    let Some((mut ram, base)) = ram(4) else {
+        return;
+    };
+    let pool = with_pool(&mut ram, 4);
+    for p in 0..4 {
+        fill(base, p, 0x77);
+    }
+    // Frame 0 holds the content; pages 0 and 1 join it.
+    std::os::unix::fs::FileExt::write_all_at(&pool, &[0x77; PAGE_SIZE], 0).unwrap();
+    let join = |gfn| MergeOp {
+        gfn,
+        len: 1,
+        frame: 0,
+        kind: OpKind::Join,
+    };
+    let mut out = Vec::new();
+    ram.merge(&[join(0), join(1)], &mut out).unwrap();
+    assert_eq!(ram.pool_mapped_pages(), 2);
+
+    // The guest gives up pages 1 (merged) and 2 (private) — one range.
+    assert_eq!(ram.discard(base + PAGE, 2 * PAGE).unwrap(), 2);
+    assert_eq!(ram.pages_reported(), 2);
+    assert_eq!(
+        first_byte(base, 0),
+        0x77,
+        "the other sharer keeps its content"
+    );
+    assert_eq!(first_byte(base, 1), 0, "not the frame's content");
+    assert_eq!(first_byte(base, 2), 0);
+    assert_eq!(first_byte(base, 3), 0x77);
+    let mut given = Bitmap::new(4);
+    ram.take_given_up(&mut given);
+    assert_eq!(
+        (0..4).map(|p| given.get(p)).collect::<Vec<_>>(),
+        [false, true, true, false]
+    );
+
+    // The merged page now reads as a split (its frame reference goes), and zero.
+    let mut d = Vec::new();
+    ram.digest(&[PageRun { gfn: 0, len: 3 }], None, &mut d)
+        .unwrap();
+    assert!(!d[0].split && !d[0].zero);
+    assert!(d[1].split && d[1].zero);
+    assert!(!d[2].split && d[2].zero);
+
+    // The zero reclaim the engine then asks for gives it plain anonymous memory again.
+    let mut z = Vec::new();
+    ram.reclaim_zero(&[1], &mut z).unwrap();
+    ram.digest(&[PageRun { gfn: 1, len: 1 }], None, &mut d)
+        .unwrap();
+    assert!(!d[0].split && d[0].zero);
+    assert_eq!(ram.pool_mapped_pages(), 1);
+
+    // A write after the discard is the guest's own data.
+    fill(base, 1, 0x42);
+    assert_eq!(first_byte(base, 1), 0x42);
+    // Outside RAM or unaligned: refused, nothing done.
+    for (hva, len) in [
+        (base + 4 * PAGE, PAGE),
+        (base + 1, PAGE),
+        (base, 0),
+        (base, PAGE + 1),
+    ] {
+        assert!(
+            matches!(ram.discard(hva, len), Err(PageError::Range(_))),
+            "{hva:#x}+{len}"
+        );
+    }
+    assert_eq!(first_byte(base, 0), 0x77);
+}

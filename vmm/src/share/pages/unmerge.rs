@@ -104,7 +104,7 @@ impl SharedRam {
         unprot?;
         if ok {
             for p in first..first + n {
-                self.file_mapped.set(p, false);
+                self.set_file_mapped(p, false);
             }
         }
         Ok(ok)

@@ -71,7 +71,7 @@ impl SharedRam {
             for (p, hva) in file_zero {
                 // A fresh anonymous page reads zero, like the page does now.
                 ram.fresh_anonymous(hva, PAGE)?;
-                ram.file_mapped.set(p, false);
+                ram.set_file_mapped(p, false);
             }
             Ok(outcomes)
         })?;
@@ -81,7 +81,7 @@ impl SharedRam {
 
     /// Replaces `len` bytes of guest RAM at `hva`, which read zero, with a fresh anonymous
     /// mapping (which reads zero too).
-    fn fresh_anonymous(&mut self, hva: u64, len: u64) -> Result<(), PageError> {
+    pub(super) fn fresh_anonymous(&mut self, hva: u64, len: u64) -> Result<(), PageError> {
         // SAFETY: replaces guest RAM at `hva` (checked by callers) with fresh anonymous
         // memory; callers only do so where the content is zero.
         let r = unsafe {
