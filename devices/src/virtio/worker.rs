@@ -76,6 +76,23 @@ impl<M> WorkerInbox<M> {
     pub fn reset_done(&self) {
         let _ = self.done.send(());
     }
+
+    /// A worker's life: idle until activated, then `serve` until it returns the command
+    /// that ended its service (a reset: confirmed, idle again; a new activation: served;
+    /// `None`: the device is gone), until the device is gone.
+    pub fn run(&self, mut serve: impl FnMut(ActivateContext<M>) -> Option<Command<M>>) {
+        let mut next = self.recv();
+        loop {
+            match next {
+                None => return,
+                Some(Command::Reset) => {
+                    self.reset_done();
+                    next = self.recv();
+                }
+                Some(Command::Activate(ctx)) => next = serve(ctx),
+            }
+        }
+    }
 }
 
 impl<M> WorkerControl<M> {

@@ -53,19 +53,7 @@ pub(super) fn run(
     discard: Arc<dyn RamDiscard>,
 ) {
     let mut warned = Warned::default();
-    let mut next = inbox.recv();
-    loop {
-        match next {
-            None => return,
-            Some(Command::Reset) => {
-                inbox.reset_done();
-                next = inbox.recv();
-            }
-            Some(Command::Activate(ctx)) => {
-                next = serve(&inbox, &shared, discard.as_ref(), ctx, &mut warned);
-            }
-        }
-    }
+    inbox.run(|ctx| serve(&inbox, &shared, discard.as_ref(), ctx, &mut warned));
 }
 
 /// Serves the queues until a command comes (returned) or the device is gone (`None`).

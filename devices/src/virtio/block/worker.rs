@@ -16,25 +16,13 @@ const COMMAND: u64 = 1;
 
 /// The worker's life: idle until activated, serving until reset, until the device is gone.
 pub fn run<M: GuestMemory>(inbox: WorkerInbox<M>, mut disk: Disk) {
-    let mut next = inbox.recv();
-    loop {
-        match next {
-            None => return,
-            Some(Command::Reset) => {
-                inbox.reset_done();
-                next = inbox.recv();
-            }
-            Some(Command::Activate(ctx)) => {
-                next = match serve(&inbox, ctx, &mut disk) {
-                    Ok(cmd) => cmd,
-                    Err(e) => {
-                        tracing::error!("virtio-blk: worker stopped serving: {e}");
-                        inbox.recv()
-                    }
-                };
-            }
+    inbox.run(|ctx| match serve(&inbox, ctx, &mut disk) {
+        Ok(cmd) => cmd,
+        Err(e) => {
+            tracing::error!("virtio-blk: worker stopped serving: {e}");
+            inbox.recv()
         }
-    }
+    });
 }
 
 /// Serves the queue until a command arrives; returns it.
