@@ -237,8 +237,10 @@ fn vsock_echoes_both_ways_byte_for_byte() {
     );
 }
 
+/// The same with all three virtio devices on one VM (three MMIO slots, three interrupt
+/// pins in the DSDT) and its RAM merged by a real daemon.
 #[test]
-fn vsock_echoes_with_shared_memory_and_next_to_a_disk() {
+fn vsock_echoes_with_shared_memory_next_to_a_disk_and_a_balloon() {
     require_kvm!();
     let dir = scratch_dir("vsock-share");
     let d = Daemon::fast("vsock-merged");
@@ -251,6 +253,7 @@ fn vsock_echoes_with_shared_memory_and_next_to_a_disk() {
         &d.socket().display().to_string(),
         "--disk",
         &disk.display().to_string(),
+        "--balloon",
     ]
     .iter()
     .map(|s| s.to_string())
