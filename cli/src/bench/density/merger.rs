@@ -252,7 +252,10 @@ impl Merger {
         }
     }
 
-    /// Write-protection stalls reported by the agents: (median p50, max p99).
+    /// Write-protection stalls reported by the agents: (median p50, max p99); `None` when
+    /// no agent's statistics reached the daemon (they count their mappings in
+    /// `/proc/self/maps`, which takes long with hundreds of thousands of them, and the
+    /// daemon waits only so long for them).
     pub(super) fn protect_stalls(&self) -> Option<(u64, u64)> {
         let Merger::Tinyvmm { api, .. } = self else {
             return None;
@@ -264,6 +267,10 @@ impl Merger {
                 return None;
             }
         };
+        let guests: Vec<_> = guests
+            .into_iter()
+            .filter(|g| g.agent.protect_batches > 0)
+            .collect();
         let mut p50: Vec<f64> = guests
             .iter()
             .map(|g| g.agent.protect_p50_ns as f64)

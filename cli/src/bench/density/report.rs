@@ -76,13 +76,18 @@ pub(super) fn report(results: &[ModeResult], a: &DensityArgs, limits: Option<&Li
         );
     }
     for r in results {
-        if let (Some(p50), Some(p99)) = (r.protect_p50_ns, r.protect_p99_ns) {
-            println!(
+        match (r.protect_p50_ns, r.protect_p99_ns) {
+            (Some(p50), Some(p99)) => println!(
                 "{}: pages write-protected per merge batch (a guest write waits at most this): p50 {:.1} µs, p99 {:.1} µs",
                 r.mode.name(),
                 p50 as f64 / 1e3,
                 p99 as f64 / 1e3
-            );
+            ),
+            _ if r.mode == Mode::Tinyvmm => println!(
+                "{}: write-protect statistics: none reached the daemon in time",
+                r.mode.name()
+            ),
+            _ => {}
         }
     }
     for r in results {

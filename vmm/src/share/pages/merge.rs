@@ -12,6 +12,10 @@ use super::{SharedRam, PAGE};
 
 /// Most pages one write-protected batch covers: bounds how long a guest write can wait.
 const PROTECT_CHUNK: u64 = 64;
+/// Most separate runs one batch covers: each costs an `mmap` that splits a mapping
+/// (8–15 µs) and a userfaultfd registration, so a batch of scattered pages is cut shorter
+/// than one of long runs.
+const PROTECT_RUNS: usize = 16;
 
 impl SharedRam {
     /// Carries out merge runs (see `MergeHost::merge`): the whole request under one
@@ -41,13 +45,17 @@ impl SharedRam {
                 frame += n;
             }
         }
-        // Chunks of at most PROTECT_CHUNK pages: few system calls per page, yet a guest write
-        // that hits the batch waits for one chunk's work at most.
+        // Chunks of at most PROTECT_CHUNK pages in at most PROTECT_RUNS runs: few system
+        // calls per page, yet a guest write that hits the batch waits for one chunk's work
+        // at most.
         let mut start = 0;
         while start < work.len() {
             let mut end = start;
             let mut pages = 0;
-            while end < work.len() && (end == start || pages + work[end].2 <= PROTECT_CHUNK) {
+            while end < work.len()
+                && (end == start
+                    || (pages + work[end].2 <= PROTECT_CHUNK && end - start < PROTECT_RUNS))
+            {
                 pages += work[end].2;
                 end += 1;
             }
