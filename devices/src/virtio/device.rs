@@ -4,6 +4,10 @@ use std::sync::Arc;
 
 use vmm_sys_util::eventfd::EventFd;
 
+/// Run first on a device's worker thread, before anything else (installs its seccomp
+/// filter).
+pub type ThreadStart = Box<dyn FnOnce() + Send>;
+
 /// How a device raises an interrupt towards the driver.
 pub trait VirtioInterrupt: Send + Sync {
     /// The device put buffers on the used ring of queue `index`.
@@ -78,7 +82,7 @@ pub trait VirtioDevice<M>: Send {
     /// runs first on the new thread (it installs the thread's filter). Activation and reset
     /// come later from vCPU threads, which may not start threads (see
     /// [`super::worker`]). Devices without a worker keep the default.
-    fn start_worker(&mut self, start: super::worker::ThreadStart) -> Result<(), ActivateError> {
+    fn start_worker(&mut self, start: ThreadStart) -> Result<(), ActivateError> {
         drop(start);
         Ok(())
     }

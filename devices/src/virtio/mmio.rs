@@ -207,7 +207,7 @@ impl<M: GuestMemory + Clone> MmioTransport<M> {
     /// Starts the device's worker thread (see [`VirtioDevice::start_worker`]).
     pub fn start_device_worker(
         &mut self,
-        start: super::worker::ThreadStart,
+        start: super::device::ThreadStart,
     ) -> Result<(), super::device::ActivateError> {
         self.device.start_worker(start)
     }

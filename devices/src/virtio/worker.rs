@@ -4,7 +4,7 @@
 //! status-0 writes), and a vCPU thread runs under a seccomp filter that does not allow
 //! starting threads; a thread also inherits its creator's filter. So a device starts its
 //! worker when it is built (while the VMM's main thread is still unfiltered), the worker
-//! installs its own filter first ([`ThreadStart`]) and then waits for [`Command`]s: the
+//! installs its own filter first ([`ThreadStart`](super::device::ThreadStart)) and then waits for [`Command`]s: the
 //! transport's activation hands it the queues, a reset takes them away again.
 //!
 //! The worker's serving loop polls [`WorkerInbox::wake_fd`] next to its queues' kick
@@ -17,10 +17,7 @@ use std::time::Duration;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK, EFD_SEMAPHORE};
 
-use super::device::ActivateContext;
-
-/// Run first on a worker thread, before anything else (installs its seccomp filter).
-pub type ThreadStart = Box<dyn FnOnce() + Send>;
+use super::device::{ActivateContext, ThreadStart};
 
 /// How long a reset waits for the worker to let go of its queues.
 const RESET_TIMEOUT: Duration = Duration::from_secs(2);

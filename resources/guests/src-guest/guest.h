@@ -265,8 +265,17 @@ int vsock_workload(u64 boot_params, const struct vsock_params *p);
 
 /* user.c */
 void umain(void) __attribute__((noreturn));
+
+/* The one system call of CPL3 code into the guest kernel (kernel.c's int 0x80 handler). */
+static inline u64 syscall1(u64 nr, u64 arg)
+{
+	u64 ret;
+	__asm__ volatile("int $0x80" : "=a"(ret) : "a"(nr), "D"(arg) : "memory");
+	return ret;
+}
+
 /* Sleeps up to ns (one LAPIC timer shot and hlt); 1 if an interrupt on VEC_SERIAL woke
  * it, 0 otherwise, -1 if the LAPIC timer is unusable. */
-int sleep_ns_or_wake(u64 ns);
+static inline int sleep_ns_or_wake(u64 ns) { return (int)(i64)syscall1(SYS_SLEEP_NS, ns); }
 
 #endif

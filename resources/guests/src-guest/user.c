@@ -87,13 +87,6 @@ static inline u64 cycles_to_ns(u64 c)
 }
 static inline u64 cycles_to_ms(u64 c) { return c / tsc_khz; }
 
-static inline u64 syscall1(u64 nr, u64 arg)
-{
-	u64 ret;
-	__asm__ volatile("int $0x80" : "=a"(ret) : "a"(nr), "D"(arg) : "memory");
-	return ret;
-}
-
 /*
  * Sleep until the TSC reaches deadline: LAPIC timer + hlt at CPL0, else pause.
  * With stop_on_input, also return as soon as the UART has received data.
@@ -118,8 +111,6 @@ static void sleep_until_or_input(u64 deadline, int stop_on_input)
 		cpu_relax();
 	}
 }
-
-int sleep_ns_or_wake(u64 ns) { return (int)(i64)syscall1(SYS_SLEEP_NS, ns); }
 
 static void sleep_until(u64 deadline) { sleep_until_or_input(deadline, 0); }
 

@@ -39,8 +39,9 @@ pub use config::{
 pub use discard::{DiscardError, DontNeed, HostRange, RamDiscard};
 pub use state::{BalloonCounters, BalloonHandle, BalloonStatus, GuestStats};
 
+use super::device::ThreadStart;
 use super::device::{ActivateContext, ActivateError, VirtioDevice};
-use super::worker::{spawn_worker, ThreadStart, WorkerControl};
+use super::worker::{spawn_worker, WorkerControl};
 use config::{queue_role, CONFIG_ACTUAL, CONFIG_NUM_PAGES, CONFIG_SIZE, QUEUE_SIZE};
 use state::Shared;
 

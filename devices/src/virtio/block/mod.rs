@@ -28,8 +28,9 @@ use vm_memory::GuestMemory;
 pub use config::{DiskConfig, DiskError};
 pub use request::Disk;
 
+use super::device::ThreadStart;
 use super::device::{ActivateContext, ActivateError, VirtioDevice};
-use super::worker::{spawn_worker, ThreadStart, WorkerControl};
+use super::worker::{spawn_worker, WorkerControl};
 
 /// The request queue's size.
 pub const QUEUE_SIZE: u16 = 256;

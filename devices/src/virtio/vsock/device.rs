@@ -10,7 +10,8 @@ use vm_memory::GuestMemory;
 
 use super::host::{HostSide, HostSideError};
 use super::worker::{self, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
-use crate::virtio::worker::{ThreadStart, WorkerControl};
+use crate::virtio::device::ThreadStart;
+use crate::virtio::worker::WorkerControl;
 use crate::virtio::{ActivateContext, ActivateError, VirtioDevice};
 
 /// The size of each of the three queues.

@@ -17,7 +17,8 @@ use super::host::HostSide;
 use super::muxer::{FdChange, Muxer};
 use super::problems::Problem;
 use super::queues::VsockQueues;
-use crate::virtio::worker::{spawn_worker, Command, ThreadStart, WorkerControl, WorkerInbox};
+use crate::virtio::device::ThreadStart;
+use crate::virtio::worker::{spawn_worker, Command, WorkerControl, WorkerInbox};
 use crate::virtio::{ActivateContext, VirtioInterrupt};
 
 const TOKEN_COMMAND: u64 = 0;
