@@ -175,6 +175,27 @@ fn arg_is(arg: u8, value: u64) -> SeccompRule {
     .expect("one condition")
 }
 
+/// `process_madvise` on the calling process itself (`PIDFD_SELF_THREAD_GROUP`), advice
+/// `MADV_DONTNEED` only.
+fn own_dontneed() -> SeccompRule {
+    let pidfd = tinyvmm_sys::dontneed::PIDFD_SELF_THREAD_GROUP as u32;
+    SeccompRule::new(vec![
+        cond(
+            0,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            u64::from(pidfd),
+        ),
+        cond(
+            3,
+            SeccompCmpArgLen::Dword,
+            SeccompCmpOp::Eq,
+            libc::MADV_DONTNEED as u64,
+        ),
+    ])
+    .expect("two conditions")
+}
+
 fn allow(map: &mut RuleMap, calls: &[libc::c_long]) {
     for &nr in calls {
         map.insert(nr, Vec::new());
@@ -227,6 +248,8 @@ pub(super) fn rules(kind: ThreadKind, kick: libc::c_int) -> RuleMap {
             )])
             .expect("one condition");
             map.insert(libc::SYS_openat, vec![rule]);
+            // Dropping zero pages in batches: MADV_DONTNEED on this process only.
+            map.insert(libc::SYS_process_madvise, vec![own_dontneed()]);
         }
         ThreadKind::VirtioBlock => {
             allow(&mut map, VIRTIO_BLOCK);

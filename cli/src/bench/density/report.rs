@@ -75,6 +75,16 @@ pub(super) fn report(results: &[ModeResult], a: &DensityArgs, limits: Option<&Li
             mib(r.merger_overhead_bytes),
         );
     }
+    if let Some(ms) = results
+        .iter()
+        .filter_map(|r| r.pss_read_ms)
+        .reduce(f64::max)
+    {
+        println!(
+            "t90/t100: from the mergers' own counts of pages saved, read every 100 ms; the guests' Pss (MiB/guest) is read at most 1/{} of the time (one reading took up to {ms:.0} ms here, median per mode)",
+            super::measure::PSS_SHARE
+        );
+    }
     for r in results {
         match (r.protect_p50_ns, r.protect_p99_ns) {
             (Some(p50), Some(p99)) => println!(
@@ -174,7 +184,11 @@ pub(super) fn plots(results: &[ModeResult], out: &Path, layout: &str) -> Result<
         .filter(|r| r.skipped.is_none())
         .map(|r| Series {
             name: r.mode.name(),
-            points: r.samples.iter().map(|s| (s.t, mib(s.guests_pss))).collect(),
+            points: r
+                .samples
+                .iter()
+                .filter_map(|s| s.guests_pss.map(|b| (s.t, mib(b))))
+                .collect(),
         })
         .collect();
     line_chart(

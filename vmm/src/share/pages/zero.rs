@@ -3,7 +3,7 @@
 
 use tinyvmm_merge_protocol::{ZeroOutcome, PAGE_SIZE};
 
-use super::error::{last_os, PageError};
+use super::error::{last_os, os, PageError};
 use super::{SharedRam, PAGE};
 
 impl SharedRam {
@@ -46,27 +46,19 @@ impl SharedRam {
                 }
             }
             anon_zero.sort_unstable();
-            let mut i = 0;
-            while i < anon_zero.len() {
-                let mut n = 1;
-                while i + n < anon_zero.len() && anon_zero[i + n] == anon_zero[i] + n as u64 * PAGE
-                {
-                    n += 1;
+            let mut runs: Vec<(u64, usize)> = Vec::new();
+            for &hva in &anon_zero {
+                match runs.last_mut() {
+                    Some((start, len)) if *start + *len as u64 == hva => *len += PAGE_SIZE,
+                    _ => runs.push((hva, PAGE_SIZE)),
                 }
-                // SAFETY: guest RAM, private anonymous, verified all zero under write
-                // protection: after MADV_DONTNEED it reads zero again.
-                let rc = unsafe {
-                    libc::madvise(
-                        anon_zero[i] as *mut libc::c_void,
-                        n * PAGE_SIZE,
-                        libc::MADV_DONTNEED,
-                    )
-                };
-                if rc != 0 {
-                    return Err(last_os("madvise(MADV_DONTNEED)"));
-                }
-                ram.remaps += 1;
-                i += n;
+            }
+            if !runs.is_empty() {
+                ram.remaps += runs.len() as u64;
+                // SAFETY: guest RAM, private anonymous, each page verified all zero under
+                // write protection: after MADV_DONTNEED it reads zero again.
+                unsafe { tinyvmm_sys::dontneed::dont_need(&runs) }
+                    .map_err(os("madvise(MADV_DONTNEED)"))?;
             }
             for (p, hva) in file_zero {
                 // A fresh anonymous page reads zero, like the page does now.
