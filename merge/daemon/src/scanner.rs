@@ -205,14 +205,15 @@ impl Daemon {
             // Idle back-off: a round that found nothing to do (every guest tracked by its
             // dirty log, at most a handful of pages written — an idle kernel's stack and
             // timer state — and nothing merged, split or reclaimed) doubles the next sleep,
-            // up to 32 × the knob (at least 200 ms, at most 1 s). Writes are still all
-            // caught — the dirty log keeps them — just noticed later. Any work resets it.
+            // up to 32 × the knob (at least 200 ms, at most 1 s; from 1 ms with the knob
+            // at 0, so 8 doublings reach 200 ms). Writes are still all caught — the dirty
+            // log keeps them — just noticed later. Any work resets it.
             const IDLE_PAGES: u64 = 64;
             let idle = report.pages_visited <= IDLE_PAGES
                 && report.merges == 0
                 && report.splits == 0
                 && report.zero_reclaimed == 0;
-            idle_streak = if idle { (idle_streak + 1).min(5) } else { 0 };
+            idle_streak = if idle { (idle_streak + 1).min(8) } else { 0 };
             let sleep = engine.sleep();
             let delay = if idle_streak == 0 {
                 sleep
