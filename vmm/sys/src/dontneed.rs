@@ -104,21 +104,13 @@ mod tests {
     fn scattered_pages_read_zero_and_their_neighbours_keep_their_content() {
         const PAGES: usize = 4000;
         let len = PAGES * 4096;
-        // SAFETY: a fresh private anonymous mapping, unmapped below.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(base, libc::MAP_FAILED);
-        // SAFETY: the mapping above, `len` bytes.
-        let mem = unsafe { std::slice::from_raw_parts_mut(base as *mut u8, len) };
-        mem.fill(7);
+        // Page-aligned heap memory of this size is a private anonymous mapping of its own.
+        let layout = std::alloc::Layout::from_size_align(len, 4096).unwrap();
+        // SAFETY: a non-zero size; freed below with the same layout.
+        let base = unsafe { std::alloc::alloc(layout) };
+        assert!(!base.is_null());
+        // SAFETY: the allocation above, `len` bytes.
+        unsafe { std::ptr::write_bytes(base, 7, len) };
         // Every third page, more ranges than one call takes.
         let ranges: Vec<(u64, usize)> = (0..PAGES)
             .step_by(3)
@@ -127,12 +119,15 @@ mod tests {
         assert!(ranges.len() > MAX_RANGES);
         // SAFETY: our own anonymous memory, content not needed.
         unsafe { dont_need(&ranges) }.unwrap();
+        // Read back only now, through a slice made after the kernel changed the memory.
+        // SAFETY: the allocation above, `len` bytes, initialised.
+        let mem = unsafe { std::slice::from_raw_parts(base, len) };
         for p in 0..PAGES {
             let page = &mem[p * 4096..(p + 1) * 4096];
             let want = if p % 3 == 0 { 0 } else { 7 };
             assert!(page.iter().all(|&b| b == want), "page {p}");
         }
-        // SAFETY: unmapping the mapping made above.
-        unsafe { libc::munmap(base, len) };
+        // SAFETY: allocated above with this layout.
+        unsafe { std::alloc::dealloc(base, layout) };
     }
 }
